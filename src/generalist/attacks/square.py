@@ -1,0 +1,251 @@
+"""Square Attack (Andriushchenko et al., ECCV 2020): score-based random search, as in AutoAttack.
+
+It only reads the model's logits, never its gradients, so it is the AutoAttack member that still
+works when gradients are masked. Each query proposes changing the perturbation inside one random
+square window and keeps the proposal if the margin ``f_y - max_{k≠y} f_k`` decreased. The window
+covers a fraction ``p`` of the image that halves at fixed query counts (10, 50, 200, 500, 1000,
+2000, 4000, 6000, 8000), starting from ``p_init``.
+
+ℓ∞: start from vertical stripes of ±ε; a proposal sets the window, per channel, to ±ε.
+ℓ2: start from a grid of "meta" patterns (two opposite-signed blobs that peak in the middle);
+a proposal moves the ℓ2 mass of a second random window into the first one, reshaped into a new
+meta pattern, and rescales the whole perturbation to norm ε.
+
+Each example gets at most ``n_queries`` proposals after its initial point and stops at its
+first misclassified point; the attack returns that point, or the clean image if none was found.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from generalist.attacks.threat import ThreatModel
+from generalist.errors import ConfigError
+
+VERSION = "1"
+HALVING_QUERIES = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+"""Query counts after which the window fraction ``p`` halves (the paper's 10 000-query schedule)."""
+
+
+def window_fraction(p_init: float, query: int, n_queries: int, rescale: bool) -> float:
+    """Fraction of the image a square covers at this (0-based) query.
+
+    AutoAttack's standard evaluation (``rescale=False``) uses the schedule as is, so with 5000
+    queries ``p`` never drops below ``p_init/128``; the Square paper's own code stretches it
+    over ``n_queries`` (``rescale=True``).
+    """
+    if rescale:
+        query = int(query / n_queries * 10000)
+    return p_init / 2 ** sum(query > q for q in HALVING_QUERIES)
+
+
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``f_y - max_{k≠y} f_k`` per example: negative once the example is misclassified."""
+    logits = logits.float()
+    true = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+    other = logits.scatter(1, y.unsqueeze(1), -math.inf).amax(dim=1)
+    return true - other
+
+
+def _random_signs(
+    shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    signs = torch.randint(0, 2, shape, generator=generator, device=like.device)
+    return (2 * signs - 1).to(like.dtype)
+
+
+def _random_windows(
+    n: int, height: int, width: int, size: int, like: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, ...]:
+    """Index tuple selecting one random ``size``×``size`` window per example, on every channel.
+
+    ``t[index]`` has shape [n, C, size, size] for a [n, C, H, W] tensor ``t``.
+    """
+    device = like.device
+    top = torch.randint(0, height - size + 1, (n,), generator=generator, device=device)
+    left = torch.randint(0, width - size + 1, (n,), generator=generator, device=device)
+    offsets = torch.arange(size, device=device)
+    rows = (top.unsqueeze(1) + offsets).view(n, 1, size, 1)
+    cols = (left.unsqueeze(1) + offsets).view(n, 1, 1, size)
+    batch = torch.arange(n, device=device).view(n, 1, 1, 1)
+    channels = torch.arange(like.shape[1], device=device).view(1, -1, 1, 1)
+    return batch, channels, rows, cols
+
+
+def _centre_peaked_block(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """Concentric rectangles around the block's centre: a pixel at Chebyshev distance k from
+    the centre gets Σ_{j ≥ k} 1/(j+1)², so the mass is concentrated in the middle."""
+    depth = max(rows // 2, cols // 2) + 1
+    weights = 1.0 / torch.arange(1, depth + 1, device=like.device, dtype=like.dtype).square()
+    tail = weights.flip(0).cumsum(0).flip(0)
+    dist_rows = (torch.arange(rows, device=like.device) - rows // 2).abs()
+    dist_cols = (torch.arange(cols, device=like.device) - cols // 2).abs()
+    block = tail[torch.maximum(dist_rows.unsqueeze(1), dist_cols.unsqueeze(0))]
+    return block / block.norm().clamp_min(1e-12)
+
+
+def _meta_patterns(
+    n: int, size: int, like: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """[n, 1, size, size] unit-ℓ2 patterns: a positive blob above a negative one, transposed
+    at random per example (the ℓ2 building block of the Square attack)."""
+    upper = _centre_peaked_block(size // 2, size, like)
+    lower = _centre_peaked_block(size - size // 2, size, like)
+    pattern = torch.cat([upper, -lower], dim=0)
+    pattern = pattern / pattern.norm().clamp_min(1e-12)
+    transposed = torch.randint(0, 2, (n, 1, 1, 1), generator=generator, device=like.device) == 1
+    return torch.where(transposed, pattern.T, pattern)
+
+
+def _per_channel_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.square().sum(dim=(-2, -1), keepdim=True).sqrt()
+
+
+def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+
+
+class Square:
+    """Square Attack as an attack object: ``Square("Linf:8/255")(model, x, y) -> x_adv``."""
+
+    name = "square"
+
+    def __init__(
+        self,
+        threat: ThreatModel | str,
+        *,
+        n_queries: int = 5000,
+        p_init: float = 0.8,
+        n_restarts: int = 1,
+        seed: int = 0,
+        rescale_schedule: bool = False,
+    ) -> None:
+        self.threat = ThreatModel.parse(threat)
+        if self.threat.norm == "L1":
+            raise ConfigError("square for L1 is not implemented; use it with Linf or L2")
+        if n_queries < 1 or n_restarts < 1:
+            raise ConfigError(
+                f"square needs n_queries >= 1 and n_restarts >= 1, got {n_queries}, {n_restarts}"
+            )
+        if not 0 < p_init <= 1:
+            raise ConfigError(f"square p_init must be in (0, 1], got {p_init}")
+        self.n_queries = n_queries
+        self.p_init = p_init
+        self.n_restarts = n_restarts
+        self.seed = seed
+        self.rescale_schedule = rescale_schedule
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "version": VERSION,
+            "threat": str(self.threat),
+            "n_queries": self.n_queries,
+            "p_init": self.p_init,
+            "n_restarts": self.n_restarts,
+            "seed": self.seed,
+            "rescale_schedule": self.rescale_schedule,
+        }
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ConfigError(f"square needs images shaped [B, C, H, W], got {tuple(x.shape)}")
+        x, y = x.detach(), y.detach()
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        x_adv = x.clone()
+        with torch.no_grad():
+            robust = model(x).argmax(dim=1) == y
+            for _ in range(self.n_restarts):
+                idx = robust.nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    break
+                found, fooled = self._search(model, x[idx], y[idx], generator)
+                x_adv[idx[fooled]] = found[fooled]
+                robust[idx[fooled]] = False
+        return x_adv
+
+    def _search(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One random search: the best point per example and whether it is misclassified."""
+        best = self._initial_point(x, generator)
+        logits = model(best)
+        best_margin = margin(logits, y)
+        fooled = logits.argmax(dim=1) != y
+        propose = self._propose_linf if self.threat.norm == "Linf" else self._propose_l2
+        for query in range(self.n_queries):
+            active = (~fooled).nonzero().squeeze(1)
+            if active.numel() == 0:
+                break
+            p = window_fraction(self.p_init, query, self.n_queries, self.rescale_schedule)
+            candidate = propose(x[active], best[active], p, generator)
+            logits = model(candidate)
+            cand_margin = margin(logits, y[active])
+            cand_fooled = logits.argmax(dim=1) != y[active]
+            accept = cand_fooled | (cand_margin < best_margin[active])
+            kept = active[accept]
+            best[kept] = candidate[accept]
+            best_margin[kept] = cand_margin[accept]
+            fooled[kept] = cand_fooled[accept]
+        return best, fooled
+
+    def _initial_point(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, channels, height, width = x.shape
+        eps = self.threat.eps
+        if self.threat.norm == "Linf":
+            stripes = _random_signs((n, channels, 1, width), x, generator)
+            return self.threat.clip(x, x + eps * stripes)
+        # A grid of meta patterns, one tile per fifth of the image, each with random signs.
+        tile = max(min(height, width) // 5, 1)
+        tops = [max((height - 5 * tile) // 2, 0) + k * tile for k in range(height // tile)]
+        lefts = [max((width - 5 * tile) // 2, 0) + k * tile for k in range(width // tile)]
+        delta = torch.zeros_like(x)
+        for top in tops:
+            for left in lefts:
+                pattern = _meta_patterns(n, tile, x, generator)
+                signed = pattern * _random_signs((n, channels, 1, 1), x, generator)
+                block = delta[:, :, top : top + tile, left : left + tile]
+                block += signed[:, :, : block.shape[2], : block.shape[3]]
+        unit = delta / _per_example_norm(delta).clamp_min(1e-12)
+        return self.threat.clip(x, x + eps * unit)
+
+    def _propose_linf(
+        self, x: torch.Tensor, best: torch.Tensor, p: float, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Set one random window, per channel, to +ε or -ε (adding ±2ε and projecting does it)."""
+        n, channels, height, width = x.shape
+        size = min(max(round(math.sqrt(p * height * width)), 1), height, width)
+        window = _random_windows(n, height, width, size, x, generator)
+        candidate = best.clone()
+        candidate[window] += 2 * self.threat.eps * _random_signs((n, channels, 1, 1), x, generator)
+        return self.threat.clip(x, candidate)
+
+    def _propose_l2(
+        self, x: torch.Tensor, best: torch.Tensor, p: float, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Move the ℓ2 mass of two random windows (plus any unused budget) into the first one,
+        as a fresh meta pattern blended with the old content, then rescale to norm ε."""
+        n, channels, height, width = x.shape
+        eps = self.threat.eps
+        size = max(round(math.sqrt(p * height * width)), 3)
+        size = min(size + (size % 2 == 0), height, width)  # odd, so the pattern has a centre
+        delta = best - x
+        target = _random_windows(n, height, width, size, x, generator)
+        source = _random_windows(n, height, width, size, x, generator)
+        in_windows = torch.zeros_like(x[:, :1], dtype=torch.bool)
+        in_windows[target[0], 0, target[2], target[3]] = True
+        in_windows[source[0], 0, source[2], source[3]] = True
+        old = delta[target]
+        unused = (eps**2 - _per_example_norm(delta).square()).clamp_min(0) / channels
+        budget = (unused + _per_channel_norm(delta * in_windows).square()).sqrt()
+        pattern = _meta_patterns(n, size, x, generator)
+        new = pattern * _random_signs((n, channels, 1, 1), x, generator)
+        new = new + old / (_per_channel_norm(old) + 1e-12)
+        new = new / (_per_channel_norm(new) + 1e-12) * budget
+        delta = delta.masked_fill(in_windows, 0.0)
+        delta[target] = new
+        unit = delta / _per_example_norm(delta).clamp_min(1e-12)
+        return self.threat.clip(x, x + eps * unit)
