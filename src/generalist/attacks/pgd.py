@@ -9,12 +9,16 @@ The attack never switches the model between train and eval mode: whoever calls i
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generalist.attacks.base import threat_fields
 from generalist.attacks.threat import ThreatModel
+
+VERSION = "1"
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(logits, target) -> per-example loss [B]``; the attack ascends its sum."""
@@ -37,6 +41,7 @@ def pgd(
     momentum: float = 0.0,
     keep_best: bool = False,
     generator: torch.Generator | None = None,
+    init: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return adversarial examples inside ``threat``'s ball around ``x`` and inside [0,1].
 
@@ -44,13 +49,17 @@ def pgd(
     does not). ``momentum > 0`` gives MIM: the gradient, normalised per example in ℓ1, is
     accumulated before taking the steepest-ascent direction. ``keep_best`` (evaluation) returns,
     per example, the first iterate that was misclassified instead of the last iterate; it needs
-    ``y`` to be class labels.
+    ``y`` to be class labels. ``init`` replaces the random start with a given point (projected
+    into the ball): TRADES and MART start from ``x + 0.001·N(0, 1)``.
     """
     if steps < 0:
         raise ValueError(f"PGD steps must be >= 0, got {steps}")
     step = threat.default_step_size(steps) if step_size is None else step_size
     x = x.detach()
-    x_adv = threat.random_start(x, generator) if random_start else x.clone()
+    if init is not None:
+        x_adv = threat.clip(x, init.detach())
+    else:
+        x_adv = threat.random_start(x, generator) if random_start else x.clone()
     best = x_adv.clone() if keep_best else None
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if keep_best else None
     velocity = torch.zeros_like(x) if momentum > 0 else None
@@ -108,6 +117,19 @@ class PGD:
         self.momentum = momentum
         self.loss_fn = loss_fn
         self.seed = seed
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": VERSION,
+            **threat_fields(self.threat),
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "random_start": self.random_start,
+            "momentum": self.momentum,
+            "loss": getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__),
+            "seed": self.seed,
+        }
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(device=x.device).manual_seed(self.seed)

@@ -134,7 +134,9 @@ class ThreatModel:
         """
         return (x + self.project(x_adv - x)).clamp(0.0, 1.0)
 
-    def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def random_start(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """A random feasible point near ``x``: uniform in the ℓ∞ cube, or a random direction
         with uniform radius for ℓ2/ℓ1 (as in the PGD literature), clipped to [0,1]."""
         if self.norm == "Linf":
@@ -161,7 +163,7 @@ class ThreatModel:
         if self.norm == "L2":
             return grad / _flat_norm(grad, 2.0).clamp_min(1e-12)
         flat = grad.flatten(1)
-        k = max(1, int(round((1 - l1_sparsity) * flat.shape[1])))
+        k = max(1, round((1 - l1_sparsity) * flat.shape[1]))
         threshold = flat.abs().topk(k, dim=1).values[:, -1:]
         sparse = flat.sign() * (flat.abs() >= threshold)
         sparse = sparse / sparse.abs().sum(dim=1, keepdim=True).clamp_min(1)

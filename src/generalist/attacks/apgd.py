@@ -1,0 +1,310 @@
+"""Auto-PGD (Croce & Hein, ICML 2020): PGD whose step size adapts itself, as in AutoAttack.
+
+Fixed-step PGD either overshoots (step too large) or crawls (too small). APGD starts with a
+step of 2ε and, at checkpoints w_0 = 0, w_1 = ⌈0.22·N⌉, w_{j+1} = w_j + max(w_j - w_{j-1} -
+0.03·N, 0.06·N), halves it for an example when, since the last checkpoint,
+
+1. fewer than ρ = 0.75 of its steps increased the loss (it is oscillating), or
+2. its step was not halved at the last checkpoint and its best loss has not improved;
+
+each halving restarts that example from its highest-loss point. Between checkpoints it takes
+heavy-ball steps: ``z = P(x_k + η·d(∇f))``, ``x_{k+1} = P(x_k + 0.75·(z - x_k) + 0.25·(x_k -
+x_{k-1}))`` (a plain step at k = 0), where ``d`` is the sign (ℓ∞) or the normalised gradient (ℓ2).
+
+The checkpoints use the reference code's integer lengths (22, 19, 16, ..., at least 6 for
+N = 100: identical to the paper's ⌈p_j·N⌉ at N = 100). Two details follow the paper where the
+reference code slips: the first oscillation count compares with the loss at the start point
+(the reference compares with 0), and "fewer than ρ" is strict (the reference uses ≤).
+
+Losses: cross-entropy (APGD-CE), the Difference of Logits Ratio, scale-invariant so it does not
+saturate like CE (APGD-DLR), and its targeted form run once per target, the 2nd to
+``n_target_classes + 1``-th most likely class of the clean image (APGD-T).
+
+An example that is misclassified at any iterate stays broken (the attack returns that iterate);
+the others get their highest-loss point. Examples misclassified already are returned unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from generalist.attacks.base import batch_view, threat_fields
+from generalist.attacks.pgd import cross_entropy_per_example
+from generalist.attacks.threat import ThreatModel
+from generalist.errors import ConfigError
+
+VERSION = "1"
+MOMENTUM = 0.75
+INITIAL_STEP = 2.0
+"""Initial step size in units of ε (ℓ∞ and ℓ2)."""
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``-(z_y - max_{i≠y} z_i) / (z_π1 - z_π3)``: the margin in units of the logit spread."""
+    logits = logits.float()
+    ranked, order = logits.sort(dim=1)
+    rows = torch.arange(len(y), device=y.device)
+    true_is_top = (order[:, -1] == y).float()
+    best_other = ranked[:, -2] * true_is_top + ranked[:, -1] * (1.0 - true_is_top)
+    return -(logits[rows, y] - best_other) / (ranked[:, -1] - ranked[:, -3] + 1e-12)
+
+
+def targeted_dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``-(z_y - z_t) / (z_π1 - (z_π3 + z_π4)/2)``: pushes the target above the true class."""
+    logits = logits.float()
+    ranked = logits.sort(dim=1).values
+    rows = torch.arange(len(y), device=y.device)
+    spread = ranked[:, -1] - 0.5 * (ranked[:, -3] + ranked[:, -4]) + 1e-12
+    return -(logits[rows, y] - logits[rows, target]) / spread
+
+
+def checkpoint_lengths(n_iter: int) -> list[int]:
+    """Iterations between consecutive step-size checkpoints, until ``n_iter`` is used up."""
+    length = max(int(0.22 * n_iter), 1)
+    shrink, shortest = max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    lengths, used = [], 0
+    while used + length <= n_iter:
+        lengths.append(length)
+        used += length
+        length = max(length - shrink, shortest)
+    return lengths
+
+
+def _random_start(x: torch.Tensor, threat: ThreatModel, generator: torch.Generator) -> torch.Tensor:
+    """The reference's start: a random point on the sphere of radius ε (ℓ∞: the cube's surface
+    after scaling a uniform draw), clipped to [0,1]. Same draws as the reference for one seed."""
+    if threat.norm == "Linf":
+        noise = 2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1
+        size = noise.abs().flatten(1).amax(dim=1)
+    else:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        size = noise.flatten(1).norm(dim=1)
+    return (x + threat.eps * noise / (batch_view(size, x) + 1e-12)).clamp(0.0, 1.0)
+
+
+def _loss_and_grad(
+    model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        x_adv = x_adv.detach().requires_grad_(True)
+        logits = model(x_adv)
+        loss = loss_fn(logits, y)
+        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+    return loss.detach(), grad.detach(), logits.detach()
+
+
+def apgd_run(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threat: ThreatModel,
+    loss_fn: LossFn,
+    *,
+    n_iter: int,
+    rho: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One APGD run from a random start: returns (fooled [B], x_adv).
+
+    ``x_adv`` is, per example, a misclassified iterate if there was one, else the highest-loss
+    iterate.
+    """
+    x_adv = _random_start(x, threat, generator)
+    loss, grad, logits = _loss_and_grad(model, x_adv, y, loss_fn)
+    fooled = logits.argmax(dim=1) != y
+    found = x_adv.clone()
+    best_x, best_loss, best_grad = x_adv.clone(), loss.clone(), grad.clone()
+    step = torch.full((len(x),), INITIAL_STEP * threat.eps, device=x.device, dtype=x.dtype)
+    x_prev, prev_loss = x_adv, loss
+    increases = torch.zeros(len(x), device=x.device)
+    best_at_check = best_loss.clone()
+    halved_at_check = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    checkpoints = iter(checkpoint_lengths(n_iter))
+    window, since_check = next(checkpoints, 0), 0
+    for i in range(n_iter):
+        weight = 1.0 if i == 0 else MOMENTUM
+        z = threat.clip(x, x_adv + batch_view(step, x) * threat.ascent_direction(grad))
+        x_next = threat.clip(x, x_adv + weight * (z - x_adv) + (1 - weight) * (x_adv - x_prev))
+        x_prev, x_adv = x_adv, x_next
+        loss, grad, logits = _loss_and_grad(model, x_adv, y, loss_fn)
+
+        newly = (logits.argmax(dim=1) != y) & ~fooled
+        found[newly] = x_adv[newly]
+        fooled |= newly
+        increases += (loss > prev_loss).float()
+        prev_loss = loss
+        improved = loss > best_loss
+        best_x[improved], best_grad[improved] = x_adv[improved], grad[improved]
+        best_loss = torch.where(improved, loss, best_loss)
+
+        since_check += 1
+        if since_check == window:
+            oscillating = increases < rho * window
+            stalled = ~halved_at_check & (best_loss <= best_at_check)
+            halve = oscillating | stalled
+            step = torch.where(halve, step / 2, step)
+            x_adv = torch.where(batch_view(halve, x), best_x, x_adv)
+            grad = torch.where(batch_view(halve, x), best_grad, grad)
+            halved_at_check, best_at_check = halve, best_loss.clone()
+            increases.zero_()
+            window, since_check = next(checkpoints, 0), 0
+    return fooled, torch.where(batch_view(fooled, x), found, best_x)
+
+
+class _APGDBase:
+    """Shared parameters, validation and the restart loop of the APGD variants."""
+
+    name: str
+
+    def __init__(
+        self, threat: ThreatModel | str, *, n_iter: int, n_restarts: int, rho: float, seed: int
+    ) -> None:
+        self.threat = ThreatModel.parse(threat)
+        if self.threat.norm == "L1":
+            raise ConfigError(
+                f"{self.name} for L1 is not implemented; use fab-t or pgd for L1 threat models"
+            )
+        if n_iter < 1 or n_restarts < 1:
+            raise ConfigError(
+                f"{self.name} needs n_iter >= 1 and n_restarts >= 1, got {n_iter}, {n_restarts}"
+            )
+        if not 0 < rho <= 1:
+            raise ConfigError(f"{self.name} rho must be in (0, 1], got {rho}")
+        self.n_iter = n_iter
+        self.n_restarts = n_restarts
+        self.rho = rho
+        self.seed = seed
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": VERSION,
+            **threat_fields(self.threat),
+            "n_iter": self.n_iter,
+            "n_restarts": self.n_restarts,
+            "rho": self.rho,
+            "seed": self.seed,
+        }
+
+    def _require_classes(self, n_classes: int, needed: int, why: str) -> None:
+        if n_classes < needed:
+            raise ConfigError(
+                f"{self.name} needs at least {needed} classes ({why}); the model has "
+                f"{n_classes}: use apgd-ce"
+            )
+
+    def _restarts(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        robust: torch.Tensor,
+        x_adv: torch.Tensor,
+        loss_for: Callable[[torch.Tensor], LossFn],
+        generator: torch.Generator,
+    ) -> None:
+        """Attack the still-robust examples ``n_restarts`` times, updating the two in place.
+
+        ``loss_for(idx)`` gives the loss for the examples ``idx`` (APGD-T fixes their targets).
+        """
+        for _ in range(self.n_restarts):
+            idx = robust.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                return
+            fooled, found = apgd_run(
+                model,
+                x[idx],
+                y[idx],
+                self.threat,
+                loss_for(idx),
+                n_iter=self.n_iter,
+                rho=self.rho,
+                generator=generator,
+            )
+            x_adv[idx] = found
+            robust[idx[fooled]] = False
+
+
+class APGD(_APGDBase):
+    """APGD-CE / APGD-DLR: ``APGD("Linf:8/255", loss="dlr")(model, x, y) -> x_adv``."""
+
+    def __init__(
+        self,
+        threat: ThreatModel | str,
+        *,
+        loss: str = "ce",
+        n_iter: int = 100,
+        n_restarts: int = 1,
+        rho: float = 0.75,
+        seed: int = 0,
+    ) -> None:
+        if loss not in ("ce", "dlr"):
+            raise ConfigError(f"apgd loss must be 'ce' or 'dlr', got {loss!r}")
+        self.loss = loss
+        self.name = f"apgd-{loss}"
+        super().__init__(threat, n_iter=n_iter, n_restarts=n_restarts, rho=rho, seed=seed)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "loss": self.loss}
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = x.detach(), y.detach()
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        with torch.no_grad():
+            logits = model(x)
+        if self.loss == "dlr":
+            self._require_classes(logits.shape[1], 3, "the DLR loss uses the 3rd-largest logit")
+        loss_fn = dlr_loss if self.loss == "dlr" else cross_entropy_per_example
+        robust, x_adv = logits.argmax(dim=1) == y, x.clone()
+        self._restarts(model, x, y, robust, x_adv, lambda idx: loss_fn, generator)
+        return x_adv
+
+
+class APGDTargeted(_APGDBase):
+    """APGD-T: targeted DLR towards each of the ``n_target_classes`` most likely wrong classes."""
+
+    name = "apgd-t"
+
+    def __init__(
+        self,
+        threat: ThreatModel | str,
+        *,
+        n_iter: int = 100,
+        n_restarts: int = 1,
+        n_target_classes: int = 9,
+        rho: float = 0.75,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(threat, n_iter=n_iter, n_restarts=n_restarts, rho=rho, seed=seed)
+        if n_target_classes < 1:
+            raise ConfigError(f"apgd-t n_target_classes must be at least 1, got {n_target_classes}")
+        self.n_target_classes = n_target_classes
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "n_target_classes": self.n_target_classes}
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = x.detach(), y.detach()
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        with torch.no_grad():
+            logits = model(x)
+        n_classes = logits.shape[1]
+        self._require_classes(n_classes, 4, "the targeted DLR loss uses the 4th-largest logit")
+        robust, x_adv = logits.argmax(dim=1) == y, x.clone()
+        # Ascending order, as in the reference: column -1 is the prediction (= y while robust),
+        # so columns -2, -3, ... are the most likely wrong classes.
+        order = logits.sort(dim=1).indices
+        for rank in range(2, min(self.n_target_classes, n_classes - 1) + 2):
+
+            def loss_for(idx: torch.Tensor, rank: int = rank) -> LossFn:
+                return functools.partial(targeted_dlr_loss, target=order[idx, -rank])
+
+            self._restarts(model, x, y, robust, x_adv, loss_for, generator)
+        return x_adv

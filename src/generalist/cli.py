@@ -1,0 +1,151 @@
+"""``generalist train | eval | demo | presets`` — the command-line face of the library.
+
+Every user-facing failure is a ``GeneralistError`` and is printed as one ``error:`` line with
+exit status 2; a traceback means a bug in generalist, not in the user's input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from generalist import __version__
+from generalist.errors import GeneralistError
+
+DEMO_PRESETS = ("standard", "pgd-at", "generalist-d")
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="method preset (see `generalist presets`)")
+    parser.add_argument("--dataset", help="digits, mnist, cifar10, cifar100, npz, imagefolder")
+    parser.add_argument("--data-dir", help="folder (or .npz file) holding the dataset")
+    parser.add_argument("--config", help="a YAML file layered over the preset")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config value, e.g. --set learners.adv_linf.optimizer.lr=0.05",
+    )
+    parser.add_argument("--epochs", type=int, help="shorthand for --set epochs=N")
+    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--out", help="parent folder of the run directory (default runs/)")
+    parser.add_argument("--name", help="run name (default: the preset name)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    extra = list(args.overrides)
+    for key, value in (
+        ("epochs", args.epochs),
+        ("device", args.device),
+        ("out_dir", args.out),
+        ("name", args.name),
+        ("data.data_dir", args.data_dir),
+    ):
+        if value is not None:
+            extra.append(f"{key}={value}")
+    return extra
+
+
+def _build(args: argparse.Namespace, preset: str | None) -> object:
+    from generalist.config import build_config
+
+    if preset is None and args.config is None:
+        raise GeneralistError("give --preset NAME (see `generalist presets`) or --config FILE")
+    return build_config(
+        preset, dataset=args.dataset, user_yaml=args.config, overrides=_overrides(args)
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from generalist.training.loop import train
+
+    config = _build(args, args.preset)
+    if args.dry_run:
+        print(config.to_yaml(), end="")
+        return 0
+    train(config, progress=not args.no_progress)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train the three headline methods on digits and print one comparison table."""
+    from generalist.training.loop import train
+
+    args.dataset = args.dataset or "digits"
+    results = []
+    for preset in DEMO_PRESETS:
+        config = _build(args, preset)
+        print(f"\n== {preset} ==")
+        results.append((preset, train(config, progress=not args.no_progress)))
+    columns = list(results[0][1].test)
+    print(f"\nTest accuracy (%) on {args.dataset}, global model, PGD-{config.eval.test_steps}:")
+    header = f"| {'preset':<14} | " + " | ".join(f"{c:>14}" for c in columns) + " | run |"
+    print(header)
+    print("|" + "|".join("-" * (len(part)) for part in header.split("|")[1:-1]) + "|")
+    for preset, result in results:
+        cells = " | ".join(f"{result.test.get(c, float('nan')):>14.1f}" for c in columns)
+        print(f"| {preset:<14} | {cells} | {result.run.path} |")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from generalist.presets import describe_preset, list_presets, list_profiles
+
+    for name in list_presets():
+        print(f"{name:<14} {describe_preset(name)}")
+    print(f"\ndataset profiles: {', '.join(list_profiles())}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from generalist.evaluation.cli_eval import add_eval_parser
+
+    parser = argparse.ArgumentParser(
+        prog="generalist",
+        description="Generalist adversarial training and honest robustness evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"generalist {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a preset or a config file")
+    _add_config_arguments(train)
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config, stop")
+    train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser("demo", help="standard vs PGD-AT vs Generalist-D on digits, one table")
+    _add_config_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    add_eval_parser(sub)
+
+    presets = sub.add_parser("presets", help="list the shipped presets")
+    presets.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GeneralistError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.command == "eval":
+            print(
+                "\ninterrupted; continue with: generalist eval TARGET --resume EVAL_DIR",
+                file=sys.stderr,
+            )
+        else:
+            out = Path(getattr(args, "out", None) or "runs")
+            print(f"\ninterrupted; finished epochs are logged under {out}/", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

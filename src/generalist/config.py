@@ -1,0 +1,459 @@
+"""Typed run configuration: presets, user YAML and ``--set`` overrides, validated up front.
+
+A config is built in layers, later ones winning key by key:
+
+1. the dataset profile (``presets/datasets/<dataset>.yaml``: model, epochs, batch size and the
+   attack budgets that are standard for that benchmark),
+2. the method preset (``presets/methods/<name>.yaml``: the learners and the merge),
+3. an optional user YAML, 4. ``--set a.b.c=value`` overrides.
+
+Everything is checked before any data is read or any weight is allocated, and every error names
+the dotted key that is wrong, because a typo found after an hour of training is an hour lost.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from generalist.attacks.threat import NORMS, ThreatModel, parse_eps, parse_norm
+from generalist.errors import ConfigError
+from generalist.training.schedules import build_schedule, parse_number
+
+TASK_TYPES = ("natural", "adversarial", "trades", "mart")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+REDISTRIBUTE_POLICIES = ("per_step_in_epoch", "once_per_c_epochs", "never")
+INIT_POLICIES = ("same", "independent")
+PRECISIONS = ("fp32", "bf16")
+REMAINDER = "remainder"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    val_size: float = 0.02
+    """Held-out validation split carved from the training data: a fraction, or a count if >= 1."""
+    split_seed: int = 0
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    crop_padding: int | None = None
+    """``None`` uses the dataset's standard augmentation (pad-4 crop on CIFAR, none on digits)."""
+    flip: bool | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    normalize: bool = False
+    """Put the dataset's mean/std normalisation inside the model (the paper's recipe does not)."""
+
+
+@dataclass
+class BudgetConfig:
+    """The attack budget of one norm: used by training tasks and validation unless overridden."""
+
+    eps: str = "8/255"
+    steps: int = 10
+    step_size: str | None = None
+    """``None`` means 2.5·ε/steps (Madry et al.)."""
+
+
+@dataclass
+class TaskConfig:
+    type: str = "natural"
+    norm: str | None = None
+    """Threat norm of the attack (adversarial, trades, mart); ε/steps default to ``budgets``."""
+    eps: str | None = None
+    steps: int | None = None
+    step_size: str | None = None
+    random_start: bool = True
+    beta: float = 6.0
+    """TRADES/MART trade-off weight (TRADES β = 6 for CIFAR, MART's official β = 6)."""
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = "sgd"
+    lr: Any = 0.1
+    """A number or a schedule ``{unit: fraction|epoch, points: [[x, lr], ...]}``."""
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class LearnerConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    gamma: Any = REMAINDER
+    """Mixing weight: a number, a schedule, or ``remainder`` (1 minus the others; at most one)."""
+
+
+@dataclass
+class RedistributeConfig:
+    policy: str = "per_step_in_epoch"
+    start: str = "0.625"
+    """First epoch t' allowed to redistribute: a fraction of E (<= 1) or, if > 1, an epoch."""
+    every: int = 5
+    """c: redistribute in the epochs e >= t' with e mod c == 0."""
+
+
+@dataclass
+class MergeConfig:
+    ema_decay: float = 0.999
+    """Upper bound of d_t = min(ema_decay, (t+1)/(t+10))."""
+    warmup: bool = True
+    init: str = "same"
+    redistribute: RedistributeConfig = field(default_factory=RedistributeConfig)
+
+
+@dataclass
+class EvalConfig:
+    threats: list[str] | None = None
+    """Threats for validation and the final test; ``None`` = the learners' (or ``budgets.Linf``)."""
+    val_steps: int = 10
+    test_steps: int = 20
+    every: int = 1
+    learners: bool = True
+    """Also validate every base learner each epoch, not only the global model."""
+    test_examples: int | None = None
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    preset: str | None = None
+    description: str = ""
+    seed: int = 0
+    epochs: int = 120
+    device: str = "auto"
+    precision: str = "fp32"
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    budgets: dict[str, BudgetConfig] = field(default_factory=dict)
+    learners: dict[str, LearnerConfig] = field(default_factory=dict)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def threat_of(self, task: TaskConfig, key: str) -> tuple[ThreatModel, int, float]:
+        """Resolve a task's threat, steps and step size, filling gaps from ``budgets``."""
+        norm = parse_norm(task.norm or "Linf")
+        budget = self.budgets.get(norm)
+        if budget is None and (task.eps is None or task.steps is None):
+            raise ConfigError(f"{key}.norm: no budgets.{norm} for this dataset; set {key}.eps")
+        eps_text = task.eps if task.eps is not None else budget.eps
+        threat = ThreatModel.of(norm, eps_text)
+        steps = task.steps if task.steps is not None else budget.steps
+        step_text = (
+            task.step_size
+            if task.step_size is not None
+            else (budget.step_size if task.eps is None else None)
+        )
+        step_size = (
+            threat.default_step_size(steps)
+            if step_text is None
+            else parse_number(step_text, f"{key}.step_size")
+        )
+        return threat, steps, step_size
+
+    def eval_threats(self) -> list[ThreatModel]:
+        if self.eval.threats:
+            return [ThreatModel.parse(t) for t in self.eval.threats]
+        threats: list[ThreatModel] = []
+        for name, learner in self.learners.items():
+            if learner.task.type != "natural":
+                threat = self.threat_of(learner.task, f"learners.{name}.task")[0]
+                if str(threat) not in {str(t) for t in threats}:
+                    threats.append(threat)
+        if not threats and "Linf" in self.budgets:
+            threats.append(ThreatModel.of("Linf", self.budgets["Linf"].eps))
+        return threats
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_config(
+    preset: str | None = None,
+    *,
+    dataset: str | None = None,
+    user_yaml: str | Path | None = None,
+    overrides: list[str] = (),
+) -> Config:
+    """Resolve preset → dataset profile → user YAML → ``--set`` overrides into a valid Config."""
+    from generalist.presets import load_dataset_profile, load_method_preset
+
+    user = _read_yaml(user_yaml) if user_yaml is not None else {}
+    method = load_method_preset(preset) if preset else {}
+    dataset = dataset or _dig(user, "data", "dataset") or _dig(method, "data", "dataset")
+    dataset = dataset or "cifar10"
+    tree: dict[str, Any] = {}
+    tree = deep_merge(tree, load_dataset_profile(dataset))
+    by_dataset = method.pop("by_dataset", {}) or {}
+    tree = deep_merge(tree, method)
+    tree = deep_merge(tree, by_dataset.get(dataset, {}))
+    tree = deep_merge(tree, user)
+    tree.setdefault("data", {})["dataset"] = dataset
+    if preset:
+        tree["preset"] = preset
+        tree.setdefault("name", preset)
+    for item in overrides:
+        apply_override(tree, item)
+    config = from_dict(Config, tree, "")
+    validate(config)
+    return config
+
+
+def _dig(tree: dict, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; check the path given to --config")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of keys, not {type(data).__name__}"
+        )
+    return data
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into a copy of ``base``; a ``null`` learner entry removes that learner."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    if isinstance(merged.get("learners"), dict):
+        merged["learners"] = {k: v for k, v in merged["learners"].items() if v is not None}
+    return merged
+
+
+def apply_override(tree: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=value``; the value is read as YAML so numbers, lists and null work."""
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ConfigError(f"--set {item!r}: write it as key=value, e.g. --set epochs=30")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    learners = tree.get("learners") or {}
+    if parts[0] == "learners" and len(parts) >= 3 and parts[1] not in learners:
+        known = ", ".join(learners) or "none"
+        raise ConfigError(f"--set {key}: there is no learner {parts[1]!r} (learners: {known})")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, data: Any, key: str) -> Any:
+    """Build dataclass ``cls`` from plain data, rejecting unknown keys and wrong types by name."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in names:
+            valid = ", ".join(sorted(names))
+            raise ConfigError(f"unknown key {_join(key, str(name))!r}; valid keys here: {valid}")
+    kwargs = {name: _coerce(hints[name], value, _join(key, name)) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, _join(key, str(k))) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        return value
+    if hint is float:
+        return parse_number(value, key)
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"{key}: expected text or a number, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {hint} at {key}")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that types alone cannot express; raises ConfigError naming the key."""
+    from generalist.data import list_datasets
+    from generalist.models import list_models
+
+    _at_least(config.epochs, 1, "epochs")
+    _choice(config.precision, PRECISIONS, "precision")
+    _choice(config.data.dataset, list_datasets(), "data.dataset")
+    if config.model.name not in list_models() and not config.model.name.startswith("wrn-"):
+        _choice(config.model.name, list_models(), "model.name")
+    _at_least(config.data.batch_size, 1, "data.batch_size")
+    _at_least(config.data.eval_batch_size, 1, "data.eval_batch_size")
+    val_size = config.data.val_size
+    if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
+        raise ConfigError("data.val_size: use a fraction in [0, 1) or a whole count of examples")
+    if config.data.crop_padding is not None:
+        _at_least(config.data.crop_padding, 0, "data.crop_padding")
+    for norm, budget in config.budgets.items():
+        if norm not in NORMS:
+            raise ConfigError(f"budgets.{norm}: unknown norm; use {', '.join(NORMS)}")
+        parse_eps(budget.eps)
+        _at_least(budget.steps, 0, f"budgets.{norm}.steps")
+    if not config.learners:
+        raise ConfigError("learners: at least one learner is needed; pick a --preset")
+    for name, learner in config.learners.items():
+        _validate_learner(config, name, learner)
+    validate_gammas(config)
+    merge = config.merge
+    if not 0 <= merge.ema_decay < 1:
+        raise ConfigError(f"merge.ema_decay: {merge.ema_decay:g} must be in [0, 1)")
+    _choice(merge.init, INIT_POLICIES, "merge.init")
+    _choice(merge.redistribute.policy, REDISTRIBUTE_POLICIES, "merge.redistribute.policy")
+    _at_least(merge.redistribute.every, 1, "merge.redistribute.every")
+    redistribute_start_epoch(config)
+    _at_least(config.eval.val_steps, 0, "eval.val_steps")
+    _at_least(config.eval.test_steps, 0, "eval.test_steps")
+    _at_least(config.eval.every, 1, "eval.every")
+    config.eval_threats()
+
+
+def _validate_learner(config: Config, name: str, learner: LearnerConfig) -> None:
+    key = f"learners.{name}"
+    task = learner.task
+    _choice(task.type, TASK_TYPES, f"{key}.task.type")
+    if task.type != "natural":
+        threat, steps, step_size = config.threat_of(task, f"{key}.task")
+        _at_least(steps, 1, f"{key}.task.steps")
+        if not step_size > 0:
+            raise ConfigError(f"{key}.task.step_size: must be > 0, got {step_size:g}")
+        if task.beta < 0:
+            raise ConfigError(f"{key}.task.beta: must be >= 0, got {task.beta:g}")
+        if task.type in ("trades", "mart") and threat.norm == "L1":
+            raise ConfigError(f"{key}.task.norm: {task.type} supports Linf and L2, not L1")
+    elif task.norm or task.eps:
+        raise ConfigError(f"{key}.task: a natural learner has no attack; remove norm/eps")
+    opt = learner.optimizer
+    _choice(opt.type, OPTIMIZERS, f"{key}.optimizer.type")
+    build_schedule(opt.lr, config.epochs, f"{key}.optimizer.lr")
+    if not 0 <= opt.momentum < 1:
+        raise ConfigError(f"{key}.optimizer.momentum: {opt.momentum:g} must be in [0, 1)")
+    if opt.weight_decay < 0:
+        raise ConfigError(f"{key}.optimizer.weight_decay: must be >= 0, got {opt.weight_decay:g}")
+    if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
+        raise ConfigError(f"{key}.optimizer.betas: give two numbers in [0, 1), e.g. [0.9, 0.999]")
+
+
+def validate_gammas(config: Config) -> None:
+    """γ_i(e) must lie in [0, 1] and sum to 1 at every epoch e = 1..E (DESIGN §1)."""
+    from generalist.training.schedules import PiecewiseLinear
+
+    remainders = [n for n, lr in config.learners.items() if lr.gamma == REMAINDER]
+    if len(remainders) > 1:
+        raise ConfigError(
+            f"learners.{remainders[1]}.gamma: only one learner may take the 'remainder'"
+        )
+    curves: dict[str, PiecewiseLinear] = {
+        name: build_schedule(lr.gamma, config.epochs, f"learners.{name}.gamma", high=1.0)
+        for name, lr in config.learners.items()
+        if lr.gamma != REMAINDER
+    }
+    for epoch in range(1, config.epochs + 1):
+        total = sum(curve(epoch) for curve in curves.values())
+        if remainders:
+            if total > 1 + 1e-6:
+                raise ConfigError(
+                    f"learners.*.gamma: the fixed γ already sum to {total:.4g} > 1 at epoch "
+                    f"{epoch}, leaving a negative remainder for learners.{remainders[0]}"
+                )
+        elif not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ConfigError(
+                f"learners.*.gamma: γ sum to {total:.4g}, not 1, at epoch {epoch}; "
+                "fix the curves or set one learner's gamma to 'remainder'"
+            )
+
+
+def redistribute_start_epoch(config: Config) -> float:
+    start = parse_number(config.merge.redistribute.start, "merge.redistribute.start")
+    if start < 0:
+        raise ConfigError(f"merge.redistribute.start: must be >= 0, got {start:g}")
+    return start * config.epochs if start <= 1 else start
+
+
+def _at_least(value: int, low: int, key: str) -> None:
+    if value < low:
+        raise ConfigError(f"{key}: must be >= {low}, got {value}")
+
+
+def _choice(value: str, choices: Any, key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: unknown value {value!r}; choose one of {', '.join(choices)}")

@@ -1,0 +1,88 @@
+"""``load_splits``: a dataset's train/val/test splits, identical for every run with the same seed.
+
+The validation split is carved from the training data *before* ``train_limit`` applies, so quick
+runs with a small training budget are still validated on the same examples as full runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from generalist.data.dataset import DataSplits, ImageDataset
+from generalist.data.readers import READERS
+from generalist.errors import DataError
+
+
+def list_datasets() -> list[str]:
+    return list(READERS)
+
+
+def load_splits(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    val_size: int | float = 0.1,
+    split_seed: int = 0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+) -> DataSplits:
+    """Read ``name`` and split its training data into train/val with a ``split_seed`` permutation.
+
+    ``val_size`` is a fraction in [0, 1) or a whole count (>= 1) of training examples. The limits
+    keep a seeded random subset (in the dataset's order) of train and test, for quick runs.
+    """
+    if name not in READERS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(READERS)}")
+    train_all, test, info = READERS[name](data_dir)
+    for split, data in (("train", train_all), ("test", test)):
+        _check_labels(data, info.num_classes, f"{name} {split}")
+    order = _permutation(len(train_all), split_seed)
+    n_val = _val_count(val_size, len(train_all))
+    val = train_all.subset(order[:n_val].sort().values)
+    train = train_all.subset(_limited(order[n_val:], train_limit, "train_limit"))
+    test = test.subset(_limited(_permutation(len(test), split_seed), test_limit, "test_limit"))
+    if len(train) == 0:
+        raise DataError(
+            f"{name} leaves no training examples after a validation split of {n_val}; "
+            "lower data.val_size"
+        )
+    return DataSplits(train, val, test, info)
+
+
+def _permutation(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _limited(order: torch.Tensor, limit: int | None, what: str) -> torch.Tensor:
+    if limit is None:
+        return order.sort().values
+    if limit < 1:
+        raise DataError(f"data.{what} is {limit}; use a positive example count or leave it unset")
+    return order[:limit].sort().values
+
+
+def _val_count(val_size: int | float, n: int) -> int:
+    if 0 <= val_size < 1:
+        return round(val_size * n)
+    if val_size >= 1 and float(val_size).is_integer():
+        if val_size >= n:
+            raise DataError(
+                f"data.val_size {int(val_size)} is not smaller than the {n} training examples; "
+                "lower it"
+            )
+        return int(val_size)
+    raise DataError(
+        f"data.val_size {val_size} is invalid; use a fraction in [0, 1) or a whole example count"
+    )
+
+
+def _check_labels(data: ImageDataset, num_classes: int, where: str) -> None:
+    bad = ((data.labels < 0) | (data.labels >= num_classes)).nonzero()
+    if len(bad):
+        index = int(bad[0])
+        raise DataError(
+            f"{where} label at index {index} is {int(data.labels[index])}, outside "
+            f"[0, {num_classes}); fix the labels file"
+        )

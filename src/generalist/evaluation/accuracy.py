@@ -1,0 +1,53 @@
+"""Clean and PGD accuracy on a split: the quick check run every epoch and at the end of training.
+
+This is deliberately not the full robustness suite (AutoAttack lives in ``generalist eval``):
+it is what model *selection* and the training log need, cheap enough to run each epoch on the
+validation split. Only points the model gets right are attacked, since a wrong clean prediction
+already counts as a robust failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from generalist.attacks.pgd import PGD
+from generalist.attacks.threat import ThreatModel
+from generalist.data import ImageDataset, to_float
+from generalist.training.tasks import eval_mode
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(dim=1)
+
+
+def accuracies(
+    model: nn.Module,
+    data: ImageDataset,
+    threats: Sequence[ThreatModel],
+    *,
+    steps: int,
+    batch_size: int,
+    device: torch.device,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``{"clean": acc, "<threat>": PGD-``steps`` accuracy, ...}`` in percent, in eval mode."""
+    if len(data) == 0:
+        return {}
+    attacks = [PGD(threat, steps=steps, seed=seed) for threat in threats]
+    correct = {"clean": 0, **{str(t): 0 for t in threats}}
+    with eval_mode(model):
+        for start in range(0, len(data), batch_size):
+            x = to_float(data.images[start : start + batch_size].to(device))
+            y = data.labels[start : start + batch_size].to(device)
+            right = _predict(model, x) == y
+            correct["clean"] += int(right.sum())
+            if not right.any():
+                continue
+            for threat, attack in zip(threats, attacks, strict=True):
+                x_adv = attack(model, x[right], y[right])
+                correct[str(threat)] += int((_predict(model, x_adv) == y[right]).sum())
+    return {name: 100.0 * count / len(data) for name, count in correct.items()}

@@ -1,0 +1,503 @@
+"""The robustness evaluation suite: every attack under every threat model, per point.
+
+An evaluation is a grid of *jobs* (one per threat model × attack). Each job yields a per-point
+robust mask over the evaluated examples (robust = correctly classified clean *and* after the
+attack), so every summary is exact set algebra on the same points:
+
+* the worst case of a threat model is the AND of its attacks' masks (a point counts as robust
+  only if no attack broke it), so it can never exceed any single attack's accuracy;
+* the union over threat models is the AND of the worst cases (robust to all norms at once).
+
+Long evaluations get killed, so the suite keeps a state file, rewritten atomically after every
+batch of every job (AutoAttack: after every batch of every sub-attack). A rerun given the same
+state file skips the finished work and, because every attack reseeds its own generator for each
+call on a fixed batch, ends with exactly the masks an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from generalist.attacks import (
+    AutoAttack,
+    AutoAttackProgress,
+    AutoAttackState,
+    black_box_warning,
+    check_black_box_beats_white_box,
+    check_randomness,
+    check_zero_gradients,
+    create_attack,
+    feasible,
+)
+from generalist.attacks.checks import BLACK_BOX
+from generalist.attacks.threat import ThreatModel
+from generalist.data import ImageDataset, to_float
+from generalist.errors import ConfigError
+from generalist.rundir import atomic_write_text
+
+STATE_FORMAT = "generalist-eval-state/1"
+AUTOATTACK = "autoattack"
+CHECK_EXAMPLES = 64
+"""Examples used by the once-per-model sanity checks (zero gradients, randomness)."""
+
+
+def parse_attack_names(values: Sequence[str]) -> list[str]:
+    """``["pgd-20,apgd-ce", "square"]`` → ``["pgd-20", "apgd-ce", "square"]`` (order kept)."""
+    names: list[str] = []
+    for value in values:
+        for part in str(value).split(","):
+            name = part.strip().lower()
+            if name and name not in names:
+                names.append(name)
+    if not names:
+        raise ConfigError("no attack given; use e.g. --attacks autoattack or --attacks pgd-20")
+    return names
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class StageOutcome:
+    """One sub-attack of AutoAttack: ``robust`` is the cumulative mask after it ran."""
+
+    name: str
+    robust: torch.Tensor
+    seconds: float
+
+
+@dataclass
+class AttackOutcome:
+    name: str
+    parameters: dict[str, Any]
+    robust: torch.Tensor
+    """bool [N]: correct on the clean point and after this attack."""
+    seconds: float
+    stages: list[StageOutcome] = field(default_factory=list)
+    rejected: int = 0
+    """Adversarial examples outside the ε-ball or [0,1]: never counted as breaking a point."""
+
+
+@dataclass
+class ThreatOutcome:
+    threat: ThreatModel
+    clean: torch.Tensor
+    attacks: list[AttackOutcome]
+    warnings: list[str]
+
+    @property
+    def worst_case(self) -> torch.Tensor:
+        """A point is robust only if it is right on the clean image and no attack broke it."""
+        mask = self.clean.clone()
+        for attack in self.attacks:
+            mask &= attack.robust
+        return mask
+
+
+@dataclass
+class SuiteResult:
+    clean: torch.Tensor
+    clean_seconds: float
+    threats: list[ThreatOutcome]
+    warnings: list[str]
+    """Model-level sanity warnings (zero gradients, randomness in the forward pass)."""
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.clean.numel())
+
+    @property
+    def union(self) -> torch.Tensor:
+        """Robust to every threat model at once: the AND of the per-threat worst cases."""
+        mask = self.clean.clone()
+        for outcome in self.threats:
+            mask &= outcome.worst_case
+        return mask
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Passed to ``on_progress`` after each state save (raising there stops the run cleanly).
+
+    ``attack`` is ``"clean"`` or ``"checks"`` for the first passes and ``"autoattack/<stage>"``
+    inside AutoAttack, whose ``total`` is the number of points that stage attacks.
+    """
+
+    threat: str
+    attack: str
+    done: int
+    total: int
+
+
+# --------------------------------------------------------------------------- state file
+
+
+def encode_mask(mask: torch.Tensor) -> str:
+    return "".join("1" if flag else "0" for flag in mask.tolist())
+
+
+def decode_mask(text: str) -> torch.Tensor:
+    return torch.tensor([char == "1" for char in text], dtype=torch.bool)
+
+
+class SuiteState:
+    """The JSON state file; ``save`` rewrites it atomically so a kill never leaves it torn."""
+
+    def __init__(self, path: Path | None, plan: dict[str, Any]) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"format": STATE_FORMAT, "plan": plan, "jobs": {}}
+        if path is not None and path.is_file():
+            self._load(path, plan)
+
+    def _load(self, path: Path, plan: dict[str, Any]) -> None:
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ConfigError(f"{path} is not a readable state file; start a new --out") from None
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            raise ConfigError(f"{path} is not a {STATE_FORMAT} state file; start a new --out")
+        saved = data.get("plan", {})
+        for key in sorted(set(saved) | set(plan)):
+            if saved.get(key) != plan.get(key):
+                raise ConfigError(
+                    f"{path} was written for a different evaluation ({key}: {saved.get(key)!r} "
+                    f"there, {plan.get(key)!r} now); rerun with the original options or a new --out"
+                )
+        self.data = data
+
+    @property
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        return self.data["jobs"]
+
+    def job(self, key: str) -> dict[str, Any]:
+        return self.jobs.setdefault(key, {"done": 0, "robust": "", "seconds": 0.0, "rejected": 0})
+
+    def save(self) -> None:
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps(self.data) + "\n")
+
+
+def _plan_json(plan: dict[str, Any]) -> dict[str, Any]:
+    """Normalise through JSON so a plan compares equal to the same plan read back from disk."""
+    return json.loads(json.dumps(plan))
+
+
+# --------------------------------------------------------------------------- the suite
+
+
+@contextlib.contextmanager
+def _evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (running BN statistics, no dropout) with frozen weights; restored afterwards."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for param, flag in zip(model.parameters(), flags, strict=True):
+            param.requires_grad_(flag)
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(dim=1) == y
+
+
+class EvaluationSuite:
+    """Runs ``attacks`` under each of ``threats`` and keeps per-point results.
+
+    Attack names are those of :func:`generalist.attacks.list_attacks` plus ``autoattack``
+    (AutoAttack *standard*). Every attack object is built here, so an unknown name or an
+    unsupported threat/attack pair fails before any compute.
+    """
+
+    def __init__(
+        self,
+        threats: Sequence[ThreatModel | str],
+        attacks: Sequence[str],
+        *,
+        seed: int = 0,
+        batch_size: int = 500,
+        n_iter: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        if not threats:
+            raise ConfigError("no threat model given; use e.g. --threat Linf:8/255")
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+        if n_iter is not None and n_iter < 1:
+            raise ConfigError(f"--n-iter must be at least 1, got {n_iter}")
+        self.threats = [ThreatModel.parse(t) for t in threats]
+        if len({str(t) for t in self.threats}) != len(self.threats):
+            raise ConfigError("the same threat model is given twice; list each one once")
+        self.attack_names = parse_attack_names(attacks)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.n_iter = n_iter
+        self.progress = progress
+        self.attacks = {
+            (str(threat), name): _build_attack(name, threat, seed=seed, n_iter=n_iter)
+            for threat in self.threats
+            for name in self.attack_names
+        }
+
+    def plan(self, n_examples: int) -> dict[str, Any]:
+        """What the per-point results depend on; a state file is only resumed if it matches."""
+        return _plan_json(
+            {
+                "threats": [str(t) for t in self.threats],
+                "attacks": {f"{t} {n}": a.describe() for (t, n), a in self.attacks.items()},
+                "seed": self.seed,
+                "batch_size": self.batch_size,
+                "n_examples": n_examples,
+            }
+        )
+
+    def run(
+        self,
+        model: nn.Module,
+        data: ImageDataset,
+        *,
+        state_path: Path | None = None,
+        identity: dict[str, Any] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> SuiteResult:
+        """Evaluate ``model`` on ``data``, resuming from ``state_path`` if it exists.
+
+        ``identity`` (model and data hashes, split...) joins the plan, so resuming with another
+        model or other data is refused instead of silently mixing results.
+        """
+        if len(data) == 0:
+            raise ConfigError("there are no examples to evaluate; raise --n-examples")
+        state = SuiteState(state_path, _plan_json({**self.plan(len(data)), **(identity or {})}))
+        runner = _Runner(self, model, data, state, on_progress, torch.device(device))
+        with _evaluation_mode(model):
+            return runner.run()
+
+
+class _Runner:
+    """One execution of a suite: holds the data, the state and the progress reporting."""
+
+    def __init__(
+        self,
+        suite: EvaluationSuite,
+        model: nn.Module,
+        data: ImageDataset,
+        state: SuiteState,
+        on_progress: Callable[[Progress], None] | None,
+        device: torch.device,
+    ) -> None:
+        self.suite = suite
+        self.model = model
+        self.x = to_float(data.images.cpu())
+        self.y = data.labels.cpu()
+        self.state = state
+        self.on_progress = on_progress
+        self.device = device
+
+    @property
+    def n(self) -> int:
+        return len(self.y)
+
+    def _saved(self, threat: str, attack: str, done: int, total: int | None = None) -> None:
+        self.state.save()
+        if self.on_progress is not None:
+            self.on_progress(Progress(threat, attack, done, self.n if total is None else total))
+
+    def _bar(self, desc: str, initial: int) -> tqdm:
+        return tqdm(
+            total=self.n,
+            initial=initial,
+            desc=desc,
+            unit="img",
+            disable=not self.suite.progress,
+            dynamic_ncols=True,
+            leave=True,
+        )
+
+    def run(self) -> SuiteResult:
+        clean, clean_seconds = self._clean()
+        warnings = self._model_checks(clean)
+        threats = []
+        for threat in self.suite.threats:
+            outcomes = [self._job(threat, name, clean) for name in self.suite.attack_names]
+            threat_warnings = [w for o in outcomes for w in _job_warnings(threat, o)]
+            threat_warnings += [
+                w
+                for n in self.suite.attack_names
+                for w in self.state.jobs.get(f"{threat} {n}", {}).get("warnings", [])
+            ]
+            threat_warnings += _black_box_warnings(outcomes, clean)
+            threats.append(ThreatOutcome(threat, clean, outcomes, threat_warnings))
+        return SuiteResult(clean, clean_seconds, threats, warnings)
+
+    def _clean(self) -> tuple[torch.Tensor, float]:
+        saved = self.state.data.get("clean")
+        if saved is not None:
+            return decode_mask(saved["correct"]), saved["seconds"]
+        start = time.perf_counter()
+        correct = torch.cat(
+            [
+                _correct(self.model, xb.to(self.device), yb.to(self.device)).cpu()
+                for xb, yb in zip(
+                    self.x.split(self.suite.batch_size),
+                    self.y.split(self.suite.batch_size),
+                    strict=True,
+                )
+            ]
+        )
+        seconds = time.perf_counter() - start
+        self.state.data["clean"] = {"correct": encode_mask(correct), "seconds": seconds}
+        self._saved("", "clean", self.n)
+        return correct, seconds
+
+    def _model_checks(self, clean: torch.Tensor) -> list[str]:
+        """AutoAttack's sanity checks on the model itself, run once (they cost forward passes)."""
+        if "checks" not in self.state.data:
+            idx = clean.nonzero().squeeze(1)[:CHECK_EXAMPLES]
+            if idx.numel() == 0:
+                idx = torch.arange(min(CHECK_EXAMPLES, self.n))
+            x, y = self.x[idx].to(self.device), self.y[idx].to(self.device)
+            found = check_zero_gradients(self.model, x, y) + check_randomness(self.model, x)
+            self.state.data["checks"] = list(found)
+            self._saved("", "checks", self.n)
+        return list(self.state.data["checks"])
+
+    def _job(self, threat: ThreatModel, name: str, clean: torch.Tensor) -> AttackOutcome:
+        attack = self.suite.attacks[(str(threat), name)]
+        key = f"{threat} {name}"
+        if name == AUTOATTACK:
+            return self._autoattack(key, threat, attack)
+        job = self.state.job(key)
+        robust = decode_mask(job["robust"])
+        with self._bar(key, job["done"]) as bar:
+            for start in range(job["done"], self.n, self.suite.batch_size):
+                stop = min(start + self.suite.batch_size, self.n)
+                began = time.perf_counter()
+                survived, rejected = self._attack_batch(threat, attack, clean, start, stop)
+                robust = torch.cat([robust, survived])
+                job.update(
+                    done=stop,
+                    robust=encode_mask(robust),
+                    seconds=job["seconds"] + time.perf_counter() - began,
+                    rejected=job["rejected"] + rejected,
+                )
+                self._saved(str(threat), name, stop)
+                bar.update(stop - start)
+        return AttackOutcome(
+            name, attack.describe(), robust, job["seconds"], rejected=job["rejected"]
+        )
+
+    def _attack_batch(
+        self, threat: ThreatModel, attack: Any, clean: torch.Tensor, start: int, stop: int
+    ) -> tuple[torch.Tensor, int]:
+        """Attack the clean-correct points of ``[start, stop)``; returns (robust mask, rejected)."""
+        survived = clean[start:stop].clone()
+        idx = survived.nonzero().squeeze(1) + start
+        if idx.numel() == 0:
+            return survived, 0
+        x, y = self.x[idx].to(self.device), self.y[idx].to(self.device)
+        x_adv = attack(self.model, x, y)
+        bad = ~feasible(threat, x, x_adv)
+        still_right = _correct(self.model, x_adv, y) | bad
+        survived[idx - start] = still_right.cpu()
+        return survived, int(bad.sum())
+
+    def _autoattack(self, key: str, threat: ThreatModel, attack: AutoAttack) -> AttackOutcome:
+        """AutoAttack keeps its own resumable state; it is stored inside the suite's file."""
+        job = self.state.jobs.setdefault(key, {})
+        saved = job.get("autoattack")
+        aa_state = attack.new_state(self.n) if saved is None else AutoAttackState.from_dict(saved)
+        bars: dict[str, tqdm] = {}
+
+        def saved_progress(progress: AutoAttackProgress) -> None:
+            job["autoattack"] = progress.state.to_dict()
+            stage = f"{AUTOATTACK}/{progress.attack}"
+            self._saved(str(threat), stage, progress.done, progress.total)
+            if progress.attack == "clean":
+                return
+            if progress.attack not in bars:
+                bars[progress.attack] = self._bar(f"{threat} {stage}", 0)
+            bar = bars[progress.attack]
+            bar.total = progress.total
+            bar.update(progress.done - bar.n)
+
+        try:
+            result = attack.run(
+                self.model,
+                self.x.to(self.device),
+                self.y.to(self.device),
+                state=aa_state,
+                on_progress=saved_progress,
+                batch_size=self.suite.batch_size,
+            )
+        finally:
+            for bar in bars.values():
+                bar.close()
+        job["warnings"] = check_black_box_beats_white_box(result)
+        stages = [
+            StageOutcome(name, result.robust_after[name].cpu(), result.seconds.get(name, 0.0))
+            for name in result.attacks
+        ]
+        return AttackOutcome(
+            AUTOATTACK,
+            attack.describe(),
+            result.robust.cpu(),
+            sum(result.seconds.values()),
+            stages=stages,
+            rejected=sum(result.rejected.values()),
+        )
+
+
+def _build_attack(name: str, threat: ThreatModel, *, seed: int, n_iter: int | None) -> Any:
+    if name == AUTOATTACK:
+        iterations = {} if n_iter is None else {"n_iter": n_iter}
+        return AutoAttack(threat, version="standard", seed=seed, **iterations)
+    try:
+        return create_attack(name, threat, seed=seed, n_iter=n_iter)
+    except ConfigError as exc:
+        if str(exc).startswith("unknown attack"):
+            raise ConfigError(f"{exc}, or {AUTOATTACK}") from None
+        raise
+
+
+def _job_warnings(threat: ThreatModel, outcome: AttackOutcome) -> list[str]:
+    if not outcome.rejected:
+        return []
+    return [
+        f"{outcome.name} returned {outcome.rejected} adversarial examples outside the {threat} "
+        "ball or [0,1]; they were not counted as broken (an attack bug: please report it)"
+    ]
+
+
+def _black_box_warnings(outcomes: list[AttackOutcome], clean: torch.Tensor) -> list[str]:
+    """Points a black-box attack (Square) broke that every white-box attack in the list missed.
+
+    AutoAttack checks its own stages; this covers a hand-picked list such as ``pgd-20,square``.
+    """
+    plain = [o for o in outcomes if not o.stages]
+    black = [o for o in plain if o.name in BLACK_BOX]
+    white = [o for o in plain if o.name not in BLACK_BOX]
+    if not black or not white:
+        return []
+    missed_by_white = clean.clone()
+    for outcome in white:
+        missed_by_white &= outcome.robust
+    broken_by_black = torch.zeros_like(clean)
+    for outcome in black:
+        broken_by_black |= ~outcome.robust
+    return black_box_warning(int((missed_by_white & broken_by_black).sum()), len(clean))

@@ -1,0 +1,61 @@
+"""A base learner: one model, its own optimizer and learning-rate schedule, and its task.
+
+"Task-aware" optimisation is the point of the Generalist: the natural learner may use a small
+weight decay or Adam while the adversarial one uses SGD with a large weight decay, so each learner
+owns its optimizer outright instead of sharing one over a parameter union.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from generalist.config import LearnerConfig, OptimizerConfig
+from generalist.training.schedules import PiecewiseLinear
+from generalist.training.tasks import Task
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """Optimizers start at lr 0: the schedule sets the real value before every step."""
+    params = model.parameters()
+    if config.type == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=0.0,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )
+    kind = torch.optim.Adam if config.type == "adam" else torch.optim.AdamW
+    return kind(params, lr=0.0, betas=tuple(config.betas), weight_decay=config.weight_decay)
+
+
+@dataclass
+class Learner:
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr: PiecewiseLinear
+    gamma: PiecewiseLinear
+    task: Task
+    config: LearnerConfig
+    generator: torch.Generator
+    """Random starts of this learner's attacks, so adding a learner never shifts another's."""
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch_position: float) -> torch.Tensor:
+        """One optimizer step at fractional epoch ``epoch_position``; returns the detached loss.
+
+        The loss stays on the device (no ``.item()``) so a GPU never waits for the host; the
+        loop checks finiteness once per logging interval.
+        """
+        lr = self.lr(epoch_position)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss = self.task.loss(self.model, x, y, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()

@@ -1,0 +1,105 @@
+"""Piecewise-linear schedules in the epoch, for learning rates and the mixing weights γ.
+
+The official recipe writes every schedule as points on the epoch axis of a 120-epoch run. We
+let the x-coordinates be fractions of E instead, so a 10-epoch smoke run keeps the *shape* of
+the recipe (decay at 2E/3, redistribution from 0.625E) rather than never reaching it.
+Two points with the same x make a step, which is how the classic "divide by 10 at 50 %"
+schedules of the baselines are written.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from generalist.errors import ConfigError
+
+SCHEDULE_UNITS = ("fraction", "epoch")
+
+
+def parse_number(value: Any, key: str) -> float:
+    """Read ``0.01``, ``1e-3`` or a fraction such as ``"2/3"`` without ever calling eval."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(Fraction(value.strip().replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(
+                f"{key}: {value!r} is not a number; write it like 0.01, 1e-3 or 2/3"
+            ) from None
+    else:
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class PiecewiseLinear:
+    """``f(epoch)`` through ``points`` (x in epochs), constant before the first / after the last."""
+
+    points: tuple[tuple[float, float], ...]
+
+    def __call__(self, epoch: float) -> float:
+        xs = [x for x, _ in self.points]
+        # bisect_right makes a repeated x act as a step: at x itself the later value wins.
+        right = bisect.bisect_right(xs, epoch)
+        if right == 0:
+            return self.points[0][1]
+        if right == len(xs):
+            return self.points[-1][1]
+        (x0, y0), (x1, y1) = self.points[right - 1], self.points[right]
+        return y0 + (y1 - y0) * (epoch - x0) / (x1 - x0)
+
+    @classmethod
+    def constant(cls, value: float) -> PiecewiseLinear:
+        return cls(((0.0, value),))
+
+
+def build_schedule(
+    spec: Any, epochs: int, key: str, *, low: float = 0.0, high: float = math.inf
+) -> PiecewiseLinear:
+    """Turn a config value (a number, or ``{unit, points}``) into a schedule over ``epochs``.
+
+    Every value is checked against ``[low, high]`` so that a negative learning rate or a γ of 1.5
+    fails before training starts, naming the key.
+    """
+    if isinstance(spec, int | float | str) and not isinstance(spec, bool):
+        value = parse_number(spec, key)
+        _check_range(value, key, low, high)
+        return PiecewiseLinear.constant(value)
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{key}: expected a number or {{unit: fraction, points: [[x, y], ...]}}")
+    unknown = set(spec) - {"unit", "points"}
+    if unknown:
+        raise ConfigError(f"{key}: unknown schedule field {sorted(unknown)[0]!r}; use unit, points")
+    unit = spec.get("unit", "fraction")
+    if unit not in SCHEDULE_UNITS:
+        raise ConfigError(f"{key}.unit: {unit!r} is not one of {', '.join(SCHEDULE_UNITS)}")
+    raw = spec.get("points")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{key}.points: give a non-empty list of [x, y] pairs")
+    scale = epochs if unit == "fraction" else 1
+    points: list[tuple[float, float]] = []
+    for i, pair in enumerate(raw):
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise ConfigError(f"{key}.points[{i}]: expected an [x, y] pair, got {pair!r}")
+        x = parse_number(pair[0], f"{key}.points[{i}]") * scale
+        y = parse_number(pair[1], f"{key}.points[{i}]")
+        _check_range(y, f"{key}.points[{i}]", low, high)
+        if points and x < points[-1][0]:
+            raise ConfigError(f"{key}.points: x must not decrease (point {i} goes back to {x:g})")
+        points.append((x, y))
+    return PiecewiseLinear(tuple(points))
+
+
+def _check_range(value: float, key: str, low: float, high: float) -> None:
+    if not low <= value <= high:
+        bound = f"[{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+        raise ConfigError(f"{key}: {value:g} is out of range; it must be {bound}")
