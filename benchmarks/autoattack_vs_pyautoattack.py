@@ -106,12 +106,36 @@ def run_ours(model, x, y, args) -> tuple[float, torch.Tensor, dict]:
     return time.perf_counter() - started, result.robust.cpu(), result
 
 
-def run_reference(model, x, y, args, device) -> tuple[float, torch.Tensor]:
+def time_reference_stages(attack) -> dict[str, list[float]]:
+    """Wrap the reference's attack objects so each stage's points and seconds add up like ours.
+
+    In the standard version each stage has its own object (FAB-T runs on ``attack.fab``)."""
+    stages: dict[str, list[float]] = {}
+    for name, owner in (
+        ("apgd-ce", attack.apgd),
+        ("apgd-t", attack.apgd_targeted),
+        ("fab-t", attack.fab),
+        ("square", attack.square),
+    ):
+
+        def timed(x, y, perturb=owner.perturb, name=name):
+            started = time.perf_counter()
+            x_adv = perturb(x, y)
+            points, seconds = stages.setdefault(name, [0, 0.0])
+            stages[name] = [points + len(x), seconds + time.perf_counter() - started]
+            return x_adv
+
+        owner.perturb = timed
+    return stages
+
+
+def run_reference(model, x, y, args, device) -> tuple[float, torch.Tensor, dict[str, list]]:
     from pyautoattack import AutoAttack as ReferenceAutoAttack
 
     attack = ReferenceAutoAttack(
         model, norm="Linf", eps=THREAT.eps, version="standard", seed=args.seed, device=device
     )
+    stages = time_reference_stages(attack)
     started = time.perf_counter()
     x_adv, _ = attack.run_standard_evaluation(x, y, batch_size=args.batch_size)
     seconds = time.perf_counter() - started
@@ -124,7 +148,22 @@ def run_reference(model, x, y, args, device) -> tuple[float, torch.Tensor]:
                 )
             ]
         )
-    return seconds, robust
+    return seconds, robust, stages
+
+
+def print_stage_table(result, ref_stages: dict[str, list]) -> None:
+    """Per stage: points attacked, seconds for each implementation and our robust accuracy."""
+    print("   stage     points  ours (s)  ref (s)  ours/ref  robust after (ours)")
+    attacked = result.clean_correct
+    for name, robust_after in result.robust_after.items():
+        ours = result.seconds.get(name, 0.0)
+        ref_points, ref = ref_stages.get(name, [0, 0.0])
+        ratio = f"{ours / ref:8.2f}" if ref > 0 else "       -"
+        print(
+            f"   {name:<8} {int(attacked.sum()):4d}/{int(ref_points):<4d} {ours:8.1f} "
+            f"{ref:8.1f} {ratio}  {100 * robust_after.float().mean():.2f}%"
+        )
+        attacked = robust_after
 
 
 def main() -> None:
@@ -152,14 +191,10 @@ def main() -> None:
     print(
         f"ours:         {ours_s:8.1f} s   robust accuracy {100 * ours_robust.float().mean():.2f}%"
     )
-    for name, mask in result.robust_after.items():
-        print(
-            f"   after {name:<8} {100 * mask.float().mean():.2f}%  "
-            f"({result.seconds.get(name, float('nan')):.1f} s)"
-        )
-    ref_s, ref_robust = run_reference(model, x.to(device), y.to(device), args, device)
+    ref_s, ref_robust, ref_stages = run_reference(model, x.to(device), y.to(device), args, device)
     print(f"pyautoattack: {ref_s:8.1f} s   robust accuracy {100 * ref_robust.float().mean():.2f}%")
     print(f"ratio ours / pyautoattack wall time: {ours_s / ref_s:.2f}")
+    print_stage_table(result, ref_stages)
     only_ours = int((ref_robust & ~ours_robust).sum())
     only_ref = int((ours_robust & ~ref_robust).sum())
     print(f"points broken only by ours: {only_ours}, only by pyautoattack: {only_ref}")

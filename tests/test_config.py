@@ -102,6 +102,7 @@ def test_user_yaml_layers_over_the_preset_and_can_remove_a_learner(tmp_path):
         (["learners.adv_linf.task.eps=-0.1"], "epsilon"),
         (["learners.adv_linf.task.type=fgsm"], r"learners\.adv_linf\.task\.type"),
         (["model.name=resnet9000"], r"model\.name"),
+        (["model.name=wrn-34-wide"], r"model\.name.*wrn-DEPTH-WIDTH"),
         (["learners.adv_linf.optimizr.lr=0.1"], r"learners\.adv_linf\.optimizr"),
         (["learners.adv_l2.gamma=0.5"], "no learner 'adv_l2'"),
         (["epochs=0"], "epochs"),

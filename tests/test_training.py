@@ -46,7 +46,7 @@ def test_quickstart_writes_a_complete_run_directory(tmp_path):
     for record in records:
         assert set(record["train_loss"]) == {"natural", "adv_linf"}
         assert set(record["val"]) == {"global", "natural", "adv_linf"}
-        assert set(record["val"]["global"]) == {"clean", "Linf:0.1"}
+        assert set(record["val"]["global"]) == {"clean", "Linf:0.2"}
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test"] == result.test
     # The saved global model reproduces the reported test accuracy exactly.

@@ -1,29 +1,45 @@
-"""Saving and loading model weights without ever unpickling.
+"""Saving and loading weights and training checkpoints without ever running code from a file.
 
 Weights are stored as safetensors (a flat tensor table: reading it cannot run code) next to a
 small JSON spec that says how to rebuild the architecture. The spec carries the file's SHA-256,
 so a truncated or swapped weights file is refused with a clear message rather than half-loaded.
+A PyTorch state dict a user brings (``.pt``) is read by torch's allow-listing unpickler
+(``weights_only=True``); any other pickle is refused before it can import anything.
+
+Training checkpoints (:class:`CheckpointStore`) are the same idea for the whole training state:
+``step-<steps>-epoch-<epoch>.safetensors`` holds every tensor, and the ``.json`` beside it holds
+the scalars plus the tensor file's SHA-256. Every file is written to a temporary name, flushed,
+fsynced and renamed, tensors first and the JSON last, so a checkpoint exists exactly when its
+JSON does: a crash or a full disk mid-write leaves the previous checkpoints untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import pickle
+import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from generalist.errors import CheckpointError
+from generalist.errors import CheckpointError, UnsafeFileError
 from generalist.models import create_model
 
 WEIGHTS_FORMAT = "generalist-weights/1"
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
+CHECKPOINT_FORMAT = "generalist-checkpoint/1"
+_CHECKPOINT_NAME = re.compile(r"step-(\d+)-epoch-(\d+)\.json")
 
 
 def sha256_file(path: Path) -> str:
@@ -34,27 +50,139 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` all at once: temp file, flush, fsync, rename, fsync dir.
+
+    On any failure (a full disk, a quota) the temp file is removed and ``path`` keeps its old
+    content; the error propagates.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable; some filesystems refuse to open directories, which is harmless."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------- tensor files
+
+
+def read_state_dict(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file or of a PyTorch state dict, whatever the suffix.
+
+    The format is recognised from the bytes, not the name. PyTorch files go through
+    ``torch.load(weights_only=True)``, whose unpickler only builds tensors and plain containers;
+    a file that asks for anything else (``os.system``, a class) raises :class:`UnsafeFileError`.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path} ({exc.strerror}); check the path") from None
+    if _is_safetensors(data):
+        state = _load_safetensors(data, path)
+    elif data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":
+        state = _load_torch_state_dict(data, path)
+    else:
+        raise CheckpointError(
+            f"{path} is neither a .safetensors file nor a PyTorch state dict; "
+            "save weights with safetensors.torch.save_file(model.state_dict(), ...)"
+        )
+    return {key: tensor.to(device) for key, tensor in state.items()}
+
+
+def _is_safetensors(data: bytes) -> bool:
+    """A safetensors file starts with its JSON header's length (u64, little-endian), then '{'.
+
+    A truncated one still passes this test, so its parser can say what is wrong with it.
+    """
+    return data[8:9] == b"{"
+
+
+def _load_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load(data)
+    except (SafetensorError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({exc}); replace it with the original file"
+        ) from None
+
+
+def _load_torch_state_dict(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():  # torch warns about pickle protocols; the refusal says enough
+        warnings.simplefilter("ignore")
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeFileError(
+                f"refusing to load {path}: {_refusal(exc)}; weights files may only hold tensors, "
+                "so ask for a .safetensors file (or a plain model.state_dict())"
+            ) from None
+        except Exception as exc:  # zip and stream errors all mean a damaged file
+            raise CheckpointError(
+                f"{path} is a truncated or corrupt PyTorch file ({type(exc).__name__}); "
+                "replace it with the original file"
+            ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning and many training scripts nest it
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__} rather than a state dict of tensors; "
+            "save model.state_dict()"
+        )
+    return obj
+
+
+def _refusal(exc: Exception) -> str:
+    """Name what the pickle asked for, without torch's advice to retry with weights_only=False."""
+    wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    if wanted:
+        return f"it is a pickle that asks for {wanted.group(1)}, which could run code"
+    return "it is a pickle using more than tensors and plain containers"
+
+
+# --------------------------------------------------------------------------- model weights
+
+
 def save_model(model: nn.Module, directory: Path, spec: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` and ``model.json`` atomically into ``directory``.
+    """Write ``model.safetensors`` and ``model.json`` durably into ``directory``.
 
     ``spec`` must hold ``model`` (the keyword arguments of ``create_model``); anything else
     (dataset, preset, metrics) is kept for reports.
     """
     directory = Path(directory)
     weights = directory / WEIGHTS_FILE
-    tmp = directory / f".{WEIGHTS_FILE}.tmp"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": WEIGHTS_FORMAT})
-    os.replace(tmp, weights)
-    record = {"format": WEIGHTS_FORMAT, **spec, "sha256": sha256_file(weights)}
-    spec_tmp = directory / f".{SPEC_FILE}.tmp"
-    spec_tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(spec_tmp, directory / SPEC_FILE)
+    data = safetensors.torch.save(state, metadata={"format": WEIGHTS_FORMAT})
+    write_durably(weights, data)
+    record = {"format": WEIGHTS_FORMAT, **spec, "sha256": hashlib.sha256(data).hexdigest()}
+    write_durably(directory / SPEC_FILE, (json.dumps(record, indent=2) + "\n").encode())
     return weights
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a saved model from a run directory or a ``model.safetensors`` path."""
+    """Rebuild a saved model from a run directory, a ``model.safetensors`` or a ``.pt`` state
+    dict with a ``model.json`` beside it."""
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     spec_path = weights.with_name(SPEC_FILE)
@@ -69,7 +197,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     try:
         spec = json.loads(spec_path.read_text())
         model_kwargs = dict(spec["model"])
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
         raise CheckpointError(f"{spec_path} is not a valid model spec; re-save the model") from None
     if spec.get("format") != WEIGHTS_FORMAT:
         raise CheckpointError(
@@ -79,13 +207,163 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         raise CheckpointError(
             f"{weights} does not match the hash in {spec_path}: it is truncated or was replaced"
         )
-    try:
-        state = load_file(str(weights), device=str(device))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights} is not a readable safetensors file ({exc})") from None
+    state = read_state_dict(weights, device)
     model = create_model(model_kwargs.pop("name"), **model_kwargs)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise CheckpointError(f"{weights} does not fit the architecture in {spec_path}: {what}")
     return model.to(device).eval(), spec
+
+
+# --------------------------------------------------------------------------- training checkpoints
+
+
+class CorruptCheckpointError(CheckpointError):
+    """One checkpoint cannot be read; an older one may still be good."""
+
+    def __init__(self, record: Path, reason: str) -> None:
+        super().__init__(f"checkpoint {record} {reason}")
+        self.record = record
+        self.reason = reason
+
+
+@dataclass
+class Checkpoint:
+    record: Path
+    """The JSON file; the tensors are in ``record.with_suffix('.safetensors')``."""
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the scalars, kept in the tensor file so that each file vouches for the other."""
+    canonical = json.dumps(meta, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    return header.get("__metadata__", {})
+
+
+class CheckpointStore:
+    """The checkpoints of one run: write, list newest first, read with integrity checks, prune."""
+
+    def __init__(self, directory: Path, keep: int = 2) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def records(self) -> list[Path]:
+        """Complete checkpoints (those whose JSON exists), newest first."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.iterdir():
+            match = _CHECKPOINT_NAME.fullmatch(path.name)
+            if match:
+                found.append(((int(match[1]), int(match[2])), path))
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def latest(self) -> Path | None:
+        records = self.records()
+        return records[0] if records else None
+
+    def save(
+        self, step: int, epoch: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> Path:
+        """Write one checkpoint (tensors, then the JSON that commits it), then prune old ones."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = self.directory / f"step-{step:09d}-epoch-{epoch:04d}.json"
+        cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+        metadata = {"format": CHECKPOINT_FORMAT, "meta_sha256": _meta_digest(meta)}
+        data = safetensors.torch.save(cpu, metadata=metadata)
+        write_durably(record.with_suffix(".safetensors"), data)
+        full = {
+            "format": CHECKPOINT_FORMAT,
+            **meta,
+            "tensors": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)},
+        }
+        write_durably(record, (json.dumps(full, indent=1) + "\n").encode())
+        self._prune()
+        return record
+
+    def read(self, record: Path) -> Checkpoint:
+        """Read and verify one checkpoint; :class:`CorruptCheckpointError` says what is wrong."""
+        try:
+            meta = json.loads(record.read_bytes())
+        except OSError as exc:
+            raise CorruptCheckpointError(record, f"cannot be read ({exc.strerror})") from None
+        except ValueError as exc:
+            raise CorruptCheckpointError(record, f"is not valid JSON ({exc})") from None
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise CorruptCheckpointError(record, f"has format {found!r}, not {CHECKPOINT_FORMAT}")
+        tensor_path = record.with_suffix(".safetensors")
+        try:
+            data = tensor_path.read_bytes()
+        except OSError as exc:
+            raise CorruptCheckpointError(
+                record, f"has lost its tensors: {tensor_path.name} ({exc.strerror})"
+            ) from None
+        expected = meta.get("tensors", {})
+        if not isinstance(expected, dict) or hashlib.sha256(data).hexdigest() != expected.get(
+            "sha256"
+        ):
+            raise CorruptCheckpointError(
+                record,
+                f"does not match {tensor_path.name} ({len(data)} bytes, SHA-256 differs): "
+                "the tensor file is truncated or corrupt",
+            )
+        if not _is_safetensors(data):
+            raise CorruptCheckpointError(record, f"points at {tensor_path.name}, not safetensors")
+        try:
+            tensors = safetensors.torch.load(data)
+        except (SafetensorError, ValueError) as exc:
+            raise CorruptCheckpointError(record, f"has unreadable tensors ({exc})") from None
+        scalars = {k: v for k, v in meta.items() if k not in ("format", "tensors")}
+        if _safetensors_metadata(data).get("meta_sha256") != _meta_digest(scalars):
+            raise CorruptCheckpointError(
+                record, f"was changed after it was written (its hash in {tensor_path.name} differs)"
+            )
+        return Checkpoint(record, meta, tensors)
+
+    def newest_readable(self) -> tuple[Checkpoint | None, list[CorruptCheckpointError]]:
+        """The newest checkpoint that reads back intact, and the newer ones that did not.
+
+        ``(None, [])`` when the run has no checkpoint yet; a run whose every checkpoint is
+        damaged raises :class:`CheckpointError` naming each file and its fault.
+        """
+        rejected: list[CorruptCheckpointError] = []
+        for record in self.records():
+            try:
+                return self.read(record), rejected
+            except CorruptCheckpointError as exc:
+                rejected.append(exc)
+        if rejected:
+            faults = "; ".join(f"{e.record.name} {e.reason}" for e in rejected)
+            raise CheckpointError(
+                f"no readable checkpoint in {self.directory}: {faults}; the run cannot continue "
+                f"from them, so start it again: generalist train --config "
+                f"{self.directory.parent / 'config.yaml'}"
+            )
+        return None, []
+
+    def quarantine(self, record: Path) -> None:
+        """Rename a damaged checkpoint's files to ``*.corrupt``: kept for inspection, never
+        picked again, never pruned in place of a good one."""
+        for path in (record, record.with_suffix(".safetensors")):
+            if path.exists():
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep`` checkpoints; drop their JSON first so a half-deleted one
+        is never listed, and clear leftovers of interrupted writes."""
+        for record in self.records()[self.keep :]:
+            record.unlink()
+            record.with_suffix(".safetensors").unlink(missing_ok=True)
+        committed = {p.with_suffix(".safetensors") for p in self.records()}
+        for path in self.directory.iterdir():
+            orphan = path.suffix == ".safetensors" and path not in committed
+            if orphan or (path.name.startswith(".") and path.name.endswith(".tmp")):
+                path.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""``generalist train | eval | demo | presets`` — the command-line face of the library.
+"""``generalist train | eval | report | compare | demo | presets``: the library's command line.
 
 Every user-facing failure is a ``GeneralistError`` and is printed as one ``error:`` line with
 exit status 2; a traceback means a bug in generalist, not in the user's input.
@@ -34,6 +34,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     parser.add_argument("--out", help="parent folder of the run directory (default runs/)")
     parser.add_argument("--name", help="run name (default: the preset name)")
+    parser.add_argument(
+        "--init-from",
+        metavar="RUN_DIR_OR_WEIGHTS",
+        help="start from saved weights of the same model (shorthand for --set model.init_from=)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -45,6 +50,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         ("out_dir", args.out),
         ("name", args.name),
         ("data.data_dir", args.data_dir),
+        ("model.init_from", args.init_from),
     ):
         if value is not None:
             extra.append(f"{key}={value}")
@@ -62,18 +68,48 @@ def _build(args: argparse.Namespace, preset: str | None) -> object:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from generalist.rundir import RunDir
     from generalist.training.loop import train
+    from generalist.training.signals import TrainingInterrupted
 
-    config = _build(args, args.preset)
+    run = None
+    if args.resume:
+        config = _resume_config(args)
+        run = RunDir.open(args.resume)
+    else:
+        config = _build(args, args.preset)
     if args.dry_run:
         print(config.to_yaml(), end="")
         return 0
-    train(config, progress=not args.no_progress)
+    try:
+        train(config, run, resume=run is not None, progress=not args.no_progress)
+    except TrainingInterrupted as stop:
+        print(f"\n{stop}", file=sys.stderr)
+        return stop.exit_status
     return 0
 
 
+def _resume_config(args: argparse.Namespace) -> object:
+    """The run's own config; presets, files and --set may only change what a resume allows."""
+    from generalist.config import build_config
+    from generalist.training.checkpointing import resume_config
+
+    if args.out or args.name:
+        raise GeneralistError(
+            "--out and --name place a new run; --resume continues RUN_DIR where it is"
+        )
+    given = None
+    if args.preset or args.config or args.dataset:
+        given = build_config(
+            args.preset, dataset=args.dataset, user_yaml=args.config, overrides=_overrides(args)
+        )
+    return resume_config(args.resume, given, _overrides(args))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Train the three headline methods on digits and print one comparison table."""
+    """Train the three headline methods on digits, print one comparison table, write a report."""
+    from generalist.reporting.report import write_report
+    from generalist.reporting.runs import load_runs
     from generalist.training.loop import train
 
     args.dataset = args.dataset or "digits"
@@ -90,6 +126,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for preset, result in results:
         cells = " | ".join(f"{result.test.get(c, float('nan')):>14.1f}" for c in columns)
         print(f"| {preset:<14} | {cells} | {result.run.path} |")
+    runs = load_runs([result.run.path for _, result in results])
+    report = write_report(runs, results[0][1].run.path.parent / "demo-report")
+    print(f"\nreport with figures: {report.path}")
     return 0
 
 
@@ -104,6 +143,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     from generalist.evaluation.cli_eval import add_eval_parser
+    from generalist.reporting.cli_report import add_compare_parser, add_report_parser
 
     parser = argparse.ArgumentParser(
         prog="generalist",
@@ -114,6 +154,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a preset or a config file")
     _add_config_arguments(train)
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped run from its last checkpoint (its config.yaml is used; "
+        "--epochs N trains it longer)",
+    )
     train.add_argument("--dry-run", action="store_true", help="print the resolved config, stop")
     train.set_defaults(func=cmd_train)
 
@@ -122,6 +168,8 @@ def make_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     add_eval_parser(sub)
+    add_report_parser(sub)
+    add_compare_parser(sub)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=cmd_presets)

@@ -28,11 +28,22 @@ from generalist.attacks.threat import NORMS, ThreatModel, parse_eps, parse_norm
 from generalist.errors import ConfigError
 from generalist.training.schedules import build_schedule, parse_number
 
-TASK_TYPES = ("natural", "adversarial", "trades", "mart")
+TASK_TYPES = ("natural", "adversarial", "trades", "mart", "fat", "cure")
+CURE_DEFAULTS = {
+    "mask_fraction": 0.3,
+    "prominence_alpha": 0.1,
+    "consistency_weight": 1.0,
+    "revision_rate": 0.2,
+    "revision_decay": 0.999,
+    "natural_warmup": 0.0,
+}
+"""CURE's ResNet-18 values (p = 30 %, α = 0.1, γ = 1, r = 0.2, d = 0.999), used for the cure
+fields of a task left unset; the ``cure`` preset writes them out."""
 OPTIMIZERS = ("sgd", "adam", "adamw")
 REDISTRIBUTE_POLICIES = ("per_step_in_epoch", "once_per_c_epochs", "never")
 INIT_POLICIES = ("same", "independent")
 PRECISIONS = ("fp32", "bf16")
+NONFINITE_POLICIES = ("stop", "skip")
 REMAINDER = "remainder"
 
 
@@ -57,6 +68,9 @@ class ModelConfig:
     name: str = "resnet18"
     normalize: bool = False
     """Put the dataset's mean/std normalisation inside the model (the paper's recipe does not)."""
+    init_from: str | None = None
+    """Start every learner from saved weights (a run directory or a ``model.safetensors``) of
+    the same architecture instead of a random initialisation, e.g. CURE from a natural model."""
 
 
 @dataclass
@@ -79,7 +93,24 @@ class TaskConfig:
     step_size: str | None = None
     random_start: bool = True
     beta: float = 6.0
-    """TRADES/MART trade-off weight (TRADES β = 6 for CIFAR, MART's official β = 6)."""
+    """TRADES/MART/CURE trade-off weight (TRADES β = 6 for CIFAR, MART's official β = 6)."""
+    tau: Any = None
+    """FAT: PGD steps still taken after an example is first misclassified; a number or a
+    schedule (rounded to whole steps). ``None`` = 0. Only for ``type: fat``."""
+    mask_fraction: float | None = None
+    """CURE p: share of each weight tensor's gradient entries (lowest prominence) zeroed every
+    step. The fields below are only for ``type: cure``; ``None`` = the ResNet-18 default."""
+    prominence_alpha: float | None = None
+    """CURE α: prominence = α·|∂L_nat/∂w| + (1−α)·|∂L_adv/∂w|."""
+    consistency_weight: float | None = None
+    """CURE γ: weight of the KL consistency to the revision model."""
+    revision_rate: float | None = None
+    """CURE r: probability that the revision model is updated after a step."""
+    revision_decay: float | None = None
+    """CURE d: EMA decay of the revision model."""
+    natural_warmup: float | None = None
+    """CURE: fraction of the epochs trained with natural CE before CURE starts (same budget);
+    skipped when ``model.init_from`` gives an already trained start."""
 
 
 @dataclass
@@ -132,6 +163,33 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When the complete training state is saved to ``RUN/checkpoints/``.
+
+    A checkpoint is always written at the end of every epoch and when SIGTERM or SIGINT asks the
+    run to stop; these settings add saves inside long epochs, so a preempted job loses at most
+    that much work.
+    """
+
+    every_steps: int | None = None
+    """Also save every N optimizer steps (``None``: not by step count)."""
+    every_minutes: float | None = 10.0
+    """Also save when this many minutes have passed since the last save (``None``: never)."""
+    keep: int = 2
+    """Checkpoints kept; older ones are the fallback when the newest is damaged."""
+    on_nonfinite: str = "stop"
+    """A NaN/inf loss ``stop``s the run naming the step and learner, or ``skip``s that batch for
+    that learner (its weights, BatchNorm statistics and optimizer state stay as they were)."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False
+    """Also write each epoch's metrics as TensorBoard scalars to ``RUN/tensorboard`` (needs the
+    ``tensorboard`` extra); ``metrics.jsonl`` stays the record reports are made from."""
+
+
+@dataclass
 class Config:
     name: str = "run"
     preset: str | None = None
@@ -147,6 +205,8 @@ class Config:
     learners: dict[str, LearnerConfig] = field(default_factory=dict)
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -350,13 +410,13 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express; raises ConfigError naming the key."""
     from generalist.data import list_datasets
-    from generalist.models import list_models
+    from generalist.models.registry import is_known_model, unknown_model_message
 
     _at_least(config.epochs, 1, "epochs")
     _choice(config.precision, PRECISIONS, "precision")
     _choice(config.data.dataset, list_datasets(), "data.dataset")
-    if config.model.name not in list_models() and not config.model.name.startswith("wrn-"):
-        _choice(config.model.name, list_models(), "model.name")
+    if not is_known_model(config.model.name):
+        raise ConfigError(f"model.name: {unknown_model_message(config.model.name)}")
     _at_least(config.data.batch_size, 1, "data.batch_size")
     _at_least(config.data.eval_batch_size, 1, "data.eval_batch_size")
     val_size = config.data.val_size
@@ -381,10 +441,35 @@ def validate(config: Config) -> None:
     _choice(merge.redistribute.policy, REDISTRIBUTE_POLICIES, "merge.redistribute.policy")
     _at_least(merge.redistribute.every, 1, "merge.redistribute.every")
     redistribute_start_epoch(config)
+    if config.model.init_from is not None:
+        if not Path(config.model.init_from).exists():
+            raise ConfigError(
+                f"model.init_from: {config.model.init_from} does not exist; pass a run "
+                "directory or a model.safetensors file"
+            )
+        if merge.init != "same":
+            raise ConfigError("model.init_from: needs merge.init: same (one shared start)")
     _at_least(config.eval.val_steps, 0, "eval.val_steps")
     _at_least(config.eval.test_steps, 0, "eval.test_steps")
     _at_least(config.eval.every, 1, "eval.every")
     config.eval_threats()
+    _validate_checkpoint(config.checkpoint)
+    if config.logging.tensorboard:
+        from generalist.reporting.tensorboard import require_tensorboard
+
+        require_tensorboard()
+
+
+def _validate_checkpoint(checkpoint: CheckpointConfig) -> None:
+    if checkpoint.every_steps is not None:
+        _at_least(checkpoint.every_steps, 1, "checkpoint.every_steps")
+    minutes = checkpoint.every_minutes
+    if minutes is not None and not minutes > 0:
+        raise ConfigError(
+            f"checkpoint.every_minutes: must be > 0, got {minutes:g}; use null to turn it off"
+        )
+    _at_least(checkpoint.keep, 1, "checkpoint.keep")
+    _choice(checkpoint.on_nonfinite, NONFINITE_POLICIES, "checkpoint.on_nonfinite")
 
 
 def _validate_learner(config: Config, name: str, learner: LearnerConfig) -> None:
@@ -398,10 +483,11 @@ def _validate_learner(config: Config, name: str, learner: LearnerConfig) -> None
             raise ConfigError(f"{key}.task.step_size: must be > 0, got {step_size:g}")
         if task.beta < 0:
             raise ConfigError(f"{key}.task.beta: must be >= 0, got {task.beta:g}")
-        if task.type in ("trades", "mart") and threat.norm == "L1":
+        if task.type in ("trades", "mart", "cure") and threat.norm == "L1":
             raise ConfigError(f"{key}.task.norm: {task.type} supports Linf and L2, not L1")
     elif task.norm or task.eps:
         raise ConfigError(f"{key}.task: a natural learner has no attack; remove norm/eps")
+    _validate_method_fields(config, f"{key}.task", task)
     opt = learner.optimizer
     _choice(opt.type, OPTIMIZERS, f"{key}.optimizer.type")
     build_schedule(opt.lr, config.epochs, f"{key}.optimizer.lr")
@@ -411,6 +497,35 @@ def _validate_learner(config: Config, name: str, learner: LearnerConfig) -> None
         raise ConfigError(f"{key}.optimizer.weight_decay: must be >= 0, got {opt.weight_decay:g}")
     if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
         raise ConfigError(f"{key}.optimizer.betas: give two numbers in [0, 1), e.g. [0.9, 0.999]")
+
+
+def _validate_method_fields(config: Config, key: str, task: TaskConfig) -> None:
+    """FAT's τ and CURE's fields: in range, and only on the task type that reads them."""
+    if task.tau is not None:
+        if task.type != "fat":
+            raise ConfigError(f"{key}.tau: only fat tasks use tau; remove it")
+        build_schedule(task.tau, config.epochs, f"{key}.tau")
+    ranges = {
+        "mask_fraction": (0.0, 1.0, False),
+        "prominence_alpha": (0.0, 1.0, True),
+        "consistency_weight": (0.0, math.inf, False),
+        "revision_rate": (0.0, 1.0, True),
+        "revision_decay": (0.0, 1.0, False),
+        "natural_warmup": (0.0, 1.0, False),
+    }
+    for name, (low, high, closed) in ranges.items():
+        value = getattr(task, name)
+        if value is None:
+            continue
+        if task.type != "cure":
+            raise ConfigError(f"{key}.{name}: only cure tasks use {name}; remove it")
+        if not (low <= value <= high if closed else low <= value < high):
+            bound = (
+                f"in [{low:g}, {high:g}{']' if closed else ')'}"
+                if math.isfinite(high)
+                else f">= {low:g}"
+            )
+            raise ConfigError(f"{key}.{name}: {value:g} is out of range; it must be {bound}")
 
 
 def validate_gammas(config: Config) -> None:

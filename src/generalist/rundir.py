@@ -4,9 +4,12 @@
 runs/<name>-<YYYYmmdd-HHMMSS>/
   config.yaml        the fully resolved config (re-running it reproduces the run)
   metrics.jsonl      one JSON object per epoch: losses, lr, γ, validation accuracies
+  manifest.json      software versions, device, seeds, data fingerprints, git commit, resumes
+  checkpoints/       the complete training state, newest few (see generalist.checkpoint)
   model.safetensors  the global learner's weights (safetensors: loading runs no code)
   model.json         how to rebuild the architecture, the dataset it was trained on, a hash
   summary.json       final test-set accuracies and timings
+  tensorboard/       the metrics as TensorBoard scalars, if ``logging.tensorboard`` is on
 ```
 Files are written atomically (temp file + rename), so a crash never leaves a half-written one.
 """
@@ -16,10 +19,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from generalist.config import Config
+from generalist.errors import CheckpointError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -34,6 +39,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.metrics_sinks: list[Callable[[dict[str, Any]], None]] = []
+        """Called with every record after it is in metrics.jsonl (e.g. TensorBoard)."""
 
     @classmethod
     def create(cls, out_dir: str | Path, name: str) -> RunDir:
@@ -46,6 +53,33 @@ class RunDir:
         path.mkdir(parents=True)
         return cls(path)
 
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """An existing run directory, e.g. one to resume."""
+        run = cls(Path(path))
+        if not run.config_path.is_file():
+            raise CheckpointError(
+                f"{run.path} is not a run directory (it has no config.yaml); pass the folder "
+                "that `generalist train` printed after 'run'"
+            )
+        return run
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def checkpoints_path(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
     @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
@@ -55,12 +89,24 @@ class RunDir:
         return self.path / "model.safetensors"
 
     def write_config(self, config: Config) -> None:
-        atomic_write_text(self.path / "config.yaml", config.to_yaml())
+        """Write the resolved config, and attach the metrics sinks it asks for: every training
+        run writes its config before its first epoch ends, so no record misses a sink."""
+        from generalist.reporting.tensorboard import metrics_sinks
+
+        atomic_write_text(self.config_path, config.to_yaml())
+        self.metrics_sinks = metrics_sinks(config, self.path)
+
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl, e.g. with a checkpoint's records so a resumed run never
+        repeats or loses an epoch's line."""
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
+        for sink in self.metrics_sinks:
+            sink(record)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():

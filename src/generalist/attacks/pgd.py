@@ -73,7 +73,7 @@ def pgd(
             l1 = grad.abs().flatten(1).sum(dim=1).clamp_min(1e-12)
             velocity = momentum * velocity + grad / l1.view(-1, *([1] * (x.dim() - 1)))
             grad = velocity
-        x_adv = threat.clip(x, x_adv.detach() + step * threat.ascent_direction(grad))
+        x_adv = threat.ascent_step(x, x_adv, grad, step)
     if not keep_best:
         return x_adv.detach()
     with torch.no_grad():

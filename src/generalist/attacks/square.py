@@ -170,26 +170,37 @@ class Square:
     def _search(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One random search: the best point per example and whether it is misclassified."""
+        """One random search: the best point per example and whether it is misclassified.
+
+        The examples still searched live packed in their own tensors, re-gathered only when one
+        of them is fooled (once per example), not at every query: thousands of queries on a
+        few hundred images make the per-query bookkeeping, not just the model, count.
+        """
         best = self._initial_point(x, generator)
         logits = model(best)
         best_margin = margin(logits, y)
         fooled = logits.argmax(dim=1) != y
         propose = self._propose_linf if self.threat.norm == "Linf" else self._propose_l2
+        active = (~fooled).nonzero().squeeze(1)
+        x_act, y_act, best_act, margin_act = x[active], y[active], best[active], best_margin[active]
         for query in range(self.n_queries):
-            active = (~fooled).nonzero().squeeze(1)
             if active.numel() == 0:
                 break
             p = window_fraction(self.p_init, query, self.n_queries, self.rescale_schedule)
-            candidate = propose(x[active], best[active], p, generator)
+            candidate = propose(x_act, best_act, p, generator)
             logits = model(candidate)
-            cand_margin = margin(logits, y[active])
-            cand_fooled = logits.argmax(dim=1) != y[active]
-            accept = cand_fooled | (cand_margin < best_margin[active])
-            kept = active[accept]
-            best[kept] = candidate[accept]
-            best_margin[kept] = cand_margin[accept]
-            fooled[kept] = cand_fooled[accept]
+            cand_margin = margin(logits, y_act)
+            cand_fooled = logits.argmax(dim=1) != y_act
+            accept = cand_fooled | (cand_margin < margin_act)
+            best_act = torch.where(accept.view(-1, 1, 1, 1), candidate, best_act)
+            margin_act = torch.where(accept, cand_margin, margin_act)
+            if cand_fooled.any():  # the one host sync per query: who is left to search
+                best[active] = best_act
+                fooled[active[cand_fooled]] = True
+                searching = ~cand_fooled
+                active, x_act, y_act = active[searching], x_act[searching], y_act[searching]
+                best_act, margin_act = best_act[searching], margin_act[searching]
+        best[active] = best_act
         return best, fooled
 
     def _initial_point(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -215,13 +226,19 @@ class Square:
     def _propose_linf(
         self, x: torch.Tensor, best: torch.Tensor, p: float, generator: torch.Generator
     ) -> torch.Tensor:
-        """Set one random window, per channel, to +ε or -ε (adding ±2ε and projecting does it)."""
+        """Set one random window, per channel, to +ε or -ε (adding ±2ε and projecting does it).
+
+        Only the window is projected: ``best`` is feasible already and the ℓ∞ projection
+        leaves a feasible point unchanged, bit for bit, so projecting the whole image (three
+        full-size passes per query) would only recompute it.
+        """
         n, channels, height, width = x.shape
         size = min(max(round(math.sqrt(p * height * width)), 1), height, width)
         window = _random_windows(n, height, width, size, x, generator)
+        step = 2 * self.threat.eps * _random_signs((n, channels, 1, 1), x, generator)
         candidate = best.clone()
-        candidate[window] += 2 * self.threat.eps * _random_signs((n, channels, 1, 1), x, generator)
-        return self.threat.clip(x, candidate)
+        candidate[window] = self.threat.clip(x[window], best[window] + step)
+        return candidate
 
     def _propose_l2(
         self, x: torch.Tensor, best: torch.Tensor, p: float, generator: torch.Generator

@@ -134,6 +134,13 @@ class ThreatModel:
         """
         return (x + self.project(x_adv - x)).clamp(0.0, 1.0)
 
+    def ascent_step(
+        self, x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, step_size: float
+    ) -> torch.Tensor:
+        """One projected steepest-ascent step from ``x_adv``: the update every PGD variant
+        (plain, momentum, early-stopped) shares, so they cannot drift apart."""
+        return self.clip(x, x_adv.detach() + step_size * self.ascent_direction(grad))
+
     def random_start(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:

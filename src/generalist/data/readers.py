@@ -277,9 +277,12 @@ def _npz_images(x: np.ndarray, where: str) -> np.ndarray:
         return x
     if not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{where} has dtype {x.dtype}; store uint8 pixels or floats in [0, 1]")
-    if not np.isfinite(x).all() or x.min(initial=0) < 0 or x.max(initial=0) > 1:
+    outside = ~((x >= 0) & (x <= 1))  # NaN compares false, so it counts as outside
+    if outside.any():
+        index = int(outside.reshape(len(x), -1).any(axis=1).argmax())
+        values = x[index][outside[index]]
         raise DataError(
-            f"{where} holds floats outside [0, 1] (min {x.min():.3g}, max {x.max():.3g}); "
+            f"{where}[{index}] holds {values[0]:.3g}, outside [0, 1] (NaN and inf included); "
             "scale images to [0, 1] or store uint8 pixels"
         )
     return np.rint(x * 255)
@@ -287,11 +290,38 @@ def _npz_images(x: np.ndarray, where: str) -> np.ndarray:
 
 def _npz_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
     y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+    if y.ndim == 2 and len(y) == n:
+        raise DataError(
+            f"{where} has shape {y.shape}: one-hot or soft labels? store class indices, "
+            "e.g. y.argmax(axis=1)"
+        )
     if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
         raise DataError(
             f"{where} must hold {n} integer class indices, got dtype {y.dtype} shape {y.shape}"
         )
     return y
+
+
+def _npz_num_classes(y_train: np.ndarray, y_test: np.ndarray, path: Path) -> int:
+    """K = largest label + 1, provided every class below it occurs somewhere.
+
+    Without a class list the labels must be 0..K-1; a gap means a stray value (an "ignore"
+    label such as 255, a typo) that would otherwise silently create hundreds of empty classes.
+    Negative labels are left to the split's range check, which names their index.
+    """
+    num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+    present = np.zeros(num_classes, dtype=bool)
+    for y in (y_train, y_test):
+        present[y[y >= 0]] = True
+    if present.all():
+        return num_classes
+    missing = int(present.argmin())  # below the largest label, so some label lies above it
+    name, y = ("y_train", y_train) if (y_train > missing).any() else ("y_test", y_test)
+    index = int(np.argmax(y > missing))
+    raise DataError(
+        f"{path}:{name}[{index}] is {int(y[index])}, but no example has label {missing}; "
+        "labels must be the class indices 0..K-1, so renumber them"
+    )
 
 
 def read_npz(data_dir: str | Path | None) -> TrainTest:
@@ -310,7 +340,14 @@ def read_npz(data_dir: str | Path | None) -> TrainTest:
             arrays = {key: archive[key] for key in NPZ_KEYS}
     except DataError:
         raise
-    except Exception as error:  # zip, format and object-array errors all mean an unusable file
+    except ValueError as error:
+        if "allow_pickle" not in str(error):
+            raise DataError(f"cannot read {path} as .npz ({error}); {how}") from None
+        raise DataError(
+            f"{path} holds an object array (images of different sizes, or Python objects), "
+            f"which would need pickle to read; refusing it: {how} as plain numeric arrays"
+        ) from None
+    except Exception as error:  # zip and format errors all mean an unusable file
         raise DataError(f"cannot read {path} as .npz ({error}); {how}") from None
     x_train = _npz_images(arrays["x_train"], f"{path}:x_train")
     x_test = _npz_images(arrays["x_test"], f"{path}:x_test")
@@ -322,7 +359,7 @@ def read_npz(data_dir: str | Path | None) -> TrainTest:
     y_train = _npz_labels(arrays["y_train"], len(x_train), f"{path}:y_train")
     y_test = _npz_labels(arrays["y_test"], len(x_test), f"{path}:y_test")
     train, test = _dataset(x_train, y_train), _dataset(x_test, y_test)
-    num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+    num_classes = _npz_num_classes(y_train, y_test, path)
     classes = tuple(str(i) for i in range(num_classes))
     return TrainTest(
         train, test, _info("npz", train, classes, default_crop_padding=0, default_flip=False)

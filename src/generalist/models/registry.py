@@ -59,6 +59,16 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def is_known_model(name: str) -> bool:
+    """Whether ``create_model`` knows ``name``: lets configs fail before any data is loaded."""
+    return name in _MODELS or any(p.fullmatch(name) for p, _, _ in _PATTERNS)
+
+
+def unknown_model_message(name: str) -> str:
+    hints = "".join(f" or {hint}" for _, hint, _ in _PATTERNS)
+    return f"unknown model {name!r}; use one of {', '.join(list_models())}{hints}"
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable-or-not parameters (buffers such as BN statistics excluded)."""
     return sum(p.numel() for p in model.parameters())
@@ -79,8 +89,7 @@ def _bare_model(name: str, num_classes: int, in_channels: int, image_size: int) 
         match = pattern.fullmatch(name)
         if match is not None:
             return pattern_factory(match, **sizes)
-    hints = "".join(f" or {hint}" for _, hint, _ in _PATTERNS)
-    raise ConfigError(f"unknown model {name!r}; use one of {', '.join(list_models())}{hints}")
+    raise ConfigError(unknown_model_message(name))
 
 
 def create_model(

@@ -14,7 +14,7 @@ from torch import nn
 
 from generalist.config import LearnerConfig, OptimizerConfig
 from generalist.training.schedules import PiecewiseLinear
-from generalist.training.tasks import Task
+from generalist.training.tasks import AppliesGradients, Task
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
@@ -44,18 +44,38 @@ class Learner:
     generator: torch.Generator
     """Random starts of this learner's attacks, so adding a learner never shifts another's."""
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch_position: float) -> torch.Tensor:
+    def train_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epoch_position: float,
+        *,
+        skip_nonfinite: bool = False,
+    ) -> torch.Tensor:
         """One optimizer step at fractional epoch ``epoch_position``; returns the detached loss.
 
-        The loss stays on the device (no ``.item()``) so a GPU never waits for the host; the
-        loop checks finiteness once per logging interval.
+        The loss stays on the device (no ``.item()``); the loop checks all learners' losses
+        for finiteness at once, with a single host sync per step. A task that edits the
+        gradients or keeps state in step with the weights (CURE) takes the optimizer step
+        itself. With ``skip_nonfinite`` a NaN/inf loss leaves the learner as it was (weights,
+        BatchNorm statistics the forward pass touched, optimizer state), at the price of one
+        more host sync per step.
         """
         lr = self.lr(epoch_position)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        loss = self.task.loss(self.model, x, y, self.generator)
+        buffers = [b.clone() for b in self.model.buffers()] if skip_nonfinite else []
+        loss = self.task.loss(self.model, x, y, self.generator, epoch_position)
+        if skip_nonfinite and not bool(torch.isfinite(loss)):
+            with torch.no_grad():
+                for live, saved in zip(self.model.buffers(), buffers, strict=True):
+                    live.copy_(saved)
+            return loss.detach()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        if isinstance(self.task, AppliesGradients):
+            self.task.apply_gradients(self.model, self.optimizer)
+        else:
+            self.optimizer.step()
         return loss.detach()

@@ -4,14 +4,20 @@ The whole training split lives on the device as one uint8 tensor (airbench-style
 an index, a cast and a device-side augmentation, with no loader processes in between. Every
 base learner trains on the *same* augmented batch, as in the official code, then the merge
 updates the teachers and the global learner.
+
+The loop can start from any (epoch, batch) position: everything it carries from one step to
+the next lives in a :class:`~generalist.training.state.TrainingState`, which checkpoints save
+and restore whole, so a run killed at any moment and resumed ends bit-identical to one that
+never stopped (on the CPU; GPU kernels may not be deterministic).
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,19 +25,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from generalist.attacks.threat import ThreatModel
-from generalist.checkpoint import save_model
-from generalist.config import Config, redistribute_start_epoch
+from generalist.checkpoint import CheckpointStore, save_model
+from generalist.config import Config, redistribute_start_epoch, validate
 from generalist.data import BatchAugment, DataSplits, EpochBatches, load_splits, to_float
 from generalist.errors import ConfigError, TrainingError
 from generalist.evaluation.accuracy import accuracies
+from generalist.manifest import build_manifest, data_fingerprints, note_resume, write_manifest
 from generalist.models import create_model
 from generalist.rundir import RunDir
+from generalist.training.checkpointing import Checkpointer, resume_state
+from generalist.training.init import initialize_from
 from generalist.training.learner import Learner, build_optimizer
 from generalist.training.merge import GeneralistMerge
 from generalist.training.schedules import PiecewiseLinear, build_schedule
-from generalist.training.tasks import Attack, build_task
+from generalist.training.signals import TrainingInterrupted, resume_hint, stop_on_signals
+from generalist.training.state import TrainingState
+from generalist.training.tasks import Attack, task_from_config
 
 GLOBAL = "global"
+SKIP_LIMIT = 10
+"""With ``checkpoint.on_nonfinite: skip``, this many non-finite batches in a row (within an
+epoch) for one learner stop the run: skipping is for stray bad batches, not divergence."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,6 +110,7 @@ def build_learners(
     name = kwargs.pop("name")
     torch.manual_seed(config.seed)
     base = create_model(name, **kwargs).to(device)
+    initialize_from(base, config.model.init_from, spec)
     gammas = gamma_schedules(config)
     learners = []
     for index, (lname, lc) in enumerate(config.learners.items()):
@@ -116,7 +131,15 @@ def build_learners(
                 optimizer=build_optimizer(model, lc.optimizer),
                 lr=build_schedule(lc.optimizer.lr, config.epochs, f"learners.{lname}.lr"),
                 gamma=gammas[index],
-                task=build_task(lc.task.type, attack, lc.task.beta),
+                task=task_from_config(
+                    lc.task,
+                    attack,
+                    model,
+                    epochs=config.epochs,
+                    seed=config.seed * 7919 + index + 1,
+                    pretrained=config.model.init_from is not None,
+                    key=f"learners.{lname}.task",
+                ),
                 config=lc,
                 generator=generator,
             )
@@ -146,12 +169,20 @@ def train(
     config: Config,
     run: RunDir | None = None,
     *,
+    resume: bool = False,
     progress: bool = True,
     echo: Any = print,
 ) -> TrainResult:
-    """Train ``config`` into ``run`` (a fresh run directory if None) and return the results."""
+    """Train ``config`` into ``run`` (a fresh run directory if None) and return the results.
+
+    With ``resume``, ``run`` continues from its newest intact checkpoint (from the start if it
+    has none yet). SIGTERM/SIGINT save a checkpoint and raise :class:`TrainingInterrupted`.
+    """
     started = time.perf_counter()
+    validate(config)  # a Config edited in Python after build_config fails here, before compute
     device = resolve_device(config.device)
+    if resume and run is None:
+        raise ValueError("resume=True needs the run directory to resume")
     splits = load_splits(
         config.data.dataset,
         config.data.data_dir,
@@ -160,16 +191,33 @@ def train(
         train_limit=config.data.train_limit,
         test_limit=config.data.test_limit,
     )
-    run = run or RunDir.create(config.out_dir, config.name)
-    run.write_config(config)
     spec = model_spec(config, splits)
     learners, global_model = build_learners(config, spec, device)
+    run = run or RunDir.create(config.out_dir, config.name)
     merge = GeneralistMerge(
         [lr.model for lr in learners],
         global_model,
         decay_max=config.merge.ema_decay,
         warmup=config.merge.warmup,
     )
+    batches = EpochBatches(len(splits.train), config.data.batch_size, config.seed)
+    state = TrainingState(
+        learners,
+        merge,
+        augment_generator=torch.Generator(device=device).manual_seed(config.seed),
+        epoch_losses=torch.zeros(len(batches), len(learners), device=device),
+    )
+    fingerprints = data_fingerprints(splits)
+    store = CheckpointStore(run.checkpoints_path, keep=config.checkpoint.keep)
+    if resume:
+        resumed_from = resume_state(
+            state, store, run, config, fingerprints["train"]["fingerprint"], echo
+        )
+        note_resume(run, resumed_from, echo)
+    run.write_config(config)
+    if not resume:
+        write_manifest(run, build_manifest(config, device, splits.info.name, fingerprints))
+    checkpoints = Checkpointer(store, state, config, run, fingerprints["train"]["fingerprint"])
     threats = config.eval_threats()
     info = splits.info
     augment = BatchAugment(
@@ -178,86 +226,184 @@ def train(
     )
     train_x = splits.train.images.to(device)
     train_y = splits.train.labels.to(device)
-    batches = EpochBatches(len(splits.train), config.data.batch_size, config.seed)
-    augment_generator = torch.Generator(device=device).manual_seed(config.seed)
     autocast = _autocast(config.precision, device)
+    skip_nonfinite = config.checkpoint.on_nonfinite == "skip"
     echo(
         f"run {run.path} · {config.name} · {len(learners)} learner(s) "
         f"({', '.join(f'{lr.name}:{lr.task.name}' for lr in learners)}) · {config.model.name} · "
         f"{info.name} train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)} "
         f"· {device}"
     )
-    step = 0
-    val: dict[str, dict[str, float]] = {}
-    for epoch in range(1, config.epochs + 1):
-        epoch_started = time.perf_counter()
-        gammas = [lr.gamma(epoch) for lr in learners]
-        redistribute = redistributes_in(config, epoch)
-        per_step = redistribute and config.merge.redistribute.policy == "per_step_in_epoch"
-        loss_sums = torch.zeros(len(learners), device=device)
-        n_batches = len(batches)
-        bar = tqdm(
-            batches.indices(epoch),
-            total=n_batches,
-            desc=f"epoch {epoch}/{config.epochs}",
-            leave=False,
-            disable=not progress,
-            unit="batch",
+    if resume and state.step:
+        echo(
+            f"resuming at epoch {state.epoch}, batch {state.batch}/{len(batches)} "
+            f"(step {state.step}) from {checkpoints.latest}"
         )
-        for b, index in enumerate(bar):
-            x = augment(to_float(train_x[index]), augment_generator)
-            y = train_y[index]
-            position = epoch - 1 + (b + 1) / n_batches
-            with autocast:
-                for i, learner in enumerate(learners):
-                    loss_sums[i] += learner.train_step(x, y, position)
-            merge.update(step, gammas)
-            step += 1
-            if per_step:
+    with stop_on_signals(run.path) as stop, checkpoints.reporting_write_errors():
+        for epoch in range(state.epoch, config.epochs + 1):
+            epoch_started = time.perf_counter()
+            gammas = [lr.gamma(epoch) for lr in learners]
+            redistribute = redistributes_in(config, epoch)
+            per_step = redistribute and config.merge.redistribute.policy == "per_step_in_epoch"
+            bar = tqdm(
+                batches.indices(epoch, start_batch=state.batch),
+                initial=state.batch,
+                total=len(batches),
+                desc=f"epoch {epoch}/{config.epochs}",
+                leave=False,
+                disable=not progress,
+                unit="batch",
+            )
+            for index in bar:
+                x = augment(to_float(train_x[index]), state.augment_generator)
+                y = train_y[index]
+                position = epoch - 1 + (state.batch + 1) / len(batches)
+                with autocast:
+                    losses = torch.stack(
+                        [
+                            lr.train_step(x, y, position, skip_nonfinite=skip_nonfinite).float()
+                            for lr in learners
+                        ]
+                    )
+                # One host sync per step, against a PGD step's dozens of kernels: a NaN is
+                # caught at the step that made it, before it reaches the merge or a checkpoint.
+                if not bool(torch.isfinite(losses).all()):
+                    _nonfinite(losses, state, config, checkpoints, len(batches), echo)
+                merge.update(state.step, gammas)
+                state.record_step(losses)
+                if per_step:
+                    merge.redistribute()
+                if stop.requested:
+                    raise _interrupted(
+                        checkpoints.save(stop.name), stop.signum, state, len(batches), run.path
+                    )
+                if state.batch < len(batches) and checkpoints.due():
+                    checkpoints.save("schedule")
+            if redistribute and not per_step:
                 merge.redistribute()
-        if redistribute and not per_step:
-            merge.redistribute()
-        losses = (loss_sums / n_batches).tolist()
-        for learner, loss in zip(learners, losses, strict=True):
-            if not math.isfinite(loss):
-                raise TrainingError(
-                    f"learner {learner.name} had a non-finite loss in epoch {epoch}; "
-                    f"lower its learning rate (learners.{learner.name}.optimizer.lr)"
-                )
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "step": step,
-            "lr": {lr.name: lr.lr(epoch) for lr in learners},
-            "gamma": dict(zip((lr.name for lr in learners), gammas, strict=True)),
-            "redistributed": redistribute,
-            "train_loss": dict(zip((lr.name for lr in learners), losses, strict=True)),
-            "train_seconds": time.perf_counter() - epoch_started,
-        }
-        if epoch % config.eval.every == 0 or epoch == config.epochs:
-            val = _validate(config, learners, global_model, splits, threats, device)
-            record["val"] = val
-        run.append_metrics(record)
-        echo(_epoch_line(record, config.epochs))
-    test = _test(config, global_model, splits, threats, device)
-    save_model(
-        global_model, run.path, {"model": spec, "dataset": info.name, "preset": config.preset}
-    )
-    seconds = time.perf_counter() - started
-    run.write_json(
-        "summary.json",
-        {
-            "name": config.name,
-            "preset": config.preset,
-            "test": test,
-            "val": val,
-            "test_examples": min(len(splits.test), config.eval.test_examples or len(splits.test)),
-            "test_pgd_steps": config.eval.test_steps,
-            "seconds": seconds,
-        },
-    )
+            record = _epoch_record(state, epoch, gammas, redistribute, epoch_started)
+            if epoch % config.eval.every == 0 or epoch == config.epochs:
+                state.val = _validate(config, learners, global_model, splits, threats, device)
+                record["val"] = state.val
+            state.finish_epoch(record)
+            run.append_metrics(record)
+            saved = checkpoints.save("epoch end")
+            echo(_epoch_line(record, config.epochs))
+            if stop.requested:
+                raise _interrupted(saved, stop.signum, state, len(batches), run.path)
+        test = _test(config, global_model, splits, threats, device)
+        save_model(
+            global_model, run.path, {"model": spec, "dataset": info.name, "preset": config.preset}
+        )
+        seconds = time.perf_counter() - started
+        test_examples = min(len(splits.test), config.eval.test_examples or len(splits.test))
+        run.write_json(
+            "summary.json",
+            {
+                "name": config.name,
+                "preset": config.preset,
+                "test": test,
+                "val": state.val,
+                "test_examples": test_examples,
+                "test_pgd_steps": config.eval.test_steps,
+                "seconds": seconds,
+            },
+        )
     echo(f"test ({config.eval.test_steps}-step PGD): " + _format_accuracies(test))
     echo(f"saved {run.weights_path} in {seconds:.0f} s")
-    return TrainResult(run, test, val, seconds)
+    return TrainResult(run, test, state.val, seconds)
+
+
+def _epoch_record(
+    state: TrainingState,
+    epoch: int,
+    gammas: list[float],
+    redistribute: bool,
+    epoch_started: float,
+) -> dict[str, Any]:
+    """The epoch's metrics line; a learner's loss is the mean over the batches it trained on."""
+    finite = torch.isfinite(state.epoch_losses)
+    trained = finite.sum(dim=0)
+    losses = (torch.where(finite, state.epoch_losses, 0).sum(dim=0) / trained).tolist()
+    names = [lr.name for lr in state.learners]
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "step": state.step,
+        "lr": {lr.name: lr.lr(epoch) for lr in state.learners},
+        "gamma": dict(zip(names, gammas, strict=True)),
+        "redistributed": redistribute,
+        "train_loss": dict(zip(names, losses, strict=True)),
+        "train_seconds": time.perf_counter() - epoch_started,
+    }
+    skipped = (len(state.epoch_losses) - trained).tolist()
+    if any(skipped):
+        record["skipped_batches"] = dict(zip(names, skipped, strict=True))
+    return record
+
+
+def _nonfinite(
+    losses: torch.Tensor,
+    state: TrainingState,
+    config: Config,
+    checkpoints: Checkpointer,
+    batches_per_epoch: int,
+    echo: Any,
+) -> None:
+    """Stop at a NaN/inf loss, or (``checkpoint.on_nonfinite: skip``) report the skipped batch.
+
+    Skipping only helps against a bad batch. A learner whose weights are no longer finite, or
+    whose loss stayed non-finite for :data:`SKIP_LIMIT` batches in a row (weights so large that
+    every batch overflows), cannot recover that way, so the run stops then too.
+    """
+    batch = f"batch {state.batch + 1}/{batches_per_epoch}"
+    where = f"step {state.step + 1} (epoch {state.epoch}, {batch})"
+    skip = config.checkpoint.on_nonfinite == "skip"
+    limit = min(SKIP_LIMIT, batches_per_epoch)
+    for i in torch.nonzero(~torch.isfinite(losses)).flatten().tolist():
+        learner = state.learners[i]
+        value = float(losses[i])
+        cause = ""
+        if skip:
+            earlier = state.epoch_losses[max(0, state.batch - limit + 1) : state.batch, i]
+            if len(earlier) == limit - 1 and not bool(torch.isfinite(earlier).any()):
+                cause = f" for the {limit}th batch in a row, so skipping batches is not helping"
+            elif not all(bool(torch.isfinite(p).all()) for p in learner.model.parameters()):
+                cause = " and its weights are no longer finite, so skipping batches cannot help"
+            else:
+                echo(
+                    f"warning: learner {learner.name} had a non-finite loss ({value}) at "
+                    f"{where}; skipped that batch for it (checkpoint.on_nonfinite: skip)"
+                )
+                continue
+        fix = f"lower its learning rate (learners.{learner.name}.optimizer.lr)"
+        if skip or checkpoints.latest is None:
+            fix += " and start a new run"
+        else:
+            fix += (
+                " in a new run, or skip such batches: generalist train --resume "
+                f"{checkpoints.run.path} --set checkpoint.on_nonfinite=skip"
+            )
+        raise TrainingError(
+            f"learner {learner.name} had a non-finite loss ({value}) at {where}{cause}; "
+            f"stopped without saving it, {checkpoints.last_good()}; {fix}"
+        )
+
+
+def _interrupted(
+    saved: Path, signum: int, state: TrainingState, batches_per_epoch: int, run: Path
+) -> TrainingInterrupted:
+    position = (
+        f"epoch {state.epoch}, batch {state.batch}/{batches_per_epoch}"
+        if state.batch
+        else f"the end of epoch {state.epoch - 1}"
+    )
+    return TrainingInterrupted(
+        f"stopped by {signal.Signals(signum).name} after step {state.step} ({position}); saved "
+        f"{saved}; {resume_hint(run)}",
+        signum=signum,
+        run=run,
+        checkpoint=saved,
+    )
 
 
 def _autocast(precision: str, device: torch.device) -> Any:

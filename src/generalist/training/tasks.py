@@ -1,24 +1,33 @@
 """Tasks: how a base learner turns a clean batch into the loss it descends.
 
 A task is the only thing that differs between a natural learner, an ℓ∞-adversarial learner, a
-TRADES learner and a MART learner; optimizers, schedules and the merge are shared machinery.
+TRADES, MART, FAT or CURE learner; optimizers, schedules and the merge are shared machinery.
 Attacks are crafted with the learner's *own* current weights in eval mode (BatchNorm uses its
 running statistics, as in the official code), then the loss is taken in train mode.
+
+A task sees the training position (fractional epoch) so that it can follow a schedule (FAT's
+τ, CURE's warm-up). A task that must act on the gradients or after the update (CURE) also
+implements :class:`AppliesGradients`; the learner then hands it the optimizer step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generalist.attacks.friendly_pgd import friendly_pgd
 from generalist.attacks.pgd import LossFn, pgd
 from generalist.attacks.threat import ThreatModel
+from generalist.config import CURE_DEFAULTS, TaskConfig
+from generalist.training import cure
+from generalist.training.schedules import PiecewiseLinear, build_schedule
 
 TRADES_INIT_SCALE = 0.001
 """TRADES/MART start their inner maximisation at x + 0.001·N(0, 1) (Zhang et al. 2019)."""
@@ -28,9 +37,22 @@ class Task(Protocol):
     name: str
 
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        epoch: float,
     ) -> torch.Tensor:
-        """Scalar training loss; ``model`` is in train mode on entry and on exit."""
+        """Scalar training loss at fractional epoch ``epoch``; ``model`` is in train mode on
+        entry and on exit."""
+        ...
+
+
+@runtime_checkable
+class AppliesGradients(Protocol):
+    def apply_gradients(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Take the place of ``optimizer.step()`` after the loss's backward pass."""
         ...
 
 
@@ -63,7 +85,12 @@ class NaturalTask:
     name: str = "natural"
 
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        epoch: float,
     ) -> torch.Tensor:
         return F.cross_entropy(model(x), y)
 
@@ -76,7 +103,12 @@ class AdversarialTask:
     name: str = "adversarial"
 
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        epoch: float,
     ) -> torch.Tensor:
         a = self.attack
         with eval_mode(model):
@@ -107,6 +139,38 @@ def _small_gaussian_start(x: torch.Tensor, generator: torch.Generator) -> torch.
     return x + TRADES_INIT_SCALE * noise
 
 
+def trades_adversarial(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: Attack,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """TRADES' inner maximisation: x' maximising KL(f(x) ‖ f(x')), crafted in eval mode."""
+    with eval_mode(model):
+        with torch.no_grad():
+            clean_probs = F.softmax(model(x).float(), dim=1)
+        return pgd(
+            model,
+            x,
+            y,
+            attack.threat,
+            steps=attack.steps,
+            step_size=attack.step_size,
+            loss_fn=_kl_to(clean_probs),
+            init=_small_gaussian_start(x, generator),
+        )
+
+
+def trades_divergence(logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
+    """TRADES' robust term KL(f(x) ‖ f(x')), batch-averaged, differentiated through both."""
+    return F.kl_div(
+        F.log_softmax(adv_logits.float(), dim=1),
+        F.softmax(logits.float(), dim=1),
+        reduction="batchmean",
+    )
+
+
 @dataclass(frozen=True)
 class TradesTask:
     """TRADES (Zhang et al. 2019): CE on clean inputs + β·KL(f(x) ‖ f(x')), x' maximising the KL."""
@@ -116,28 +180,16 @@ class TradesTask:
     name: str = "trades"
 
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        epoch: float,
     ) -> torch.Tensor:
-        a = self.attack
-        with eval_mode(model):
-            with torch.no_grad():
-                clean_probs = F.softmax(model(x).float(), dim=1)
-            x_adv = pgd(
-                model,
-                x,
-                y,
-                a.threat,
-                steps=a.steps,
-                step_size=a.step_size,
-                loss_fn=_kl_to(clean_probs),
-                init=_small_gaussian_start(x, generator),
-            )
+        x_adv = trades_adversarial(model, x, y, self.attack, generator)
         logits = model(x)
-        robust = F.kl_div(
-            F.log_softmax(model(x_adv).float(), dim=1),
-            F.softmax(logits.float(), dim=1),
-            reduction="batchmean",
-        )
+        robust = trades_divergence(logits, model(x_adv))
         return F.cross_entropy(logits, y) + self.beta * robust
 
 
@@ -154,7 +206,12 @@ class MartTask:
     name: str = "mart"
 
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        epoch: float,
     ) -> torch.Tensor:
         a = self.attack
         with eval_mode(model):
@@ -181,6 +238,121 @@ class MartTask:
         return boosted_ce + self.beta * (kl * (1.0000001 - true_probs)).mean()
 
 
+@dataclass(frozen=True)
+class FriendlyAdversarialTask:
+    """FAT (Zhang et al. 2020): CE on early-stopped PGD examples (see ``friendly_pgd``).
+
+    ``tau`` is a schedule over the epochs (FAT raises it as training goes on), read at the
+    current position and rounded to the nearest whole number of steps, halves up.
+    """
+
+    attack: Attack
+    tau: PiecewiseLinear
+    name: str = "fat"
+
+    def tau_at(self, epoch: float) -> int:
+        return math.floor(self.tau(epoch) + 0.5)
+
+    def loss(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        epoch: float,
+    ) -> torch.Tensor:
+        a = self.attack
+        with eval_mode(model):
+            x_adv = friendly_pgd(
+                model,
+                x,
+                y,
+                a.threat,
+                steps=a.steps,
+                step_size=a.step_size,
+                tau=self.tau_at(epoch),
+                random_start=a.random_start,
+                generator=generator,
+            ).x_adv
+        return F.cross_entropy(model(x_adv), y)
+
+
+@dataclass(frozen=True)
+class CureSettings:
+    """CURE's hyper-parameters (DESIGN §1; ResNet-18 defaults in ``presets/methods/cure.yaml``)."""
+
+    beta: float
+    mask_fraction: float
+    prominence_alpha: float
+    consistency_weight: float
+    warmup_epochs: float
+    """Natural cross-entropy only while the position is <= this (0 = CURE from the start)."""
+
+
+class CureTask:
+    """CURE (Gowda et al. 2024): TRADES + conserved gradients + a revision consistency term.
+
+    The loss is ``CE(f(x), y) + β·KL(f(x) ‖ f(x')) + γ·[KL(p_rev(x) ‖ p(x)) +
+    KL(p_rev(x') ‖ p(x'))]`` with x' TRADES' adversarial example; ``L_nat`` is its first term
+    and ``L_adv`` the TRADES KL, whose separate gradients rank the weights (see
+    :mod:`generalist.training.cure`). The learner's backward pass fills the gradients of the
+    whole loss; :meth:`apply_gradients` then zeroes the conserved entries, steps, and flips the
+    revision coin. During the natural warm-up neither happens, and the revision restarts from
+    the model on the first CURE step.
+    """
+
+    name = "cure"
+
+    def __init__(
+        self, attack: Attack, settings: CureSettings, revision: cure.RevisionModel
+    ) -> None:
+        self.attack = attack
+        self.settings = settings
+        self.revision = revision
+        self._prominence: list[torch.Tensor] | None = None
+
+    def loss(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        epoch: float,
+    ) -> torch.Tensor:
+        s = self.settings
+        self._prominence = None
+        if epoch <= s.warmup_epochs:
+            return F.cross_entropy(model(x), y)
+        if self.revision.steps == 0:
+            self.revision.restart_from(model)
+        x_adv = trades_adversarial(model, x, y, self.attack, generator)
+        logits, adv_logits = model(x), model(x_adv)
+        natural = F.cross_entropy(logits, y)
+        robust = trades_divergence(logits, adv_logits)
+        revised = cure.consistency((self.revision(x), self.revision(x_adv)), (logits, adv_logits))
+        params = cure.masked_parameters(model)
+        natural_grads = torch.autograd.grad(natural, params, retain_graph=True)
+        robust_grads = torch.autograd.grad(robust, params, retain_graph=True)
+        self._prominence = cure.prominence(natural_grads, robust_grads, s.prominence_alpha)
+        return natural + s.beta * robust + s.consistency_weight * revised
+
+    def apply_gradients(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self._prominence is None:
+            optimizer.step()
+            return
+        cure.conserve(cure.masked_parameters(model), self._prominence, self.settings.mask_fraction)
+        self._prominence = None
+        optimizer.step()
+        self.revision.step(model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The revision model, its step counts and its coin's generator (flat tensors)."""
+        return self.revision.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.revision.load_state_dict(state)
+
+
 def build_task(kind: str, attack: Attack | None, beta: float) -> Task:
     if kind == "natural":
         return NaturalTask()
@@ -193,3 +365,46 @@ def build_task(kind: str, attack: Attack | None, beta: float) -> Task:
     if kind == "mart":
         return MartTask(attack, beta)
     raise ValueError(f"unknown task {kind!r}")
+
+
+def task_from_config(
+    config: TaskConfig,
+    attack: Attack | None,
+    model: nn.Module,
+    *,
+    epochs: int,
+    seed: int,
+    pretrained: bool = False,
+    key: str = "task",
+) -> Task:
+    """Build the task a learner's config asks for; ``model`` is the learner's own model.
+
+    ``seed`` seeds the task's own randomness (CURE's revision coin); FAT's τ schedule and CURE's
+    warm-up are laid over ``epochs`` like every other schedule. A ``pretrained`` model (one
+    loaded with ``model.init_from``) already is CURE's naturally trained start, so CURE skips its
+    natural warm-up then.
+    """
+    if config.type == "fat":
+        if attack is None:
+            raise ValueError("task 'fat' needs an attack")
+        tau = build_schedule(0 if config.tau is None else config.tau, epochs, f"{key}.tau")
+        return FriendlyAdversarialTask(attack, tau)
+    if config.type == "cure":
+        if attack is None:
+            raise ValueError("task 'cure' needs an attack")
+        value = {
+            name: default if getattr(config, name) is None else getattr(config, name)
+            for name, default in CURE_DEFAULTS.items()
+        }
+        settings = CureSettings(
+            beta=config.beta,
+            mask_fraction=value["mask_fraction"],
+            prominence_alpha=value["prominence_alpha"],
+            consistency_weight=value["consistency_weight"],
+            warmup_epochs=0.0 if pretrained else value["natural_warmup"] * epochs,
+        )
+        revision = cure.RevisionModel(
+            model, rate=value["revision_rate"], decay=value["revision_decay"], seed=seed
+        )
+        return CureTask(attack, settings, revision)
+    return build_task(config.type, attack, config.beta)

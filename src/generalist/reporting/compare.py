@@ -1,0 +1,107 @@
+"""One table of the final results of several runs, for the terminal and as markdown.
+
+A run's numbers come from its newest evaluation of the test split if it has one, else from its
+training summary. The two never share a column: summary numbers sit in their own
+``<threat> PGD-k (summary)`` columns, so nobody compares an AutoAttack number with a PGD one
+without seeing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from generalist.reporting.runs import FinalResults, Run, threat_key
+
+MISSING = "—"
+WORST = "worst case"
+
+
+@dataclass
+class Table:
+    columns: list[str]
+    rows: list[list[str]]
+    numeric: list[bool]
+    """Right-aligned columns."""
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def _result_cells(result: FinalResults) -> dict[tuple, float]:
+    """Accuracy per column key ``(threat key, threat text, column name)``."""
+    cells: dict[tuple, float] = {}
+    for threat in result.threats:
+        key = threat_key(threat.threat)
+        if result.source == "summary":
+            for attack, value in threat.attacks.items():
+                cells[(key, threat.threat, f"{attack} (summary)")] = value
+            continue
+        if len(threat.attacks) > 1:  # with one attack the worst case is that attack
+            for attack, value in threat.attacks.items():
+                cells[(key, threat.threat, attack)] = value
+        cells[(key, threat.threat, WORST)] = threat.worst_case
+    return cells
+
+
+def comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
+    """One row per run: clean, each threat's attacks and worst case, union, training time."""
+    results = [run.final_results() for run in runs]
+    per_run = [{} if r is None else _result_cells(r) for r in results]
+    columns: dict[tuple, str] = {}  # (threat key, name) -> header, first-seen order
+    for cells in per_run:
+        for key, text, name in cells:
+            columns.setdefault((key, name), f"{text} {name}")
+    rows = []
+    for run, label, result, cells in zip(runs, labels, results, per_run, strict=True):
+        by_column = {(key, name): value for (key, _, name), value in cells.items()}
+        numbers = [by_column.get(column) for column in columns]
+        if result is None:
+            source = f"unfinished: epoch {run.metrics[-1]['epoch']}/{run.epochs}"
+            clean = union = None
+        else:
+            source, clean, union = result.describe(), result.clean, result.union
+        seconds = (run.summary or {}).get("seconds")
+        rows.append(
+            [
+                label,
+                run.preset or MISSING,
+                *(MISSING if v is None else f"{v:.2f}" for v in [clean, *numbers, union]),
+                MISSING if seconds is None else format_seconds(seconds),
+                source,
+            ]
+        )
+    headers = ["run", "preset", "clean", *columns.values(), "union", "train time", "results from"]
+    numeric = [False, False] + [True] * (len(columns) + 3) + [False]
+    return Table(headers, rows, numeric)
+
+
+def render_text(table: Table) -> str:
+    """Aligned columns for the terminal."""
+    widths = [
+        max(len(cell) for cell in [header, *(row[i] for row in table.rows)])
+        for i, header in enumerate(table.columns)
+    ]
+
+    def line(cells: list[str]) -> str:
+        parts = [
+            cell.rjust(width) if numeric else cell.ljust(width)
+            for cell, width, numeric in zip(cells, widths, table.numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(table.columns), rule, *(line(row) for row in table.rows)]) + "\n"
+
+
+def render_markdown(table: Table) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    align = ["---:" if numeric else "---" for numeric in table.numeric]
+    return "\n".join([line(table.columns), line(align), *(line(row) for row in table.rows)]) + "\n"

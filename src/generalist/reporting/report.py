@@ -1,0 +1,121 @@
+"""``report.md`` and its figures for one or several runs, written into one folder.
+
+The folder is self-contained: figures sit next to ``report.md`` and are linked by relative path,
+so it can be zipped, committed or opened on another machine. Everything is derived from the run
+directories, so a report can be rewritten at any time (it overwrites its own files).
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from generalist import __version__
+from generalist.evaluation.tables import render_markdown as render_evaluation
+from generalist.reporting import figures
+from generalist.reporting.compare import comparison_table, render_markdown
+from generalist.reporting.runs import Run, run_labels
+from generalist.rundir import atomic_write_text
+
+REPORT_FILE = "report.md"
+TRADEOFF_FILE = "tradeoff.png"
+NORMS_FILE = "norms.png"
+
+
+@dataclass
+class Report:
+    path: Path
+    """``report.md``."""
+    figures: list[Path]
+
+
+def write_report(runs: Sequence[Run], out: str | Path) -> Report:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = run_labels(runs)
+    written: list[Path] = []
+
+    def figure_section(title: str, figure: Figure, name: str, caption: str) -> str:
+        written.append(figures.save(figure, out / name))
+        return f"{title}\n\n![{title.lstrip('# ')}]({name})\n\n{caption}"
+
+    sections = [
+        "# Robustness report",
+        f"{len(runs)} run(s); written by generalist {__version__} on "
+        f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}.",
+        "## Final results (test set)\n\n" + render_markdown(comparison_table(runs, labels)),
+        "Each run's numbers come from its newest `generalist eval` of the test split, else from "
+        "the PGD check at the end of training (`summary.json`); the last column says which. "
+        "Union accuracy counts the points robust to every threat model at once, which only an "
+        "evaluation's per-point results can tell.",
+    ]
+    tradeoff = figures.tradeoff(runs, labels)
+    if tradeoff is not None:
+        sections.append(
+            figure_section(
+                "## Natural vs robust trade-off",
+                tradeoff,
+                TRADEOFF_FILE,
+                "Clean against robust test accuracy, one panel per threat model. The marker "
+                "says where the robust number comes from (AutoAttack, other evaluated attacks, "
+                "or the training summary's PGD); runs differing only in their seed are shown "
+                "as mean ± standard deviation.",
+            )
+        )
+    norms = figures.norm_bars(runs, labels)
+    if norms is not None:
+        sections.append(
+            figure_section(
+                "## Per-norm and union accuracy",
+                norms,
+                NORMS_FILE,
+                "Clean, worst-case accuracy under each threat model, and union accuracy of the "
+                "runs evaluated under more than one threat model.",
+            )
+        )
+    sections.append("## Training curves")
+    names: set[str] = set()
+    for run, label in zip(runs, labels, strict=True):
+        sections.append(
+            figure_section(
+                f"### {label}",
+                figures.training_curves(run, label),
+                _unique_name(f"curves-{_slug(label)}", names),
+                f"Validation accuracy per epoch of `{run.path}`; shaded epochs redistributed "
+                "the global model into the base learners; below, each learner's mixing weight "
+                "γ.",
+            )
+        )
+    evaluations = [evaluation for run in runs for evaluation in run.evaluations]
+    if evaluations:
+        sections.append("## Evaluations")
+        sections += [_demoted(render_evaluation(e.record)) for e in evaluations]
+    warnings = [warning for run in runs for warning in run.warnings]
+    if warnings:
+        sections.append("## Warnings\n\n" + "\n".join(f"- {w}" for w in warnings))
+    path = out / REPORT_FILE
+    atomic_write_text(path, "\n\n".join(s.strip() for s in sections) + "\n")
+    return Report(path, written)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "run"
+
+
+def _unique_name(stem: str, taken: set[str]) -> str:
+    name, n = f"{stem}.png", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}.png"
+    taken.add(name)
+    return name
+
+
+def _demoted(markdown: str) -> str:
+    """An evaluation's tables one heading level down, to nest under the report's sections."""
+    return re.sub(r"^#", "##", markdown, flags=re.MULTILINE)

@@ -1,0 +1,305 @@
+"""Run directories read back as data: config, per-epoch metrics, summary and evaluations.
+
+Reports are read long after training, from runs that are still going, were killed, or were
+written by an older version, so nothing here builds a validated Config or insists on every
+file: the config is read as plain YAML and the few fields a report needs fall back to their
+defaults. Only what no report can do without (the folder and at least one epoch of metrics)
+stops the command, with one line naming the run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from generalist.attacks.threat import ThreatModel
+from generalist.errors import ConfigError, GeneralistError
+from generalist.evaluation.cli_eval import RECORD_FILE
+from generalist.evaluation.records import RECORD_FORMAT
+from generalist.evaluation.suite import AUTOATTACK
+from generalist.rundir import RunDir
+
+GLOBAL = "global"
+CLEAN = "clean"
+RUN_HINT = "pass the folder that `generalist train` printed after 'run'"
+ThreatKey = tuple[str, float] | str
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One ``generalist eval`` record (``eval.json``) found in the run directory."""
+
+    path: Path
+    record: dict[str, Any]
+
+    @property
+    def attacks(self) -> list[str]:
+        return list(self.record["settings"]["attacks"])
+
+    @property
+    def split(self) -> str:
+        return self.record["data"]["split"]
+
+
+@dataclass(frozen=True)
+class ThreatResult:
+    threat: str
+    attacks: dict[str, float]
+    """Accuracy (%) under each attack: the evaluation's attacks, or ``PGD-k`` of the summary."""
+    worst_case: float
+
+
+@dataclass(frozen=True)
+class FinalResults:
+    """A run's final test-set accuracies (%): from its newest evaluation of the test split if it
+    has one (stronger attacks, per-point worst case and union), else from ``summary.json``."""
+
+    source: str
+    """``eval`` or ``summary``."""
+    robust_by: str
+    """What the robust numbers come from: ``AutoAttack`` (when it was among the evaluated
+    attacks, whose worst case then is at most AutoAttack's), the attacks, or ``PGD-k``."""
+    n_examples: int
+    clean: float
+    threats: list[ThreatResult]
+    union: float | None
+    """Robust to every threat at once; only an evaluation's per-point results give it."""
+
+    @property
+    def is_autoattack(self) -> bool:
+        return self.robust_by == "AutoAttack"
+
+    def threat(self, key: ThreatKey) -> ThreatResult | None:
+        """The result for the threat with :func:`threat_key` ``key``, if this run has one."""
+        return next((t for t in self.threats if threat_key(t.threat) == key), None)
+
+    def describe(self) -> str:
+        origin = "generalist eval" if self.source == "eval" else "training summary"
+        return f"{self.robust_by}, {self.n_examples} test points ({origin})"
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    evaluations: list[Evaluation]
+    """Oldest first."""
+    warnings: list[str] = field(default_factory=list)
+    """Problems that were skipped over (a torn metrics line, an unreadable eval.json)."""
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or self.path.name)
+
+    @property
+    def preset(self) -> str | None:
+        return self.config.get("preset") or (self.summary or {}).get("preset")
+
+    @property
+    def dataset(self) -> str | None:
+        return (self.config.get("data") or {}).get("dataset")
+
+    @property
+    def epochs(self) -> int:
+        return int(self.config.get("epochs") or self.metrics[-1]["epoch"])
+
+    @property
+    def validates_learners(self) -> bool:
+        """Whether base learners were validated each epoch (config ``eval.learners``)."""
+        return bool((self.config.get("eval") or {}).get("learners", True))
+
+    @property
+    def val_steps(self) -> int | None:
+        return (self.config.get("eval") or {}).get("val_steps")
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+    def final_results(self) -> FinalResults | None:
+        """``None`` while the run is unfinished and unevaluated."""
+        tested = [e for e in self.evaluations if e.split == "test"]
+        if tested:
+            return _from_evaluation(tested[-1])
+        if self.summary is not None:
+            return _from_summary(self.summary)
+        return None
+
+
+def _from_evaluation(evaluation: Evaluation) -> FinalResults:
+    record = evaluation.record
+    attacks = evaluation.attacks
+    if AUTOATTACK in attacks:
+        robust_by = "AutoAttack"
+    else:
+        robust_by = attacks[0] if len(attacks) == 1 else "worst of " + ", ".join(attacks)
+    threats = [
+        ThreatResult(
+            threat=entry["threat"],
+            attacks={a["name"]: a["accuracy"] for a in entry["attacks"]},
+            worst_case=entry["worst_case"]["accuracy"],
+        )
+        for entry in record["threats"]
+    ]
+    return FinalResults(
+        source="eval",
+        robust_by=robust_by,
+        n_examples=record["data"]["n_examples"],
+        clean=record["clean"]["accuracy"],
+        threats=threats,
+        union=record["union"]["accuracy"] if len(threats) > 1 else None,
+    )
+
+
+def _from_summary(summary: dict[str, Any]) -> FinalResults:
+    steps = summary.get("test_pgd_steps")
+    attack = f"PGD-{steps}" if steps is not None else "PGD"
+    test = summary["test"]
+    threats = [
+        ThreatResult(threat=name, attacks={attack: value}, worst_case=value)
+        for name, value in test.items()
+        if name != CLEAN
+    ]
+    return FinalResults(
+        source="summary",
+        robust_by=attack,
+        n_examples=summary.get("test_examples", 0),
+        clean=test[CLEAN],
+        threats=threats,
+        union=None,
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_runs(paths: Sequence[str | Path]) -> list[Run]:
+    """Every run named; a folder that is not a run itself stands for the runs directly in it
+    (so ``generalist compare runs/`` works)."""
+    if not paths:
+        raise ConfigError(f"no run directories given; {RUN_HINT}")
+    found: dict[Path, None] = {}
+    for path in map(Path, paths):
+        for run_dir in _run_dirs(path):
+            found.setdefault(run_dir.resolve(), None)
+    return [load_run(path) for path in found]
+
+
+def _run_dirs(path: Path) -> list[Path]:
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; {RUN_HINT}")
+    if (path / "config.yaml").is_file():
+        return [path]
+    inside = (
+        sorted(p for p in path.iterdir() if (p / "config.yaml").is_file()) if path.is_dir() else []
+    )
+    if not inside:
+        RunDir.open(path)  # raises its one-line "not a run directory" error
+    return inside
+
+
+def load_run(path: str | Path) -> Run:
+    run_dir = RunDir.open(path)
+    warnings: list[str] = []
+    config = _read_yaml_mapping(run_dir.config_path, warnings)
+    metrics = _read_metrics(run_dir.metrics_path, warnings)
+    if not metrics:
+        raise ConfigError(
+            f"{run_dir.path} has no metrics yet (no epoch has finished); report on it after "
+            "its first epoch"
+        )
+    summary = _read_json(run_dir.summary_path, warnings) if run_dir.summary_path.exists() else None
+    evaluations = []
+    for record_path in sorted(run_dir.path.glob(f"*/{RECORD_FILE}")):
+        record = _read_json(record_path, warnings)
+        if record is None:
+            continue
+        if record.get("format") != RECORD_FORMAT:
+            warnings.append(f"{record_path} is not a {RECORD_FORMAT} record; left it out")
+            continue
+        evaluations.append(Evaluation(record_path, record))
+    evaluations.sort(key=lambda e: (e.record.get("created", ""), str(e.path)))
+    return Run(run_dir.path, config, metrics, summary, evaluations, warnings)
+
+
+def _read_metrics(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
+    """Every intact epoch line. A line that is not one is skipped with a warning rather than
+    failing the report: the loop appends lines as epochs end, so a run killed mid-write leaves
+    a torn last line, and the report of exactly such a run is the one most wanted."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            warnings.append(f"{path}:{number} is not a metrics record; skipped that line")
+            continue
+        records.append(record)
+    return records
+
+
+def _read_json(path: Path, warnings: list[str]) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        warnings.append(f"{path} is not readable JSON; left it out")
+        return None
+    return data
+
+
+def _read_yaml_mapping(path: Path, warnings: list[str]) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = None
+    if not isinstance(data, dict):
+        warnings.append(f"{path} is not a readable config; the report uses defaults for it")
+        return {}
+    return data
+
+
+def run_labels(runs: Sequence[Run]) -> list[str]:
+    """Short unique names: the run's name where no other run shares it, else its folder."""
+    names = [run.name for run in runs]
+    folders = [run.path.name for run in runs]
+    labels = []
+    for run, name, folder in zip(runs, names, folders, strict=True):
+        if names.count(name) == 1:
+            labels.append(name)
+        elif folders.count(folder) == 1:
+            labels.append(folder)
+        else:
+            labels.append(f"{run.path.parent.name}/{folder}")
+    return labels
+
+
+def threat_key(text: str) -> ThreatKey:
+    """Threats match by norm and ε value, so ``Linf:8/255`` and ``Linf:0.031373`` agree."""
+    try:
+        threat = ThreatModel.parse(text)
+    except GeneralistError:
+        return text
+    return threat.norm, round(threat.eps, 6)
+
+
+def threat_names(results: Sequence[FinalResults]) -> dict[ThreatKey, str]:
+    """Every threat any of ``results`` reports, in first-seen order, as written first."""
+    names: dict[ThreatKey, str] = {}
+    for result in results:
+        for threat in result.threats:
+            names.setdefault(threat_key(threat.threat), threat.threat)
+    return names

@@ -1,0 +1,185 @@
+"""When the loop saves its state, and how a run picks up from a checkpoint.
+
+Saves happen every ``checkpoint.every_steps`` steps and ``every_minutes`` minutes inside an
+epoch, at every epoch's end, and when a signal asks the run to stop. Resuming takes the newest
+checkpoint that reads back intact (damaged newer ones are set aside as ``*.corrupt``, with a
+warning naming the fault), checks that it belongs to this config and this data, restores every
+tensor and RNG, and rewrites ``metrics.jsonl`` from the checkpoint's own records, so no epoch
+is logged twice or lost.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from generalist.checkpoint import CheckpointStore
+from generalist.config import Config, build_config
+from generalist.errors import CheckpointError, ConfigError
+from generalist.rundir import RunDir
+from generalist.training.signals import resume_hint
+from generalist.training.state import TrainingState, capture, restore
+
+RESUMABLE = ("epochs", "device", "checkpoint")
+"""What a resumed run may change: how long it trains, on which device, how it saves."""
+IRRELEVANT_ON_RESUME = ("name", "out_dir", "description")
+"""Where a new run would go; a resumed one stays in its own directory."""
+
+
+class Checkpointer:
+    """Saves the training state on schedule and remembers the last good checkpoint."""
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        state: TrainingState,
+        config: Config,
+        run: RunDir,
+        data_fingerprint: str,
+    ) -> None:
+        self.store = store
+        self.state = state
+        self.config = config
+        self.run = run
+        self.data_fingerprint = data_fingerprint
+        self.latest = store.latest()
+        self._saved_at = time.monotonic()
+
+    def due(self) -> bool:
+        """Whether the step just taken should be followed by a save (inside an epoch)."""
+        every = self.config.checkpoint.every_steps
+        minutes = self.config.checkpoint.every_minutes
+        by_steps = every is not None and self.state.step % every == 0
+        by_time = minutes is not None and time.monotonic() - self._saved_at >= 60 * minutes
+        return by_steps or by_time
+
+    def save(self, reason: str) -> Path:
+        """Write a checkpoint; a failed write (a full disk) stops the run, naming the last
+        good checkpoint, which the atomic write left intact."""
+        tensors, meta = capture(self.state)
+        meta.update(
+            reason=reason,
+            written=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            config=self.config.to_dict(),
+            data={"train": self.data_fingerprint},
+        )
+        try:
+            record = self.store.save(self.state.step, self.state.epoch, tensors, meta)
+        except OSError as exc:
+            raise CheckpointError(
+                f"could not write a checkpoint to {self.store.directory} "
+                f"({exc.strerror or exc}); {self.last_good()}; free some space, then "
+                f"{resume_hint(self.run.path)}"
+            ) from None
+        self.latest = record
+        self._saved_at = time.monotonic()
+        return record
+
+    @contextmanager
+    def reporting_write_errors(self) -> Iterator[None]:
+        """A failed write elsewhere in the run directory (metrics, weights, summary on a full
+        disk) becomes one line naming the last good checkpoint, not a traceback."""
+        try:
+            yield
+        except OSError as exc:
+            raise CheckpointError(
+                f"could not write {exc.filename or f'into {self.run.path}'} "
+                f"({exc.strerror or exc}); {self.last_good()}; free some space, then "
+                f"{resume_hint(self.run.path)}"
+            ) from None
+
+    def last_good(self) -> str:
+        if self.latest is None:
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint is {self.latest}"
+
+
+def resume_state(
+    state: TrainingState,
+    store: CheckpointStore,
+    run: RunDir,
+    config: Config,
+    data_fingerprint: str,
+    echo: Any,
+) -> Path | None:
+    """Load the newest intact checkpoint of ``run`` into ``state``; None if it has none yet."""
+    checkpoint, rejected = store.newest_readable()
+    for bad in rejected:
+        store.quarantine(bad.record)
+        echo(f"warning: {bad}; set aside as {bad.record.name}.corrupt")
+    if checkpoint is None:
+        echo(f"{run.path} has no checkpoint yet: training it from the beginning")
+        run.write_metrics([])
+        return None
+    meta = checkpoint.meta
+    difference = config_difference(meta.get("config", {}), config.to_dict())
+    if difference:
+        raise CheckpointError(
+            f"{checkpoint.record} was written with another config ({difference}); "
+            "config.yaml was edited since, so restore it or start a new run"
+        )
+    if meta.get("data", {}).get("train") != data_fingerprint:
+        raise CheckpointError(
+            f"{checkpoint.record} was trained on other data than {config.data.dataset} in "
+            f"{config.data.data_dir or 'its default location'} holds now; resume with the "
+            "same dataset files"
+        )
+    finished = meta["position"]["epoch"] - 1
+    if finished > config.epochs:
+        raise ConfigError(
+            f"epochs: {config.epochs} is fewer than the {finished} epochs {run.path} has "
+            "already finished"
+        )
+    if finished == config.epochs and run.summary_path.is_file():
+        raise ConfigError(
+            f"{run.path} already finished all {finished} epochs; to train it longer: "
+            f"generalist train --resume {run.path} --epochs N"
+        )
+    restore(state, checkpoint.tensors, meta)
+    run.write_metrics(state.metrics)
+    if rejected:
+        echo(f"resuming from the previous checkpoint {checkpoint.record.name} instead")
+    return checkpoint.record
+
+
+def resume_config(run_dir: str | Path, given: Config | None, overrides: list[str]) -> Config:
+    """The config to resume ``run_dir`` with: its own, with ``overrides`` applied.
+
+    A config built from presets/files (``given``) or overrides may only change what
+    :data:`RESUMABLE` lists; anything else would silently make the run something other than
+    what its first half trained, so it is refused, naming the first differing key.
+    """
+    run = RunDir.open(run_dir)
+    saved = build_config(user_yaml=run.config_path)
+    wanted = (
+        given if given is not None else build_config(user_yaml=run.config_path, overrides=overrides)
+    )
+    difference = config_difference(saved.to_dict(), wanted.to_dict())
+    if difference:
+        raise ConfigError(
+            f"--resume {run.path}: {difference}; a resumed run keeps its config (only "
+            "epochs, device and checkpoint.* may change), so start a new run to change it"
+        )
+    for key in IRRELEVANT_ON_RESUME:
+        setattr(wanted, key, getattr(saved, key))
+    return wanted
+
+
+def config_difference(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> str:
+    """``"key: saved vs wanted"`` for the first differing key outside the resumable ones."""
+    for key in list(saved) + [k for k in wanted if k not in saved]:
+        dotted = f"{prefix}{key}"
+        if dotted in RESUMABLE + IRRELEVANT_ON_RESUME:
+            continue
+        old, new = saved.get(key), wanted.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            inner = config_difference(old, new, f"{dotted}.")
+            if inner:
+                return inner
+        elif old != new:
+            return f"{dotted} is {new!r} here but {old!r} in the run"
+    return ""

@@ -1,0 +1,232 @@
+"""The complete training state as a flat table of tensors plus JSON, and back: exact resume.
+
+"Complete" means everything the next step reads:
+
+- per learner: weights and buffers, optimizer state, the attack generator, and the task's own
+  state when the task has ``state_dict()``/``load_state_dict()`` (CURE's revision model);
+- the merge: the EMA teachers and the global learner;
+- the position: epoch, batches of it done, global step (the merge's t), the epoch's losses so
+  far, the finished epochs' metric records and the latest validation;
+- randomness: the augmentation generator and the global RNGs (torch CPU and CUDA, numpy,
+  python), which nothing in the loop draws from today but a model or task may.
+
+The data order needs nothing: :class:`~generalist.data.EpochBatches` derives it from
+(seed, epoch), so the batch index is the position. Schedules are functions of the position.
+Tensors go to safetensors under ``learners/<i>/…``, ``global/…``, ``rng/…``; everything else is
+plain JSON. Nothing is pickled, so a checkpoint someone sends cannot run code.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+from generalist.errors import CheckpointError
+from generalist.training.learner import Learner
+from generalist.training.merge import GeneralistMerge
+
+
+@runtime_checkable
+class StatefulTask(Protocol):
+    """A task that keeps state between steps implements these two and is checkpointed."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass
+class TrainingState:
+    learners: list[Learner]
+    merge: GeneralistMerge
+    augment_generator: torch.Generator
+    epoch_losses: torch.Tensor
+    """(batches per epoch, learners) losses of the epoch in progress, on the device; a batch
+    a learner skipped holds its non-finite loss."""
+    epoch: int = 1
+    """The epoch in progress (1-based); ``epochs + 1`` once training is done."""
+    batch: int = 0
+    """Batches of ``epoch`` already trained."""
+    step: int = 0
+    """Optimizer steps over the whole run: the merge's t."""
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    """One record per finished epoch, exactly as written to metrics.jsonl."""
+    val: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def record_step(self, losses: torch.Tensor) -> None:
+        self.epoch_losses[self.batch] = losses
+        self.batch += 1
+        self.step += 1
+
+    def finish_epoch(self, record: dict[str, Any]) -> None:
+        self.metrics.append(record)
+        self.epoch += 1
+        self.batch = 0
+        self.epoch_losses.zero_()
+
+
+def capture(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, meta)``: the state as a safetensors-ready table and JSON-ready scalars."""
+    tensors: dict[str, torch.Tensor] = {}
+    learners = []
+    for i, (learner, teacher) in enumerate(zip(state.learners, state.merge.teachers, strict=True)):
+        prefix = f"learners/{i}"
+        tensors.update(_prefixed(f"{prefix}/model", learner.model.state_dict()))
+        tensors.update(_prefixed(f"{prefix}/teacher", teacher.state_dict()))
+        optimizer_tensors, optimizer_meta = _split_optimizer_state(learner.optimizer)
+        tensors.update(_prefixed(f"{prefix}/optimizer", optimizer_tensors))
+        tensors[f"{prefix}/generator"] = learner.generator.get_state()
+        if isinstance(learner.task, StatefulTask):
+            tensors.update(_prefixed(f"{prefix}/task", learner.task.state_dict()))
+        learners.append(
+            {"name": learner.name, "task": learner.task.name, "optimizer": optimizer_meta}
+        )
+    tensors.update(_prefixed("global", state.merge.global_model.state_dict()))
+    tensors["augment/generator"] = state.augment_generator.get_state()
+    tensors["epoch/losses"] = state.epoch_losses
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for index, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{index}"] = rng
+    numpy_state = np.random.get_state()
+    meta = {
+        "position": {"epoch": state.epoch, "batch": state.batch, "step": state.step},
+        "learners": learners,
+        "generator_device": state.augment_generator.device.type,
+        "metrics": state.metrics,
+        "val": state.val,
+        "rng": {
+            "python": random.getstate(),
+            "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        },
+    }
+    return tensors, meta
+
+
+def restore(state: TrainingState, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Load a captured state into the live objects in place (the merge keeps views of them).
+
+    A checkpoint that does not fit (other learners, another architecture, another device
+    type) raises :class:`CheckpointError`; nothing here can make a partial load look fine.
+    """
+    names = [learner.name for learner in state.learners]
+    saved = [entry["name"] for entry in meta["learners"]]
+    if saved != names:
+        raise CheckpointError(f"the checkpoint has learners {saved}, this run has {names}")
+    device = state.augment_generator.device.type
+    if meta["generator_device"] != device:
+        raise CheckpointError(
+            f"the checkpoint was written on {meta['generator_device']} and this run is on "
+            f"{device}; resume with --device {meta['generator_device']} to continue exactly"
+        )
+    remaining = dict(tensors)
+    for i, (learner, teacher, entry) in enumerate(
+        zip(state.learners, state.merge.teachers, meta["learners"], strict=True)
+    ):
+        prefix = f"learners/{i}"
+        _load_module(learner.model, _take(remaining, f"{prefix}/model"), f"{learner.name} model")
+        _load_module(teacher, _take(remaining, f"{prefix}/teacher"), f"{learner.name} teacher")
+        _load_optimizer(
+            learner.optimizer, _take(remaining, f"{prefix}/optimizer"), entry["optimizer"]
+        )
+        learner.generator.set_state(_pop(remaining, f"{prefix}/generator"))
+        if isinstance(learner.task, StatefulTask):
+            learner.task.load_state_dict(_take(remaining, f"{prefix}/task"))
+    _load_module(state.merge.global_model, _take(remaining, "global"), "global model")
+    state.augment_generator.set_state(_pop(remaining, "augment/generator"))
+    losses = _pop(remaining, "epoch/losses")
+    if losses.shape != state.epoch_losses.shape:
+        raise CheckpointError(
+            f"the checkpoint has {losses.shape[0]} batches per epoch, this run "
+            f"{state.epoch_losses.shape[0]}; resume with the batch size and data it was run with"
+        )
+    state.epoch_losses.copy_(losses)
+    torch.set_rng_state(_pop(remaining, "rng/torch"))
+    cuda = _take(remaining, "rng/cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([cuda[str(i)] for i in range(len(cuda))])
+    if remaining:
+        raise CheckpointError(
+            f"the checkpoint holds state this run has no place for: {sorted(remaining)[:3]}"
+        )
+    python_state = meta["rng"]["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    name, keys, *rest = meta["rng"]["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    position = meta["position"]
+    state.epoch, state.batch, state.step = position["epoch"], position["batch"], position["step"]
+    state.metrics = list(meta["metrics"])
+    state.val = meta["val"]
+
+
+def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}/{key}": value for key, value in tensors.items()}
+
+
+def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Remove and return the entries under ``prefix/``, with the prefix stripped."""
+    keys = [key for key in tensors if key.startswith(prefix + "/")]
+    return {key[len(prefix) + 1 :]: tensors.pop(key) for key in keys}
+
+
+def _pop(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    try:
+        return tensors.pop(key)
+    except KeyError:
+        raise CheckpointError(
+            f"the checkpoint lacks {key!r}; it was not written by this run"
+        ) from None
+
+
+def _load_module(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"the checkpoint does not fit this run's {what}: {first}") from None
+
+
+def _split_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as ``<param index>/<key>`` tensors plus JSON hyper-parameters."""
+    state_dict = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state_dict["state"].items():
+        scalars[str(index)] = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}/{key}"] = value
+            else:
+                scalars[str(index)][key] = value
+    groups = [
+        {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
+        for group in state_dict["param_groups"]
+    ]
+    return tensors, {"param_groups": groups, "state": scalars}
+
+
+def _load_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta["state"].items()}
+    for name, value in tensors.items():
+        index, key = name.split("/", 1)
+        state.setdefault(int(index), {})[key] = value
+    current = optimizer.state_dict()["param_groups"]
+    if len(current) != len(meta["param_groups"]):
+        raise CheckpointError("the checkpoint's optimizer has other parameter groups than this run")
+    groups = [  # JSON turned tuples (Adam's betas) into lists; give them back their type
+        {k: tuple(v) if isinstance(now.get(k), tuple) else v for k, v in saved.items()}
+        for saved, now in zip(meta["param_groups"], current, strict=True)
+    ]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"the checkpoint's optimizer state does not fit: {exc}") from None
