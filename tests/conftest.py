@@ -24,6 +24,28 @@ def frozen(model: nn.Module) -> nn.Module:
     return model
 
 
+def robust_flags(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x_adv).argmax(dim=1) == y
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return frozen(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)
+        )
+    )
+
+
+def images_touching_the_box(n: int = 24) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 3, 8, 8, generator=g)
+    x[:, 0, :4] = 0.0
+    x[:, 1, 4:] = 1.0
+    return x
+
+
 @pytest.fixture(scope="session")
 def digits_model():
     """An MLP trained for a fraction of a second on sklearn's 8×8 digits (97 % test accuracy),

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DUAL, distance_to_boundary, frozen, linear_classifier
+from conftest import (
+    DUAL,
+    distance_to_boundary,
+    images_touching_the_box,
+    linear_classifier,
+    robust_flags,
+    small_cnn,
+)
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
-from torch import nn
 
 from generalist.attacks import (
     APGD,
@@ -23,29 +29,7 @@ from generalist.errors import ConfigError
 WHITE_BOX = ["pgd", "mim", "cw", "apgd-ce", "apgd-dlr", "apgd-t"]
 
 
-def robust_flags(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x_adv).argmax(dim=1) == y
-
-
 # --- the contract every attack keeps ------------------------------------------------------------
-
-
-def small_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return frozen(
-        nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)
-        )
-    )
-
-
-def images_touching_the_box(n: int = 24) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(n, 3, 8, 8, generator=g)
-    x[:, 0, :4] = 0.0
-    x[:, 1, 4:] = 1.0
-    return x
 
 
 @pytest.mark.parametrize(

@@ -146,20 +146,22 @@ def test_revision_is_updated_at_rate_r_and_then_equals_the_ema_formula():
     model = nn.Linear(4, 3)
     revision = cure.RevisionModel(model, rate=rate, decay=decay, seed=5)
     g = torch.Generator().manual_seed(0)
-    for t in range(1, steps + 1):
+    updates = 0
+    for _ in range(steps):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=g))
         before = [p.clone() for p in revision.model.parameters()]
         updated = revision.step(model)
-        d = min(decay, t / (t + 1))
+        updates += updated
+        d = min(decay, updates / (updates + 1))  # warmed up over the updates made so far
         pairs = zip(revision.model.parameters(), model.parameters(), strict=True)
         for old, (new, live) in zip(before, pairs, strict=True):
             if updated:
                 torch.testing.assert_close(new, d * old + (1 - d) * live)
             else:
                 assert torch.equal(new, old)
-    assert revision.steps == steps
+    assert revision.steps == steps and revision.updates == updates
     # Binomial(2000, 0.2): mean 400, standard deviation 17.9; allow four of them.
     assert abs(revision.updates - rate * steps) <= 4 * math.sqrt(steps * rate * (1 - rate))
 

@@ -3,14 +3,12 @@ Croce & Hein's reference implementation (``pyautoattack``) on a small trained mo
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from conftest import DUAL, frozen, images_touching_the_box, robust_flags, small_cnn
 from pyautoattack.fab_projections import projection_l1, projection_l2, projection_linf
 from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
-from sklearn.datasets import load_digits
 from torch import nn
 
 from generalist.attacks.fab import FABTargeted, boundary_step
@@ -18,38 +16,7 @@ from generalist.attacks.square import Square, window_fraction
 from generalist.attacks.threat import ThreatModel
 from generalist.errors import ConfigError
 
-DUAL = {"Linf": 1.0, "L2": 2.0, "L1": math.inf}
-
-
-def robust_flags(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x_adv).argmax(dim=1) == y
-
-
-def frozen(model: nn.Module) -> nn.Module:
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model
-
-
 # --- the contract every attack must keep ----------------------------------------------------
-
-
-def small_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return frozen(
-        nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)
-        )
-    )
-
-
-def images_touching_the_box(n: int = 24) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(n, 3, 8, 8, generator=g)
-    x[:, 0, :4] = 0.0
-    x[:, 1, 4:] = 1.0
-    return x
 
 
 @pytest.mark.parametrize(
@@ -223,25 +190,6 @@ def test_square_breaks_a_linear_model_only_where_the_closed_form_allows(
 
 
 # --- agreement with Croce & Hein's implementation ----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def digits_model():
-    """An MLP trained for a fraction of a second on sklearn's 8×8 digits (97 % test accuracy),
-    and 200 held-out test images."""
-    torch.manual_seed(0)
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x[200:]), y[200:]).backward()
-        optimizer.step()
-    return frozen(model.eval()), x[:200], y[:200]
 
 
 def robust_accuracy(model, x_adv, y) -> float:

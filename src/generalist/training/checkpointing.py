@@ -24,8 +24,8 @@ from generalist.rundir import RunDir
 from generalist.training.signals import resume_hint
 from generalist.training.state import TrainingState, capture, restore
 
-RESUMABLE = ("epochs", "device", "checkpoint")
-"""What a resumed run may change: how long it trains, on which device, how it saves."""
+RESUMABLE = ("epochs", "device", "checkpoint", "logging")
+"""What a resumed run may change: how long it trains, on which device, how it saves and logs."""
 IRRELEVANT_ON_RESUME = ("name", "out_dir", "description")
 """Where a new run would go; a resumed one stays in its own directory."""
 
@@ -162,7 +162,8 @@ def resume_config(run_dir: str | Path, given: Config | None, overrides: list[str
     if difference:
         raise ConfigError(
             f"--resume {run.path}: {difference}; a resumed run keeps its config (only "
-            "epochs, device and checkpoint.* may change), so start a new run to change it"
+            "epochs, device, checkpoint.* and logging.* may change), so start a new run to"
+            " change it"
         )
     for key in IRRELEVANT_ON_RESUME:
         setattr(wanted, key, getattr(saved, key))

@@ -15,11 +15,14 @@ it holds for every architecture of the zoo. (The official code masks by layer na
 rather than absolute gradients and with a ``<`` threshold, so its share is only near ``p``.)
 
 **Revise.** A *revision* copy of the model is moved towards the live one with probability
-``r`` after each step, ``θ_rev ← d_t·θ_rev + (1−d_t)·θ`` with ``d_t = min(d, t/(t+1))`` at CURE
-step ``t`` (the official warm-up of the decay: early updates follow the model closely instead
-of anchoring it to where CURE started). The loss pulls the model's predictions towards the
-revision's with a KL consistency term. The coin is a CPU generator of the task's own, seeded
-from the config, so runs are reproducible and the attacks' random starts never shift.
+``r`` after each step, ``θ_rev ← d_n·θ_rev + (1−d_n)·θ`` with ``d_n = min(d, n/(n+1))`` at its
+``n``-th update: a running average of the models it was updated with until it becomes an EMA of
+decay ``d``. (The official code warms the decay up over *all* steps, updated or not; with
+r = 0.2 its start model then keeps ~30 % of the weight after 700 steps, which anchors short runs
+to where CURE began. Both agree once ``d`` is reached.) The loss pulls the model's predictions
+towards the revision's with a KL consistency term. The coin is a CPU generator of the task's
+own, seeded from the config, so runs are reproducible and the attacks' random starts never
+shift.
 """
 
 from __future__ import annotations
