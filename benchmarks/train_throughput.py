@@ -58,6 +58,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--variants", default="plain,ours-nchw,ours,generalist-d")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument(
+        "--profile", default="", help="also print torch.profiler's top operators for this variant"
+    )
     return parser.parse_args()
 
 
@@ -209,6 +212,18 @@ def main() -> None:
             print(f"ratio {a} / {b}: {median[a] / median[b]:.3f} (target {target})")
     if device.type == "cuda" and "ours" in median:
         report_flops(args, device, median["ours"] / args.steps)
+    if args.profile:
+        if args.profile not in steps:
+            raise SystemExit(f"--profile {args.profile}: not among the variants {names}")
+        print_profile(args.profile, lambda: epoch(steps[args.profile]))
+
+
+def print_profile(name: str, run: Callable[[], float]) -> None:
+    """Where one round's time goes, by operator: shows whether anything but kernels costs."""
+    with torch.profiler.profile() as profiler:
+        run()
+    print(f"# profile of one round of {name}, by self time")
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 def device_name(device: torch.device) -> str:

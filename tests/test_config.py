@@ -99,7 +99,10 @@ def test_user_yaml_layers_over_the_preset_and_can_remove_a_learner(tmp_path):
     ("overrides", "message"),
     [
         (["learners.adv_linf.gamma=0.5", "learners.natural.gamma=0.3"], r"sum to 0\.8"),
-        (["learners.adv_linf.task.eps=-0.1"], "epsilon"),
+        (["learners.adv_linf.task.eps=-0.1"], r"learners\.adv_linf\.task\.eps: .*positive"),
+        (["learners.adv_linf.task.eps=-8/255"], r"learners\.adv_linf\.task\.eps: .*positive"),
+        (["budgets.Linf.eps=-0.1"], r"budgets\.Linf\.eps: .*positive"),
+        (["learners.adv_linf.task.eps=abc"], r"learners\.adv_linf\.task\.eps: .*8/255"),
         (["learners.adv_linf.task.type=fgsm"], r"learners\.adv_linf\.task\.type"),
         (["model.name=resnet9000"], r"model\.name"),
         (["model.name=wrn-34-wide"], r"model\.name.*wrn-DEPTH-WIDTH"),

@@ -103,9 +103,10 @@ def test_hostile_checkpoint_is_refused_on_resume(tmp_path, finished_run, marker,
     record = _plant_checkpoint(run, hostile, hostile if kind == "pickled-json" else None)
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err
+    not_safetensors = "points at step-000000003-epoch-0001.safetensors, which is not a safetensors"
     reason = {
-        "pickle": "points at step-000000003-epoch-0001.safetensors, not safetensors",
-        "torch-save": "points at step-000000003-epoch-0001.safetensors, not safetensors",
+        "pickle": not_safetensors,
+        "torch-save": not_safetensors,
         "pickled-json": "is not valid JSON",
     }[kind]
     assert err.startswith(f"error: no readable checkpoint in {run / 'checkpoints'}: ")

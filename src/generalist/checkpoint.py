@@ -316,7 +316,11 @@ class CheckpointStore:
                 "the tensor file is truncated or corrupt",
             )
         if not _is_safetensors(data):
-            raise CorruptCheckpointError(record, f"points at {tensor_path.name}, not safetensors")
+            raise CorruptCheckpointError(
+                record,
+                f"points at {tensor_path.name}, which is not a safetensors file (a pickle or "
+                "other format); refusing to read it",
+            )
         try:
             tensors = safetensors.torch.load(data)
         except (SafetensorError, ValueError) as exc:

@@ -69,6 +69,7 @@ def _build(args: argparse.Namespace, preset: str | None) -> object:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from generalist.rundir import RunDir
+    from generalist.training.distributed import is_rank_zero
     from generalist.training.loop import train
     from generalist.training.signals import TrainingInterrupted
 
@@ -78,13 +79,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = RunDir.open(args.resume)
     else:
         config = _build(args, args.preset)
+    if args.nproc not in (None, 1):  # one process needs no launcher
+        from generalist.training.distributed import launch, replicas_per_learner
+
+        replicas_per_learner(args.nproc, config, "--nproc asks for")
+        if not args.dry_run:
+            return launch(args.nproc, args.argv)
     if args.dry_run:
         print(config.to_yaml(), end="")
         return 0
     try:
         train(config, run, resume=run is not None, progress=not args.no_progress)
     except TrainingInterrupted as stop:
-        print(f"\n{stop}", file=sys.stderr)
+        if is_rank_zero():
+            print(f"\n{stop}", file=sys.stderr)
         return stop.exit_status
     return 0
 
@@ -161,6 +169,13 @@ def make_parser() -> argparse.ArgumentParser:
         "--epochs N trains it longer)",
     )
     train.add_argument("--dry-run", action="store_true", help="print the resolved config, stop")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train on N processes of this machine (one per learner, or a multiple of that for "
+        "data parallelism): runs `torchrun --standalone --nproc-per-node N` for you",
+    )
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="standard vs PGD-AT vs Generalist-D on digits, one table")
@@ -178,10 +193,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except GeneralistError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):  # rank 0 of a distributed run says it
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.command == "eval":

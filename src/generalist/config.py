@@ -221,7 +221,11 @@ class Config:
         if budget is None and (task.eps is None or task.steps is None):
             raise ConfigError(f"{key}.norm: no budgets.{norm} for this dataset; set {key}.eps")
         eps_text = task.eps if task.eps is not None else budget.eps
-        threat = ThreatModel.of(norm, eps_text)
+        try:
+            threat = ThreatModel.of(norm, eps_text)
+        except ConfigError as error:
+            where = f"{key}.eps" if task.eps is not None else f"budgets.{norm}.eps"
+            raise ConfigError(f"{where}: {error}") from None
         steps = task.steps if task.steps is not None else budget.steps
         step_text = (
             task.step_size
@@ -427,7 +431,10 @@ def validate(config: Config) -> None:
     for norm, budget in config.budgets.items():
         if norm not in NORMS:
             raise ConfigError(f"budgets.{norm}: unknown norm; use {', '.join(NORMS)}")
-        parse_eps(budget.eps)
+        try:
+            parse_eps(budget.eps)
+        except ConfigError as error:
+            raise ConfigError(f"budgets.{norm}.eps: {error}") from None
         _at_least(budget.steps, 0, f"budgets.{norm}.steps")
     if not config.learners:
         raise ConfigError("learners: at least one learner is needed; pick a --preset")

@@ -20,7 +20,8 @@ from generalist.errors import ConfigError
 
 NORMS = ("Linf", "L2", "L1")
 _NORM_ALIASES = {"linf": "Linf", "inf": "Linf", "l2": "L2", "l1": "L1"}
-_NUMBER = re.compile(r"^\s*[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?\s*$")
+_NUMBER = re.compile(r"^\s*[-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?\s*$")
+"""A signed decimal: a sign is parsed, so ``-0.1`` is refused as negative, not as gibberish."""
 
 
 def parse_eps(value: str | float | int) -> float:

@@ -9,6 +9,7 @@ already counts as a robust failure.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +26,20 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def accuracies(
+    model: nn.Module, data: ImageDataset, threats: Sequence[ThreatModel], **options: Any
+) -> dict[str, float]:
+    """``{"clean": acc, "<threat>": PGD-``steps`` accuracy, ...}`` in percent, in eval mode;
+    ``options`` are :func:`correct_counts`' (steps, batch_size, device, seed)."""
+    if len(data) == 0:
+        return {}
+    return percentages(correct_counts(model, data, threats, **options), len(data))
+
+
+def percentages(counts: dict[str, int], total: int) -> dict[str, float]:
+    return {name: 100.0 * count / total for name, count in counts.items()}
+
+
+def correct_counts(
     model: nn.Module,
     data: ImageDataset,
     threats: Sequence[ThreatModel],
@@ -33,14 +48,19 @@ def accuracies(
     batch_size: int,
     device: torch.device,
     seed: int = 0,
-) -> dict[str, float]:
-    """``{"clean": acc, "<threat>": PGD-``steps`` accuracy, ...}`` in percent, in eval mode."""
-    if len(data) == 0:
-        return {}
+    shard: tuple[int, int] = (0, 1),
+) -> dict[str, int]:
+    """Points right clean and under each attack, over the batches ``shard = (i, n)`` owns.
+
+    Shard i of n takes batches i, i + n, ... of the unsharded order. Batch boundaries stay
+    where one process puts them and every attack reseeds per batch, so the shards' counts
+    add up to exactly the single-process counts.
+    """
+    index, count = shard
     attacks = [PGD(threat, steps=steps, seed=seed) for threat in threats]
     correct = {"clean": 0, **{str(t): 0 for t in threats}}
     with eval_mode(model):
-        for start in range(0, len(data), batch_size):
+        for start in range(index * batch_size, len(data), count * batch_size):
             x = to_float(data.images[start : start + batch_size].to(device))
             y = data.labels[start : start + batch_size].to(device)
             right = _predict(model, x) == y
@@ -50,4 +70,4 @@ def accuracies(
             for threat, attack in zip(threats, attacks, strict=True):
                 x_adv = attack(model, x[right], y[right])
                 correct[str(threat)] += int((_predict(model, x_adv) == y[right]).sum())
-    return {name: 100.0 * count / len(data) for name, count in correct.items()}
+    return correct

@@ -7,6 +7,7 @@ owns its optimizer outright instead of sharing one over a parameter union.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,9 @@ class Learner:
     config: LearnerConfig
     generator: torch.Generator
     """Random starts of this learner's attacks, so adding a learner never shifts another's."""
+    gradient_sync: Callable[[nn.Module], None] | None = None
+    """Called between the backward pass and the update: data-parallel replicas of this learner
+    average their gradients there (see :mod:`generalist.training.distributed`)."""
 
     def train_step(
         self,
@@ -74,6 +78,8 @@ class Learner:
             return loss.detach()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.gradient_sync is not None:
+            self.gradient_sync(self.model)
         if isinstance(self.task, AppliesGradients):
             self.task.apply_gradients(self.model, self.optimizer)
         else:

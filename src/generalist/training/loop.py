@@ -9,6 +9,10 @@ The loop can start from any (epoch, batch) position: everything it carries from 
 the next lives in a :class:`~generalist.training.state.TrainingState`, which checkpoints save
 and restore whole, so a run killed at any moment and resumed ends bit-identical to one that
 never stopped (on the CPU; GPU kernels may not be deterministic).
+
+Under torchrun every rank runs this same loop; a placement object from
+:mod:`~generalist.training.distributed` says which learners train here, exchanges what the
+ranks must agree on, and leaves the run directory to rank 0. Alone, it does nothing.
 """
 
 from __future__ import annotations
@@ -29,14 +33,13 @@ from generalist.checkpoint import CheckpointStore, save_model
 from generalist.config import Config, redistribute_start_epoch, validate
 from generalist.data import BatchAugment, DataSplits, EpochBatches, load_splits, to_float
 from generalist.errors import ConfigError, TrainingError
-from generalist.evaluation.accuracy import accuracies
 from generalist.manifest import build_manifest, data_fingerprints, note_resume, write_manifest
 from generalist.models import create_model
 from generalist.rundir import RunDir
 from generalist.training.checkpointing import Checkpointer, resume_state
+from generalist.training.distributed import SingleProcess, processes
 from generalist.training.init import initialize_from
 from generalist.training.learner import Learner, build_optimizer
-from generalist.training.merge import GeneralistMerge
 from generalist.training.schedules import PiecewiseLinear, build_schedule
 from generalist.training.signals import TrainingInterrupted, resume_hint, stop_on_signals
 from generalist.training.state import TrainingState
@@ -183,6 +186,27 @@ def train(
     device = resolve_device(config.device)
     if resume and run is None:
         raise ValueError("resume=True needs the run directory to resume")
+    with processes(config, device) as parallel:
+        if not parallel.is_main:
+            progress, echo = False, _silent
+        return _train(config, run, parallel, started, resume=resume, progress=progress, echo=echo)
+
+
+def _silent(*_: Any) -> None:
+    """The ``echo`` of every rank but 0: one process speaks for the run."""
+
+
+def _train(
+    config: Config,
+    run: RunDir | None,
+    parallel: SingleProcess,
+    started: float,
+    *,
+    resume: bool,
+    progress: bool,
+    echo: Any,
+) -> TrainResult:
+    device = parallel.device
     splits = load_splits(
         config.data.dataset,
         config.data.data_dir,
@@ -193,14 +217,13 @@ def train(
     )
     spec = model_spec(config, splits)
     learners, global_model = build_learners(config, spec, device)
-    run = run or RunDir.create(config.out_dir, config.name)
-    merge = GeneralistMerge(
-        [lr.model for lr in learners],
-        global_model,
-        decay_max=config.merge.ema_decay,
-        warmup=config.merge.warmup,
-    )
     batches = EpochBatches(len(splits.train), config.data.batch_size, config.seed)
+    parallel.check(config, batches)
+    run = parallel.create_run(run, config)
+    merge = parallel.merge(
+        learners, global_model, decay_max=config.merge.ema_decay, warmup=config.merge.warmup
+    )
+    local = parallel.local(learners)
     state = TrainingState(
         learners,
         merge,
@@ -210,14 +233,21 @@ def train(
     fingerprints = data_fingerprints(splits)
     store = CheckpointStore(run.checkpoints_path, keep=config.checkpoint.keep)
     if resume:
-        resumed_from = resume_state(
-            state, store, run, config, fingerprints["train"]["fingerprint"], echo
+        resumed_from = parallel.on_main(
+            lambda: resume_state(
+                state, store, run, config, fingerprints["train"]["fingerprint"], echo
+            )
         )
-        note_resume(run, resumed_from, echo)
-    run.write_config(config)
-    if not resume:
-        write_manifest(run, build_manifest(config, device, splits.info.name, fingerprints))
-    checkpoints = Checkpointer(store, state, config, run, fingerprints["train"]["fingerprint"])
+        parallel.share_state(state)
+    if parallel.is_main:
+        if resume:
+            note_resume(run, resumed_from, echo)
+        run.write_config(config)
+        if not resume:
+            write_manifest(run, build_manifest(config, device, splits.info.name, fingerprints))
+    checkpoints = parallel.checkpointer(
+        store, state, config, run, fingerprints["train"]["fingerprint"]
+    )
     threats = config.eval_threats()
     info = splits.info
     augment = BatchAugment(
@@ -232,7 +262,7 @@ def train(
         f"run {run.path} · {config.name} · {len(learners)} learner(s) "
         f"({', '.join(f'{lr.name}:{lr.task.name}' for lr in learners)}) · {config.model.name} · "
         f"{info.name} train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)} "
-        f"· {device}"
+        f"· {device}{parallel.describe()}"
     )
     if resume and state.step:
         echo(
@@ -256,59 +286,67 @@ def train(
             )
             for index in bar:
                 x = augment(to_float(train_x[index]), state.augment_generator)
-                y = train_y[index]
+                x, y = parallel.shard_batch(x, train_y[index])
                 position = epoch - 1 + (state.batch + 1) / len(batches)
                 with autocast:
                     losses = torch.stack(
                         [
                             lr.train_step(x, y, position, skip_nonfinite=skip_nonfinite).float()
-                            for lr in learners
+                            for lr in local
                         ]
                     )
+                losses = parallel.gather_losses(losses, learners)
                 # One host sync per step, against a PGD step's dozens of kernels: a NaN is
                 # caught at the step that made it, before it reaches the merge or a checkpoint.
                 if not bool(torch.isfinite(losses).all()):
-                    _nonfinite(losses, state, config, checkpoints, len(batches), echo)
+                    _nonfinite(losses, state, config, checkpoints, parallel, len(batches), echo)
                 merge.update(state.step, gammas)
                 state.record_step(losses)
                 if per_step:
                     merge.redistribute()
-                if stop.requested:
-                    raise _interrupted(
-                        checkpoints.save(stop.name), stop.signum, state, len(batches), run.path
-                    )
-                if state.batch < len(batches) and checkpoints.due():
+                signum, due = parallel.agree(  # every rank stops or saves at the same step
+                    stop.signum or 0, state.batch < len(batches) and checkpoints.due()
+                )
+                if signum:
+                    saved = checkpoints.save(signal.Signals(signum).name)
+                    raise _interrupted(saved, signum, state, len(batches), run.path)
+                if due:
                     checkpoints.save("schedule")
             if redistribute and not per_step:
                 merge.redistribute()
             record = _epoch_record(state, epoch, gammas, redistribute, epoch_started)
             if epoch % config.eval.every == 0 or epoch == config.epochs:
-                state.val = _validate(config, learners, global_model, splits, threats, device)
+                state.val = _validate(config, learners, global_model, splits, threats, parallel)
                 record["val"] = state.val
             state.finish_epoch(record)
-            run.append_metrics(record)
+            if parallel.is_main:
+                run.append_metrics(record)
             saved = checkpoints.save("epoch end")
             echo(_epoch_line(record, config.epochs))
-            if stop.requested:
-                raise _interrupted(saved, stop.signum, state, len(batches), run.path)
-        test = _test(config, global_model, splits, threats, device)
-        save_model(
-            global_model, run.path, {"model": spec, "dataset": info.name, "preset": config.preset}
-        )
+            (signum,) = parallel.agree(stop.signum or 0)
+            if signum:
+                raise _interrupted(saved, signum, state, len(batches), run.path)
+        test = _test(config, global_model, splits, threats, parallel)
         seconds = time.perf_counter() - started
-        test_examples = min(len(splits.test), config.eval.test_examples or len(splits.test))
-        run.write_json(
-            "summary.json",
-            {
-                "name": config.name,
-                "preset": config.preset,
-                "test": test,
-                "val": state.val,
-                "test_examples": test_examples,
-                "test_pgd_steps": config.eval.test_steps,
-                "seconds": seconds,
-            },
-        )
+        if parallel.is_main:
+            save_model(
+                global_model,
+                run.path,
+                {"model": spec, "dataset": info.name, "preset": config.preset},
+            )
+            test_examples = min(len(splits.test), config.eval.test_examples or len(splits.test))
+            run.write_json(
+                "summary.json",
+                {
+                    "name": config.name,
+                    "preset": config.preset,
+                    "test": test,
+                    "val": state.val,
+                    "test_examples": test_examples,
+                    "test_pgd_steps": config.eval.test_steps,
+                    "seconds": seconds,
+                },
+            )
     echo(f"test ({config.eval.test_steps}-step PGD): " + _format_accuracies(test))
     echo(f"saved {run.weights_path} in {seconds:.0f} s")
     return TrainResult(run, test, state.val, seconds)
@@ -346,6 +384,7 @@ def _nonfinite(
     state: TrainingState,
     config: Config,
     checkpoints: Checkpointer,
+    parallel: SingleProcess,
     batches_per_epoch: int,
     echo: Any,
 ) -> None:
@@ -367,7 +406,7 @@ def _nonfinite(
             earlier = state.epoch_losses[max(0, state.batch - limit + 1) : state.batch, i]
             if len(earlier) == limit - 1 and not bool(torch.isfinite(earlier).any()):
                 cause = f" for the {limit}th batch in a row, so skipping batches is not helping"
-            elif not all(bool(torch.isfinite(p).all()) for p in learner.model.parameters()):
+            elif not parallel.weights_finite(state.learners, i):
                 cause = " and its weights are no longer finite, so skipping batches cannot help"
             else:
                 echo(
@@ -418,23 +457,20 @@ def _validate(
     global_model: nn.Module,
     splits: DataSplits,
     threats: list[ThreatModel],
-    device: torch.device,
+    parallel: SingleProcess,
 ) -> dict[str, dict[str, float]]:
     models = {GLOBAL: global_model}
     if config.eval.learners:
         models.update({lr.name: lr.model for lr in learners})
-    return {
-        name: accuracies(
-            model,
-            splits.val,
-            threats,
-            steps=config.eval.val_steps,
-            batch_size=config.data.eval_batch_size,
-            device=device,
-            seed=config.seed,
-        )
-        for name, model in models.items()
-    }
+    return parallel.accuracies(
+        models,
+        splits.val,
+        threats,
+        steps=config.eval.val_steps,
+        batch_size=config.data.eval_batch_size,
+        device=parallel.device,
+        seed=config.seed,
+    )
 
 
 def _test(
@@ -442,20 +478,20 @@ def _test(
     global_model: nn.Module,
     splits: DataSplits,
     threats: list[ThreatModel],
-    device: torch.device,
+    parallel: SingleProcess,
 ) -> dict[str, float]:
     test = splits.test
     if config.eval.test_examples is not None:
         test = test.subset(torch.arange(min(config.eval.test_examples, len(test))))
-    return accuracies(
-        global_model,
+    return parallel.accuracies(
+        {GLOBAL: global_model},
         test,
         threats,
         steps=config.eval.test_steps,
         batch_size=config.data.eval_batch_size,
-        device=device,
+        device=parallel.device,
         seed=config.seed,
-    )
+    )[GLOBAL]
 
 
 def _format_accuracies(acc: dict[str, float]) -> str:

@@ -68,12 +68,22 @@ class GeneralistMerge:
         if len(gammas) != len(self.learners):
             raise ValueError(f"expected {len(self.learners)} mixing weights, got {len(gammas)}")
         d = ema_decay(step, self.decay_max, self.warmup)
-        for (l_float, l_int), (t_float, t_int) in zip(
-            self._learner_state, self._teacher_state, strict=True
-        ):
+        for index in self.trained_here:
+            l_float, l_int = self._learner_state[index]
+            t_float, t_int = self._teacher_state[index]
             torch._foreach_lerp_(t_float, l_float, 1.0 - d)
             if t_int:
                 torch._foreach_copy_(t_int, l_int)
+        self._mix(gammas, d)
+        return d
+
+    @property
+    def trained_here(self) -> Sequence[int]:
+        """The learners this process trains, whose teachers it updates: all of them here."""
+        return range(len(self.learners))
+
+    def _mix(self, gammas: Sequence[float], d: float) -> None:
+        """θ_g ← d·θ_g + (1−d)·Σ_i γ_i·θ̄_i; integer buffers from the first teacher."""
         g_float, g_int = self._global_state
         torch._foreach_mul_(g_float, d)
         for gamma, (t_float, _) in zip(gammas, self._teacher_state, strict=True):
@@ -81,7 +91,6 @@ class GeneralistMerge:
                 torch._foreach_add_(g_float, t_float, alpha=(1.0 - d) * gamma)
         if g_int:
             torch._foreach_copy_(g_int, self._teacher_state[0][1])
-        return d
 
     @torch.no_grad()
     def redistribute(self) -> None:

@@ -19,6 +19,7 @@ plain JSON. Nothing is pickled, so a checkpoint someone sends cannot run code.
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -74,18 +75,10 @@ def capture(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, An
     """``(tensors, meta)``: the state as a safetensors-ready table and JSON-ready scalars."""
     tensors: dict[str, torch.Tensor] = {}
     learners = []
-    for i, (learner, teacher) in enumerate(zip(state.learners, state.merge.teachers, strict=True)):
-        prefix = f"learners/{i}"
-        tensors.update(_prefixed(f"{prefix}/model", learner.model.state_dict()))
-        tensors.update(_prefixed(f"{prefix}/teacher", teacher.state_dict()))
-        optimizer_tensors, optimizer_meta = _split_optimizer_state(learner.optimizer)
-        tensors.update(_prefixed(f"{prefix}/optimizer", optimizer_tensors))
-        tensors[f"{prefix}/generator"] = learner.generator.get_state()
-        if isinstance(learner.task, StatefulTask):
-            tensors.update(_prefixed(f"{prefix}/task", learner.task.state_dict()))
-        learners.append(
-            {"name": learner.name, "task": learner.task.name, "optimizer": optimizer_meta}
-        )
+    for i in range(len(state.learners)):
+        learner_tensors, entry = capture_learner(state, i)
+        tensors.update(learner_tensors)
+        learners.append(entry)
     tensors.update(_prefixed("global", state.merge.global_model.state_dict()))
     tensors["augment/generator"] = state.augment_generator.get_state()
     tensors["epoch/losses"] = state.epoch_losses
@@ -108,11 +101,18 @@ def capture(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, An
     return tensors, meta
 
 
-def restore(state: TrainingState, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def restore(
+    state: TrainingState,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    only: Collection[int] | None = None,
+) -> None:
     """Load a captured state into the live objects in place (the merge keeps views of them).
 
     A checkpoint that does not fit (other learners, another architecture, another device
     type) raises :class:`CheckpointError`; nothing here can make a partial load look fine.
+    ``only`` restores just those learners (a distributed rank's own, whose tensors are all
+    ``tensors`` holds of the learners).
     """
     names = [learner.name for learner in state.learners]
     saved = [entry["name"] for entry in meta["learners"]]
@@ -125,18 +125,9 @@ def restore(state: TrainingState, tensors: dict[str, torch.Tensor], meta: dict[s
             f"{device}; resume with --device {meta['generator_device']} to continue exactly"
         )
     remaining = dict(tensors)
-    for i, (learner, teacher, entry) in enumerate(
-        zip(state.learners, state.merge.teachers, meta["learners"], strict=True)
-    ):
-        prefix = f"learners/{i}"
-        _load_module(learner.model, _take(remaining, f"{prefix}/model"), f"{learner.name} model")
-        _load_module(teacher, _take(remaining, f"{prefix}/teacher"), f"{learner.name} teacher")
-        _load_optimizer(
-            learner.optimizer, _take(remaining, f"{prefix}/optimizer"), entry["optimizer"]
-        )
-        learner.generator.set_state(_pop(remaining, f"{prefix}/generator"))
-        if isinstance(learner.task, StatefulTask):
-            learner.task.load_state_dict(_take(remaining, f"{prefix}/task"))
+    for i, entry in enumerate(meta["learners"]):
+        if only is None or i in only:
+            restore_learner(state, i, remaining, entry)
     _load_module(state.merge.global_model, _take(remaining, "global"), "global model")
     state.augment_generator.set_state(_pop(remaining, "augment/generator"))
     losses = _pop(remaining, "epoch/losses")
@@ -162,6 +153,38 @@ def restore(state: TrainingState, tensors: dict[str, torch.Tensor], meta: dict[s
     state.epoch, state.batch, state.step = position["epoch"], position["batch"], position["step"]
     state.metrics = list(meta["metrics"])
     state.val = meta["val"]
+
+
+def capture_learner(
+    state: TrainingState, index: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One learner's part of :func:`capture`: what a distributed rank sends to rank 0."""
+    learner, teacher = state.learners[index], state.merge.teachers[index]
+    prefix = f"learners/{index}"
+    tensors = {
+        **_prefixed(f"{prefix}/model", learner.model.state_dict()),
+        **_prefixed(f"{prefix}/teacher", teacher.state_dict()),
+    }
+    optimizer_tensors, optimizer_meta = _split_optimizer_state(learner.optimizer)
+    tensors.update(_prefixed(f"{prefix}/optimizer", optimizer_tensors))
+    tensors[f"{prefix}/generator"] = learner.generator.get_state()
+    if isinstance(learner.task, StatefulTask):
+        tensors.update(_prefixed(f"{prefix}/task", learner.task.state_dict()))
+    return tensors, {"name": learner.name, "task": learner.task.name, "optimizer": optimizer_meta}
+
+
+def restore_learner(
+    state: TrainingState, index: int, tensors: dict[str, torch.Tensor], entry: dict[str, Any]
+) -> None:
+    """Load learner ``index`` from :func:`capture_learner`'s output, removing what it used."""
+    learner, teacher = state.learners[index], state.merge.teachers[index]
+    prefix = f"learners/{index}"
+    _load_module(learner.model, _take(tensors, f"{prefix}/model"), f"{learner.name} model")
+    _load_module(teacher, _take(tensors, f"{prefix}/teacher"), f"{learner.name} teacher")
+    _load_optimizer(learner.optimizer, _take(tensors, f"{prefix}/optimizer"), entry["optimizer"])
+    learner.generator.set_state(_pop(tensors, f"{prefix}/generator"))
+    if isinstance(learner.task, StatefulTask):
+        learner.task.load_state_dict(_take(tensors, f"{prefix}/task"))
 
 
 def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
