@@ -26,6 +26,7 @@ import yaml
 
 from generalist.attacks.threat import NORMS, ThreatModel, parse_eps, parse_norm
 from generalist.errors import ConfigError
+from generalist.training.precision import PRECISIONS
 from generalist.training.schedules import build_schedule, parse_number
 
 TASK_TYPES = ("natural", "adversarial", "trades", "mart", "fat", "cure")
@@ -42,7 +43,6 @@ fields of a task left unset; the ``cure`` preset writes them out."""
 OPTIMIZERS = ("sgd", "adam", "adamw")
 REDISTRIBUTE_POLICIES = ("per_step_in_epoch", "once_per_c_epochs", "never")
 INIT_POLICIES = ("same", "independent")
-PRECISIONS = ("fp32", "bf16")
 NONFINITE_POLICIES = ("stop", "skip")
 REMAINDER = "remainder"
 
@@ -68,6 +68,10 @@ class ModelConfig:
     name: str = "resnet18"
     normalize: bool = False
     """Put the dataset's mean/std normalisation inside the model (the paper's recipe does not)."""
+    channels_last: bool = False
+    """Keep 4-d weights and the training batches in NHWC memory. Convolutions on tensor cores and
+    with AMX bf16 want it (1.36x on this project's CPU in bf16); in fp32 on the CPU it gained
+    only 1.04x, and it changes the convolution algorithms, so it is opt-in (BENCHMARKS.md)."""
     init_from: str | None = None
     """Start every learner from saved weights (a run directory or a ``model.safetensors``) of
     the same architecture instead of a random initialisation, e.g. CURE from a natural model."""

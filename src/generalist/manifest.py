@@ -24,6 +24,7 @@ from generalist.config import Config
 from generalist.data import DataSplits
 from generalist.evaluation.records import software_versions
 from generalist.rundir import RunDir
+from generalist.training.precision import resolve_precision
 
 MANIFEST_FORMAT = "generalist-manifest/1"
 
@@ -46,6 +47,7 @@ def build_manifest(
         "command": shlex.join(sys.argv),
         "software": software_versions(),
         "device": describe_device(device),
+        "precision": resolve_precision(config.precision, device),
         "host": platform.node(),
         "git": git_revision(),
         "seeds": {"seed": config.seed, "split_seed": config.data.split_seed},

@@ -40,6 +40,7 @@ from generalist.training.checkpointing import Checkpointer, resume_state
 from generalist.training.distributed import SingleProcess, processes
 from generalist.training.init import initialize_from
 from generalist.training.learner import Learner, build_optimizer
+from generalist.training.precision import resolve_precision, training_autocast
 from generalist.training.schedules import PiecewiseLinear, build_schedule
 from generalist.training.signals import TrainingInterrupted, resume_hint, stop_on_signals
 from generalist.training.state import TrainingState
@@ -61,6 +62,10 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: CUDA was asked for but no GPU is visible; use --device cpu")
     return device
+
+
+def _memory_format(config: Config) -> torch.memory_format:
+    return torch.channels_last if config.model.channels_last else torch.contiguous_format
 
 
 def gamma_schedules(config: Config) -> list[PiecewiseLinear]:
@@ -112,7 +117,8 @@ def build_learners(
     kwargs = dict(spec)
     name = kwargs.pop("name")
     torch.manual_seed(config.seed)
-    base = create_model(name, **kwargs).to(device)
+    memory_format = _memory_format(config)
+    base = create_model(name, **kwargs).to(device, memory_format=memory_format)
     initialize_from(base, config.model.init_from, spec)
     gammas = gamma_schedules(config)
     learners = []
@@ -121,7 +127,7 @@ def build_learners(
             model = copy.deepcopy(base)
         else:
             torch.manual_seed(config.seed + 1000 * (index + 1))
-            model = create_model(name, **kwargs).to(device)
+            model = create_model(name, **kwargs).to(device, memory_format=memory_format)
         attack = None
         if lc.task.type != "natural":
             threat, steps, step_size = config.threat_of(lc.task, f"learners.{lname}.task")
@@ -256,13 +262,15 @@ def _train(
     )
     train_x = splits.train.images.to(device)
     train_y = splits.train.labels.to(device)
-    autocast = _autocast(config.precision, device)
+    precision = resolve_precision(config.precision, device)
+    memory_format = _memory_format(config)
+    autocast = training_autocast(precision, device)
     skip_nonfinite = config.checkpoint.on_nonfinite == "skip"
     echo(
         f"run {run.path} · {config.name} · {len(learners)} learner(s) "
         f"({', '.join(f'{lr.name}:{lr.task.name}' for lr in learners)}) · {config.model.name} · "
         f"{info.name} train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)} "
-        f"· {device}{parallel.describe()}"
+        f"· {device} {precision}{parallel.describe()}"
     )
     if resume and state.step:
         echo(
@@ -286,6 +294,7 @@ def _train(
             )
             for index in bar:
                 x = augment(to_float(train_x[index]), state.augment_generator)
+                x = x.contiguous(memory_format=memory_format)
                 x, y = parallel.shard_batch(x, train_y[index])
                 position = epoch - 1 + (state.batch + 1) / len(batches)
                 with autocast:
@@ -443,12 +452,6 @@ def _interrupted(
         run=run,
         checkpoint=saved,
     )
-
-
-def _autocast(precision: str, device: torch.device) -> Any:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
 
 
 def _validate(
