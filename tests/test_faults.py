@@ -348,6 +348,13 @@ def test_resume_of_something_that_is_not_a_run(tmp_path, capsys):
         f"error: {tmp_path} is not a run directory (it has no config.yaml); pass the folder "
         "that `generalist train` printed after 'run'\n"
     )
+    missing = tmp_path / "typo"
+    assert main(["train", "--resume", str(missing)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {missing} does not exist; pass the folder that `generalist train` printed "
+        "after 'run'\n"
+    )
+    assert not missing.exists()
 
 
 # --- bad datasets: the offending index ---------------------------------------------------------

@@ -137,8 +137,10 @@ def test_in_process_interrupt_and_resume_matches_across_optimizers_and_tasks(
 def test_resume_keeps_the_config_but_may_train_longer(tmp_path, reference, capsys):
     run = shutil.copytree(reference, tmp_path / "run")
     assert main(["train", "--resume", str(run), "--set", "learners.natural.optimizer.lr=0.01"]) == 2
-    assert capsys.readouterr().err.startswith(
-        f"error: --resume {run}: learners.natural.optimizer.lr is 0.01 here but"
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: --resume {run}: learners.natural.optimizer.lr is 0.01 here but "
+        "{points: [[0, 0.05], "  # the schedule as YAML, as the user wrote it
     )
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
     assert "already finished all 3 epochs" in capsys.readouterr().err

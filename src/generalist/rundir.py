@@ -57,6 +57,11 @@ class RunDir:
     def open(cls, path: str | Path) -> RunDir:
         """An existing run directory, e.g. one to resume."""
         run = cls(Path(path))
+        if not run.path.exists():
+            raise CheckpointError(
+                f"{run.path} does not exist; pass the folder that `generalist train` printed "
+                "after 'run'"
+            )
         if not run.config_path.is_file():
             raise CheckpointError(
                 f"{run.path} is not a run directory (it has no config.yaml); pass the folder "

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from generalist.checkpoint import CheckpointStore
 from generalist.config import Config, build_config
 from generalist.errors import CheckpointError, ConfigError
@@ -182,5 +184,10 @@ def config_difference(saved: dict[str, Any], wanted: dict[str, Any], prefix: str
             if inner:
                 return inner
         elif old != new:
-            return f"{dotted} is {new!r} here but {old!r} in the run"
+            return f"{dotted} is {_as_yaml(new)} here but {_as_yaml(old)} in the run"
     return ""
+
+
+def _as_yaml(value: Any) -> str:
+    """A config value as the user wrote it in YAML (a schedule reads as one, not as a dict)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
