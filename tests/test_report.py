@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import struct
 import sys
@@ -100,6 +101,8 @@ def test_tradeoff_draws_runs_differing_only_in_seed_as_mean_and_std(runs, tmp_pa
     for seed, clean in ((1, 40.0), (2, 60.0)):
         copy = shutil.copytree(duo, tmp_path / f"seed{seed}")
         config = (copy / "config.yaml").read_text().replace("\nseed: 0\n", f"\nseed: {seed}\n")
+        config = re.sub(r"(?m)^name: quickstart$", f"name: quickstart-s{seed}", config)
+        assert f"name: quickstart-s{seed}" in config  # named by seed, as users do
         (copy / "config.yaml").write_text(config)
         summary = json.loads((copy / "summary.json").read_text())
         summary["test"]["clean"] = clean

@@ -199,12 +199,14 @@ def _seed_groups(runs: Sequence[Run], labels: Sequence[str]) -> list[_Group]:
         result = run.final_results()
         if result is None:
             continue
-        settings = {k: v for k, v in run.config.items() if k not in ("seed", "out_dir", "device")}
+        # Runs of one recipe differing only in seed; users often name them by seed (pgd-at-s1).
+        ignored = ("seed", "out_dir", "device", "name")
+        settings = {k: v for k, v in run.config.items() if k not in ignored}
         key = json.dumps([settings, result.source, result.robust_by], sort_keys=True, default=str)
         if not run.config:  # an unreadable config says nothing about what the run shares
             key = str(run.path)
         group = groups.setdefault(key, _Group(label, [], []))
-        group.names.append(run.name)
+        group.names.append(run.config.get("preset") or run.name)
         group.results.append(result)
     several = [g for g in groups.values() if len(g.results) > 1]
     for group in several:
