@@ -65,7 +65,7 @@ from generalist.rundir import RunDir
 from generalist.training.checkpointing import Checkpointer
 from generalist.training.learner import Learner
 from generalist.training.merge import GeneralistMerge
-from generalist.training.signals import STOP_SIGNALS
+from generalist.training.signals import STOP_SIGNALS, TrainingInterrupted
 from generalist.training.state import (
     TrainingState,
     capture,
@@ -535,7 +535,20 @@ def processes(config: Config, device: torch.device) -> Iterator[SingleProcess]:
             dist.init_process_group("gloo")
     try:
         objects = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-        yield LearnerParallel(device, config, replicas, objects)
+        try:
+            yield LearnerParallel(device, config, replicas, objects)
+        except TrainingInterrupted:  # every rank stops at the same agreed step
+            _leave_together(owned)
+            raise
+        _leave_together(owned)
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+def _leave_together(owned: bool) -> None:
+    """Wait for every rank before tearing the group down: a gloo rank whose peer has already
+    closed its connections can abort in C++ ("terminate called without an active exception")
+    after the run itself finished. Only on paths every rank takes, so it cannot hang."""
+    if owned:
+        dist.barrier()
