@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from training_runs import TINY_DATA
 
 from generalist.checkpoint import load_model
 from generalist.config import build_config
@@ -15,15 +16,7 @@ from generalist.evaluation.accuracy import accuracies
 from generalist.training import loop
 from generalist.training.merge import GeneralistMerge
 
-FAST = [
-    "model.name=tiny-cnn",
-    "data.train_limit=256",
-    "data.test_limit=128",
-    "data.val_size=64",
-    "eval.val_steps=2",
-    "eval.test_steps=3",
-    "data.batch_size=64",
-]
+FAST = [*TINY_DATA, "data.batch_size=64"]
 
 
 def fast_config(tmp_path, preset="quickstart", extra=()):

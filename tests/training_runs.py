@@ -22,16 +22,16 @@ from generalist.config import Config, build_config
 from generalist.training import loop
 from generalist.training.merge import GeneralistMerge
 
-TINY = [
+TINY_DATA = [
     "model.name=tiny-cnn",
     "data.train_limit=256",
     "data.test_limit=128",
     "data.val_size=64",
     "eval.val_steps=2",
     "eval.test_steps=3",
-    "data.batch_size=32",
-    "epochs=3",
 ]
+"""A tiny model on a few hundred digits with short evaluations: every test run's base."""
+TINY = [*TINY_DATA, "data.batch_size=32", "epochs=3"]
 STEPS_PER_EPOCH = 8
 TOTAL_STEPS = 3 * STEPS_PER_EPOCH
 CHECKPOINT_NAME = re.compile(r"step-(\d+)-epoch-(\d+)\.json")
