@@ -34,7 +34,7 @@ from training_runs import (
     train_tiny,
 )
 
-from generalist import checkpoint as checkpoint_module
+from generalist import durable as durable_module
 from generalist.checkpoint import CheckpointStore
 from generalist.cli import main
 from generalist.config import LearnerConfig, build_config
@@ -187,7 +187,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(
             return _FullDisk(handle)
         return handle
 
-    monkeypatch.setattr(checkpoint_module, "open", open_on_a_filling_disk, raising=False)
+    monkeypatch.setattr(durable_module, "open", open_on_a_filling_disk, raising=False)
     config = tiny_config(tmp_path / "out", "checkpoint.every_steps=1")
     with pytest.raises(CheckpointError) as failed:
         loop.train(config, progress=False, echo=quiet)

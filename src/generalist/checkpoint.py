@@ -15,7 +15,6 @@ JSON does: a crash or a full disk mid-write leaves the previous checkpoints unto
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -32,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from generalist.durable import write_durably
 from generalist.errors import CheckpointError, UnsafeFileError
 from generalist.models import create_model
 
@@ -48,36 +48,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` all at once: temp file, flush, fsync, rename, fsync dir.
-
-    On any failure (a full disk, a quota) the temp file is removed and ``path`` keeps its old
-    content; the error propagates.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable; some filesystems refuse to open directories, which is harmless."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # --------------------------------------------------------------------------- tensor files

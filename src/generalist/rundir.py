@@ -17,23 +17,14 @@ Files are written atomically (temp file + rename), so a crash never leaves a hal
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from generalist.config import Config
+from generalist.durable import write_text_durably
 from generalist.errors import CheckpointError
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class RunDir:
@@ -98,13 +89,13 @@ class RunDir:
         run writes its config before its first epoch ends, so no record misses a sink."""
         from generalist.reporting.tensorboard import metrics_sinks
 
-        atomic_write_text(self.config_path, config.to_yaml())
+        write_text_durably(self.config_path, config.to_yaml())
         self.metrics_sinks = metrics_sinks(config, self.path)
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
         """Replace metrics.jsonl, e.g. with a checkpoint's records so a resumed run never
         repeats or loses an epoch's line."""
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+        write_text_durably(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as handle:
@@ -119,4 +110,4 @@ class RunDir:
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
-        atomic_write_text(self.path / name, json.dumps(data, indent=2) + "\n")
+        write_text_durably(self.path / name, json.dumps(data, indent=2) + "\n")

@@ -182,9 +182,9 @@ def _write_outputs(
     data: dict[str, Any],
     run_name: str,
 ) -> dict[str, Any]:
+    from generalist.durable import write_text_durably
     from generalist.evaluation.records import build_record, model_info, model_info_filename
     from generalist.evaluation.tables import render_markdown
-    from generalist.rundir import atomic_write_text
 
     settings = {
         "attacks": suite.attack_names,
@@ -207,9 +207,9 @@ def _write_outputs(
     }
     record["files"] = [RECORD_FILE, TABLES_FILE, *infos, STATE_FILE]
     for name, info in infos.items():
-        atomic_write_text(out / name, json.dumps(info, indent=2) + "\n")
-    atomic_write_text(out / TABLES_FILE, render_markdown(record))
-    atomic_write_text(out / RECORD_FILE, json.dumps(record, indent=2) + "\n")
+        write_text_durably(out / name, json.dumps(info, indent=2) + "\n")
+    write_text_durably(out / TABLES_FILE, render_markdown(record))
+    write_text_durably(out / RECORD_FILE, json.dumps(record, indent=2) + "\n")
     return record
 
 

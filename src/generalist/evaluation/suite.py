@@ -42,8 +42,8 @@ from generalist.attacks import (
 from generalist.attacks.checks import BLACK_BOX
 from generalist.attacks.threat import ThreatModel
 from generalist.data import ImageDataset, to_float
+from generalist.durable import write_text_durably
 from generalist.errors import ConfigError
-from generalist.rundir import atomic_write_text
 
 STATE_FORMAT = "generalist-eval-state/1"
 AUTOATTACK = "autoattack"
@@ -184,7 +184,7 @@ class SuiteState:
 
     def save(self) -> None:
         if self.path is not None:
-            atomic_write_text(self.path, json.dumps(self.data) + "\n")
+            write_text_durably(self.path, json.dumps(self.data) + "\n")
 
 
 def _plan_json(plan: dict[str, Any]) -> dict[str, Any]:

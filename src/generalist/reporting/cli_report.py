@@ -71,16 +71,16 @@ def default_report_dir(run_paths: Sequence[Path]) -> Path:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from generalist.durable import write_text_durably
     from generalist.reporting.compare import comparison_table, render_markdown, render_text
     from generalist.reporting.runs import load_runs, run_labels
-    from generalist.rundir import atomic_write_text
 
     runs = load_runs(args.runs)
     _print_warnings(runs)
     table = comparison_table(runs, run_labels(runs))
     print(render_markdown(table) if args.markdown else render_text(table), end="")
     if args.out:
-        atomic_write_text(Path(args.out), render_markdown(table))
+        write_text_durably(Path(args.out), render_markdown(table))
         print(f"wrote {args.out}")
     return 0
 

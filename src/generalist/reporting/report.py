@@ -16,11 +16,11 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from generalist import __version__
+from generalist.durable import write_text_durably
 from generalist.evaluation.tables import render_markdown as render_evaluation
 from generalist.reporting import figures
 from generalist.reporting.compare import comparison_table, render_markdown
 from generalist.reporting.runs import Run, run_labels
-from generalist.rundir import atomic_write_text
 
 REPORT_FILE = "report.md"
 TRADEOFF_FILE = "tradeoff.png"
@@ -99,7 +99,7 @@ def write_report(runs: Sequence[Run], out: str | Path) -> Report:
     if warnings:
         sections.append("## Warnings\n\n" + "\n".join(f"- {w}" for w in warnings))
     path = out / REPORT_FILE
-    atomic_write_text(path, "\n\n".join(s.strip() for s in sections) + "\n")
+    write_text_durably(path, "\n\n".join(s.strip() for s in sections) + "\n")
     return Report(path, written)
 
 
