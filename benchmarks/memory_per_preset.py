@@ -23,9 +23,9 @@ from generalist.config import build_config
 from generalist.models import create_model
 from generalist.models.registry import count_parameters
 from generalist.presets import list_presets
+from generalist.training.generalist import GeneralistMerge
 from generalist.training.learner import Learner
 from generalist.training.loop import build_learners
-from generalist.training.merge import GeneralistMerge
 
 CIFAR10_SPEC = {"num_classes": 10, "in_channels": 3, "image_size": 32, "mean": None, "std": None}
 

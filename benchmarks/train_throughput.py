@@ -39,9 +39,9 @@ from generalist.attacks.threat import ThreatModel
 from generalist.config import LearnerConfig, from_dict
 from generalist.data import BatchAugment
 from generalist.models import create_model
+from generalist.schedules import PiecewiseLinear
+from generalist.training.generalist import GeneralistMerge
 from generalist.training.learner import Learner, build_optimizer
-from generalist.training.merge import GeneralistMerge
-from generalist.training.schedules import PiecewiseLinear
 from generalist.training.tasks import Attack, build_task
 
 THREAT = ThreatModel.parse("Linf:8/255")

@@ -16,10 +16,10 @@ from generalist.attacks.threat import ThreatModel
 from generalist.checkpoint import load_model, save_model
 from generalist.config import LearnerConfig, TaskConfig, build_config, from_dict
 from generalist.errors import ConfigError
+from generalist.schedules import PiecewiseLinear
 from generalist.training import cure
 from generalist.training.init import initialize_from
 from generalist.training.learner import Learner, build_optimizer
-from generalist.training.schedules import PiecewiseLinear
 from generalist.training.tasks import (
     Attack,
     CureTask,

@@ -41,9 +41,9 @@ from generalist.config import LearnerConfig, build_config
 from generalist.data import load_splits
 from generalist.errors import CheckpointError, ConfigError, DataError, TrainingError
 from generalist.rundir import RunDir
+from generalist.schedules import PiecewiseLinear
 from generalist.training import loop
 from generalist.training.learner import Learner
-from generalist.training.schedules import PiecewiseLinear
 from generalist.training.signals import TrainingInterrupted
 from generalist.training.tasks import NaturalTask
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from generalist.training.merge import GeneralistMerge, ema_decay
+from generalist.training.generalist import GeneralistMerge, ema_decay
 
 
 def tiny_model(seed: int) -> nn.Module:

@@ -10,10 +10,11 @@ import pytest
 import torch
 from training_runs import train_tiny
 
+from generalist import devices
 from generalist.checkpoint import load_model
 from generalist.config import build_config
 from generalist.errors import ConfigError
-from generalist.training import loop, precision
+from generalist.training import loop
 
 CPU = torch.device("cpu")
 
@@ -25,27 +26,27 @@ CPU = torch.device("cpu")
 def test_auto_on_the_cpu_follows_the_bf16_instructions(monkeypatch, amx, avx512_bf16, expected):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
-    assert precision.resolve_precision("auto", torch.device("cpu")) == expected
+    assert devices.resolve_precision("auto", torch.device("cpu")) == expected
 
 
 def test_auto_on_a_gpu_needs_ampere_or_newer(monkeypatch):
     for capability, expected in (((7, 0), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _d, c=capability: c)
-        assert precision.resolve_precision("auto", torch.device("cuda")) == expected
+        assert devices.resolve_precision("auto", torch.device("cuda")) == expected
 
 
 def test_an_explicit_precision_is_kept_whatever_the_hardware(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    assert precision.resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    assert precision.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert devices.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert devices.resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
 def test_bf16_autocast_lowers_matmuls_and_fp32_leaves_them_alone():
     a = torch.randn(4, 4)
-    with precision.training_autocast("bf16", torch.device("cpu")):
+    with devices.training_autocast("bf16", torch.device("cpu")):
         assert (a @ a).dtype == torch.bfloat16
-    with precision.training_autocast("fp32", torch.device("cpu")):
+    with devices.training_autocast("fp32", torch.device("cpu")):
         assert (a @ a).dtype == torch.float32
 
 

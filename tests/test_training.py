@@ -14,7 +14,7 @@ from generalist.data import load_splits
 from generalist.errors import TrainingError
 from generalist.evaluation.accuracy import accuracies
 from generalist.training import loop
-from generalist.training.merge import GeneralistMerge
+from generalist.training.generalist import GeneralistMerge
 
 FAST = [*TINY_DATA, "data.batch_size=64"]
 

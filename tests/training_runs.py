@@ -20,7 +20,7 @@ from unittest import mock
 
 from generalist.config import Config, build_config
 from generalist.training import loop
-from generalist.training.merge import GeneralistMerge
+from generalist.training.generalist import GeneralistMerge
 
 TINY_DATA = [
     "model.name=tiny-cnn",

@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _resume_config(args: argparse.Namespace) -> object:
     """The run's own config; presets, files and --set may only change what a resume allows."""
     from generalist.config import build_config
-    from generalist.training.checkpointing import resume_config
+    from generalist.training.save_and_resume import resume_config
 
     if args.out or args.name:
         raise GeneralistError(

@@ -25,9 +25,9 @@ from typing import Any
 import yaml
 
 from generalist.attacks.threat import NORMS, ThreatModel, parse_eps, parse_norm
+from generalist.devices import PRECISIONS
 from generalist.errors import ConfigError
-from generalist.training.precision import PRECISIONS
-from generalist.training.schedules import build_schedule, parse_number
+from generalist.schedules import build_schedule, parse_number
 
 TASK_TYPES = ("natural", "adversarial", "trades", "mart", "fat", "cure")
 CURE_DEFAULTS = {
@@ -541,7 +541,7 @@ def _validate_method_fields(config: Config, key: str, task: TaskConfig) -> None:
 
 def validate_gammas(config: Config) -> None:
     """γ_i(e) must lie in [0, 1] and sum to 1 at every epoch e = 1..E (DESIGN §1)."""
-    from generalist.training.schedules import PiecewiseLinear
+    from generalist.schedules import PiecewiseLinear
 
     remainders = [n for n, lr in config.learners.items() if lr.gamma == REMAINDER]
     if len(remainders) > 1:

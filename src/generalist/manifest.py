@@ -22,9 +22,9 @@ import torch
 import generalist
 from generalist.config import Config
 from generalist.data import DataSplits
+from generalist.devices import resolve_precision
 from generalist.evaluation.records import software_versions
 from generalist.rundir import RunDir
-from generalist.training.precision import resolve_precision
 
 MANIFEST_FORMAT = "generalist-manifest/1"
 

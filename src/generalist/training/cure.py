@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from generalist.training.merge import state_tensors
+from generalist.training.generalist import state_tensors
 
 SEED_SALT = 0x5EED_C0DE_F00D
 """XOR-ed into the seed so the revision coin never shares a stream with a generator seeded

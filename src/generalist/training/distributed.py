@@ -62,9 +62,9 @@ from generalist.data import EpochBatches, ImageDataset
 from generalist.errors import ConfigError, GeneralistError
 from generalist.evaluation.accuracy import correct_counts, percentages
 from generalist.rundir import RunDir
-from generalist.training.checkpointing import Checkpointer
+from generalist.training.generalist import GeneralistMerge
 from generalist.training.learner import Learner
-from generalist.training.merge import GeneralistMerge
+from generalist.training.save_and_resume import Checkpointer
 from generalist.training.signals import STOP_SIGNALS, TrainingInterrupted
 from generalist.training.state import (
     TrainingState,

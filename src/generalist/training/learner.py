@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from generalist.config import LearnerConfig, OptimizerConfig
-from generalist.training.schedules import PiecewiseLinear
+from generalist.schedules import PiecewiseLinear
 from generalist.training.tasks import AppliesGradients, Task
 
 

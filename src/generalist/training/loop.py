@@ -32,16 +32,16 @@ from generalist.attacks.threat import ThreatModel
 from generalist.checkpoint import CheckpointStore, save_model
 from generalist.config import Config, redistribute_start_epoch, validate
 from generalist.data import BatchAugment, DataSplits, EpochBatches, load_splits, to_float
+from generalist.devices import resolve_precision, training_autocast
 from generalist.errors import ConfigError, TrainingError
 from generalist.manifest import build_manifest, data_fingerprints, note_resume, write_manifest
 from generalist.models import create_model
 from generalist.rundir import RunDir
-from generalist.training.checkpointing import Checkpointer, resume_state
+from generalist.schedules import PiecewiseLinear, build_schedule
 from generalist.training.distributed import SingleProcess, processes
 from generalist.training.init import initialize_from
 from generalist.training.learner import Learner, build_optimizer
-from generalist.training.precision import resolve_precision, training_autocast
-from generalist.training.schedules import PiecewiseLinear, build_schedule
+from generalist.training.save_and_resume import Checkpointer, resume_state
 from generalist.training.signals import TrainingInterrupted, resume_hint, stop_on_signals
 from generalist.training.state import TrainingState
 from generalist.training.tasks import Attack, task_from_config

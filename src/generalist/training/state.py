@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from generalist.errors import CheckpointError
+from generalist.training.generalist import GeneralistMerge
 from generalist.training.learner import Learner
-from generalist.training.merge import GeneralistMerge
 
 
 @runtime_checkable

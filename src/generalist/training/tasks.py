@@ -26,8 +26,8 @@ from generalist.attacks.friendly_pgd import friendly_pgd
 from generalist.attacks.pgd import LossFn, pgd
 from generalist.attacks.threat import ThreatModel
 from generalist.config import CURE_DEFAULTS, TaskConfig
+from generalist.schedules import PiecewiseLinear, build_schedule
 from generalist.training import cure
-from generalist.training.schedules import PiecewiseLinear, build_schedule
 
 TRADES_INIT_SCALE = 0.001
 """TRADES/MART start their inner maximisation at x + 0.001·N(0, 1) (Zhang et al. 2019)."""
