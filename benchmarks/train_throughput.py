@@ -42,7 +42,7 @@ from generalist.models import create_model
 from generalist.schedules import PiecewiseLinear
 from generalist.training.generalist import GeneralistMerge
 from generalist.training.learner import Learner, build_optimizer
-from generalist.training.tasks import Attack, build_task
+from generalist.training.tasks import TrainingAttack, build_task
 
 THREAT = ThreatModel.parse("Linf:8/255")
 STEP_SIZE = 2 / 255
@@ -104,12 +104,12 @@ def learner(name: str, model: nn.Module, task: str, pgd_steps: int) -> Learner:
         {"task": {"type": task}, "optimizer": {"type": "sgd", "lr": 0.01}, "gamma": 0.5},
         "bench",
     )
-    attack = Attack(THREAT, pgd_steps, STEP_SIZE) if task != "natural" else None
+    attack = TrainingAttack(THREAT, pgd_steps, STEP_SIZE) if task != "natural" else None
     return Learner(
         name=name,
         model=model,
         optimizer=build_optimizer(model, config.optimizer),
-        lr=PiecewiseLinear(((0.0, 0.01), (1.0, 0.01))),
+        lr_schedule=PiecewiseLinear(((0.0, 0.01), (1.0, 0.01))),
         gamma=PiecewiseLinear(((0.0, 0.5), (1.0, 0.5))),
         task=build_task(task, attack, 0.0),
         config=config,
@@ -139,8 +139,8 @@ def ours_step_fn(
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x = x.contiguous(memory_format=memory_format)
         with autocast:
-            for lr in learners:
-                lr.train_step(x, y, 0.5)
+            for learner in learners:
+                learner.train_step(x, y, 0.5)
         merge.update(counter[0], gammas)
         counter[0] += 1
 

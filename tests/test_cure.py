@@ -21,14 +21,14 @@ from generalist.training import cure
 from generalist.training.init import initialize_from
 from generalist.training.learner import Learner, build_optimizer
 from generalist.training.tasks import (
-    Attack,
     CureTask,
+    TrainingAttack,
     task_from_config,
     trades_adversarial,
     trades_divergence,
 )
 
-ATTACK = Attack(ThreatModel.of("Linf", "0.1"), steps=2, step_size=0.05)
+ATTACK = TrainingAttack(ThreatModel.of("Linf", "0.1"), steps=2, step_size=0.05)
 TINY_SPEC = {
     "name": "tiny-cnn",
     "num_classes": 10,
@@ -67,7 +67,7 @@ def learner_for(model: nn.Module, task: CureTask) -> Learner:
         name="cure",
         model=model,
         optimizer=build_optimizer(model, config.optimizer),
-        lr=PiecewiseLinear.constant(0.1),
+        lr_schedule=PiecewiseLinear.constant(0.1),
         gamma=PiecewiseLinear.constant(1.0),
         task=task,
         config=config,
@@ -102,7 +102,7 @@ def test_a_cure_step_zeroes_exactly_p_percent_of_each_weight_tensor_at_lowest_pr
     reference = copy.deepcopy(model)
     learner = learner_for(model, cure_task(model, mask_fraction=fraction))
     generator_state = learner.generator.get_state()
-    learner.train_step(x, y, epoch_position=0.5)
+    learner.train_step(x, y, position=0.5)
 
     # Brute force on the untouched copy: the same adversarial batch, then each gradient alone.
     x_adv = trades_adversarial(
@@ -186,12 +186,12 @@ def test_natural_warmup_trains_plain_cross_entropy_then_cure_begins_from_that_mo
     learner = learner_for(model, task)
     with torch.no_grad():
         expected_warmup_loss = F.cross_entropy(copy.deepcopy(model).train()(x), y)
-    warm = learner.train_step(x, y, epoch_position=1.0)
+    warm = learner.train_step(x, y, position=1.0)
     torch.testing.assert_close(warm, expected_warmup_loss)
     assert task.revision.steps == 0
-    learner.train_step(x, y, epoch_position=1.9)
+    learner.train_step(x, y, position=1.9)
     start = [p.detach().clone() for p in model.parameters()]
-    learner.train_step(x, y, epoch_position=2.1)
+    learner.train_step(x, y, position=2.1)
     assert task.revision.steps == 1  # the revision restarted from `start`, then flipped its coin
     d = task.revision.decay_at(1) if task.revision.updates else 1.0
     pairs = zip(task.revision.model.parameters(), model.parameters(), strict=True)
@@ -215,7 +215,7 @@ def test_task_state_round_trips_the_revision_and_its_coin():
     task = cure_task(model, revision_rate=0.5)
     learner = learner_for(model, task)
     for _ in range(3):
-        learner.train_step(x, y, epoch_position=0.5)
+        learner.train_step(x, y, position=0.5)
     state = task.state_dict()
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     other = cure_task(tiny_model(seed=9), revision_rate=0.5)

@@ -13,7 +13,7 @@ from generalist.attacks.threat import ThreatModel
 from generalist.config import build_config
 from generalist.errors import ConfigError
 from generalist.training import loop
-from generalist.training.tasks import Attack, FriendlyAdversarialTask, task_from_config
+from generalist.training.tasks import FriendlyAdversarialTask, TrainingAttack, task_from_config
 
 THREAT = ThreatModel.of("Linf", "0.004")
 STEPS = 8
@@ -76,7 +76,7 @@ def test_tau_of_at_least_the_step_count_is_plain_pgd():
 
 def test_fat_preset_raises_tau_over_training_as_fat_py_does():
     config = build_config("fat", dataset="digits", overrides=["epochs=12"])
-    attack = Attack(THREAT, STEPS, STEP_SIZE)
+    attack = TrainingAttack(THREAT, STEPS, STEP_SIZE)
     task = task_from_config(
         config.learners["fat"].task, attack, torch.nn.Linear(1, 1), epochs=12, seed=0
     )

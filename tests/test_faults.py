@@ -295,7 +295,7 @@ def test_skipping_a_nonfinite_loss_leaves_the_learner_untouched():
         name="natural",
         model=model,
         optimizer=optimizer,
-        lr=PiecewiseLinear.constant(0.1),
+        lr_schedule=PiecewiseLinear.constant(0.1),
         gamma=PiecewiseLinear.constant(1.0),
         task=NaturalTask(),
         config=LearnerConfig(),
@@ -304,7 +304,8 @@ def test_skipping_a_nonfinite_loss_leaves_the_learner_untouched():
     x, y = torch.rand(8, 1, 2, 2), torch.arange(8) % 3
     learner.train_step(x, y, 0.5)  # momentum exists from here on
     before = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
-    loss = learner.train_step(x * math.nan, y, 0.6, skip_nonfinite=True)
+    learner.skip_nonfinite = True  # checkpoint.on_nonfinite: skip
+    loss = learner.train_step(x * math.nan, y, 0.6)
     assert torch.isnan(loss)
     for key, value in before[0].items():
         assert torch.equal(model.state_dict()[key], value), key
@@ -312,7 +313,7 @@ def test_skipping_a_nonfinite_loss_leaves_the_learner_untouched():
         assert torch.equal(
             optimizer.state_dict()["state"][index]["momentum_buffer"], state["momentum_buffer"]
         )
-    assert math.isfinite(learner.train_step(x, y, 0.7, skip_nonfinite=True))
+    assert math.isfinite(learner.train_step(x, y, 0.7))
 
 
 # --- config errors: before any compute --------------------------------------------------------

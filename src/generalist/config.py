@@ -27,7 +27,7 @@ import yaml
 from generalist.attacks.threat import NORMS, ThreatModel, parse_eps, parse_norm
 from generalist.devices import PRECISIONS
 from generalist.errors import ConfigError
-from generalist.schedules import build_schedule, parse_number
+from generalist.schedules import REMAINDER, build_schedule, mixing_weights, parse_number
 
 TASK_TYPES = ("natural", "adversarial", "trades", "mart", "fat", "cure")
 CURE_DEFAULTS = {
@@ -44,7 +44,6 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 REDISTRIBUTE_POLICIES = ("per_step_in_epoch", "once_per_c_epochs", "never")
 INIT_POLICIES = ("same", "independent")
 NONFINITE_POLICIES = ("stop", "skip")
-REMAINDER = "remainder"
 
 
 @dataclass
@@ -541,27 +540,23 @@ def _validate_method_fields(config: Config, key: str, task: TaskConfig) -> None:
 
 def validate_gammas(config: Config) -> None:
     """γ_i(e) must lie in [0, 1] and sum to 1 at every epoch e = 1..E (DESIGN §1)."""
-    from generalist.schedules import PiecewiseLinear
-
     remainders = [n for n, lr in config.learners.items() if lr.gamma == REMAINDER]
     if len(remainders) > 1:
         raise ConfigError(
             f"learners.{remainders[1]}.gamma: only one learner may take the 'remainder'"
         )
-    curves: dict[str, PiecewiseLinear] = {
-        name: build_schedule(lr.gamma, config.epochs, f"learners.{name}.gamma", high=1.0)
-        for name, lr in config.learners.items()
-        if lr.gamma != REMAINDER
-    }
+    curves = mixing_weights({n: lr.gamma for n, lr in config.learners.items()}, config.epochs)
     for epoch in range(1, config.epochs + 1):
-        total = sum(curve(epoch) for curve in curves.values())
         if remainders:
-            if total > 1 + 1e-6:
+            remainder = curves[remainders[0]](epoch)
+            if remainder < -1e-6:
                 raise ConfigError(
-                    f"learners.*.gamma: the fixed γ already sum to {total:.4g} > 1 at epoch "
-                    f"{epoch}, leaving a negative remainder for learners.{remainders[0]}"
+                    f"learners.*.gamma: the fixed γ already sum to {1 - remainder:.4g} > 1 at "
+                    f"epoch {epoch}, leaving a negative remainder for learners.{remainders[0]}"
                 )
-        elif not math.isclose(total, 1.0, abs_tol=1e-6):
+            continue
+        total = sum(curve(epoch) for curve in curves.values())
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ConfigError(
                 f"learners.*.gamma: γ sum to {total:.4g}, not 1, at epoch {epoch}; "
                 "fix the curves or set one learner's gamma to 'remainder'"

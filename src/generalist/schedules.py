@@ -103,3 +103,29 @@ def _check_range(value: float, key: str, low: float, high: float) -> None:
     if not low <= value <= high:
         bound = f"[{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
         raise ConfigError(f"{key}: {value:g} is out of range; it must be {bound}")
+
+
+REMAINDER = "remainder"
+"""The γ of the one learner that takes whatever the others leave: 1 − Σ_other γ_j(e)."""
+
+
+def mixing_weights(gammas: dict[str, Any], epochs: int) -> dict[str, PiecewiseLinear]:
+    """γ_i(e) of every learner: its own curve, or for the ``remainder`` learner 1 − Σ of the
+    others at every integer epoch e = 1..E (γ is read once per epoch, so the points are exact).
+
+    The one builder of the remainder: the config check (γ in [0, 1], summing to 1) and training
+    both read these curves.
+    """
+    fixed = {
+        name: build_schedule(spec, epochs, f"learners.{name}.gamma", high=1.0)
+        for name, spec in gammas.items()
+        if spec != REMAINDER
+    }
+    return {
+        name: fixed[name]
+        if name in fixed
+        else PiecewiseLinear(
+            tuple((float(e), 1.0 - sum(c(e) for c in fixed.values())) for e in range(1, epochs + 1))
+        )
+        for name in gammas
+    }

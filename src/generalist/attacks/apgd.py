@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from generalist.attacks.base import batch_view, threat_fields
+from generalist.attacks.base import LossFn, batch_view, threat_fields
 from generalist.attacks.pgd import cross_entropy_per_example
 from generalist.attacks.threat import ThreatModel
 from generalist.errors import ConfigError
@@ -42,8 +42,6 @@ VERSION = "1"
 MOMENTUM = 0.75
 INITIAL_STEP = 2.0
 """Initial step size in units of ε (ℓ∞ and ℓ2)."""
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

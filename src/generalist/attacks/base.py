@@ -10,12 +10,16 @@ attack never switches the model between train and eval mode (the evaluator does,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from generalist.attacks.threat import ThreatModel
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss_fn(logits, target) -> per-example loss [B]``; an attack ascends its sum."""
 
 
 @runtime_checkable

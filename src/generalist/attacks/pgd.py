@@ -8,20 +8,16 @@ The attack never switches the model between train and eval mode: whoever calls i
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from generalist.attacks.base import threat_fields
+from generalist.attacks.base import LossFn, threat_fields
 from generalist.attacks.threat import ThreatModel
 
 VERSION = "1"
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``loss_fn(logits, target) -> per-example loss [B]``; the attack ascends its sum."""
 
 
 def cross_entropy_per_example(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,7 @@ from torch import nn
 from generalist.attacks.pgd import PGD
 from generalist.attacks.threat import ThreatModel
 from generalist.data import ImageDataset, to_float
-from generalist.training.tasks import eval_mode
-
-
-@torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x).argmax(dim=1)
+from generalist.inference import eval_mode, predicts_correctly
 
 
 def accuracies(
@@ -63,11 +58,11 @@ def correct_counts(
         for start in range(index * batch_size, len(data), count * batch_size):
             x = to_float(data.images[start : start + batch_size].to(device))
             y = data.labels[start : start + batch_size].to(device)
-            right = _predict(model, x) == y
+            right = predicts_correctly(model, x, y)
             correct["clean"] += int(right.sum())
             if not right.any():
                 continue
             for threat, attack in zip(threats, attacks, strict=True):
                 x_adv = attack(model, x[right], y[right])
-                correct[str(threat)] += int((_predict(model, x_adv) == y[right]).sum())
+                correct[str(threat)] += int(predicts_correctly(model, x_adv, y[right]).sum())
     return correct

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from generalist.attacks.threat import ThreatModel
+from generalist.devices import resolve_device
 from generalist.errors import CheckpointError, ConfigError
 from generalist.evaluation.suite import AUTOATTACK, EvaluationSuite, Progress
 
@@ -130,7 +131,7 @@ def run_eval(
         progress=not args.no_progress,
     )
     out = _out_dir(args, run_dir)
-    device = _device(args.device)
+    device = resolve_device(args.device, "--device")
     model, spec = load_model(target, device)
     weights = target / "model.safetensors" if target.is_dir() else target
     model_hash = sha256_file(weights)
@@ -238,18 +239,6 @@ def _threats(args: argparse.Namespace, config: Any) -> list[ThreatModel]:
         f"{args.target} has no config.yaml to take threat models from; "
         "pass them, e.g. --threat Linf:8/255"
     )
-
-
-def _device(text: str) -> torch.device:
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ConfigError(f"--device {text!r} is not a device; use auto, cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {text}: no CUDA device is visible; use --device cpu")
-    return device
 
 
 def _out_dir(args: argparse.Namespace, run_dir: Path) -> Path:

@@ -16,10 +16,9 @@ call on a fixed batch, ends with exactly the masks an uninterrupted run would ha
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from generalist.attacks.threat import ThreatModel
 from generalist.data import ImageDataset, to_float
 from generalist.durable import write_text_durably
 from generalist.errors import ConfigError
+from generalist.inference import eval_mode, predicts_correctly
 
 STATE_FORMAT = "generalist-eval-state/1"
 AUTOATTACK = "autoattack"
@@ -195,27 +195,6 @@ def _plan_json(plan: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the suite
 
 
-@contextlib.contextmanager
-def _evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode (running BN statistics, no dropout) with frozen weights; restored afterwards."""
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for param, flag in zip(model.parameters(), flags, strict=True):
-            param.requires_grad_(flag)
-        model.train(was_training)
-
-
-@torch.no_grad()
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return model(x).argmax(dim=1) == y
-
-
 class EvaluationSuite:
     """Runs ``attacks`` under each of ``threats`` and keeps per-point results.
 
@@ -285,7 +264,7 @@ class EvaluationSuite:
             raise ConfigError("there are no examples to evaluate; raise --n-examples")
         state = SuiteState(state_path, _plan_json({**self.plan(len(data)), **(identity or {})}))
         runner = _Runner(self, model, data, state, on_progress, torch.device(device))
-        with _evaluation_mode(model):
+        with eval_mode(model, freeze=True):
             return runner.run()
 
 
@@ -352,7 +331,7 @@ class _Runner:
         start = time.perf_counter()
         correct = torch.cat(
             [
-                _correct(self.model, xb.to(self.device), yb.to(self.device)).cpu()
+                predicts_correctly(self.model, xb.to(self.device), yb.to(self.device)).cpu()
                 for xb, yb in zip(
                     self.x.split(self.suite.batch_size),
                     self.y.split(self.suite.batch_size),
@@ -413,7 +392,7 @@ class _Runner:
         x, y = self.x[idx].to(self.device), self.y[idx].to(self.device)
         x_adv = attack(self.model, x, y)
         bad = ~feasible(threat, x, x_adv)
-        still_right = _correct(self.model, x_adv, y) | bad
+        still_right = predicts_correctly(self.model, x_adv, y) | bad
         survived[idx - start] = still_right.cpu()
         return survived, int(bad.sum())
 

@@ -61,7 +61,6 @@ from generalist.config import Config
 from generalist.data import EpochBatches, ImageDataset
 from generalist.errors import ConfigError, GeneralistError
 from generalist.evaluation.accuracy import correct_counts, percentages
-from generalist.rundir import RunDir
 from generalist.training.generalist import GeneralistMerge
 from generalist.training.learner import Learner
 from generalist.training.save_and_resume import Checkpointer
@@ -108,13 +107,10 @@ class SingleProcess:
     def check(self, config: Config, batches: EpochBatches) -> None:
         """Refuse, before any training, what this placement cannot run."""
 
-    def create_run(self, run: RunDir | None, config: Config) -> RunDir:
-        return run or RunDir.create(config.out_dir, config.name)
-
     def merge(
         self, learners: Sequence[Learner], global_model: nn.Module, **kw: Any
     ) -> GeneralistMerge:
-        return GeneralistMerge([lr.model for lr in learners], global_model, **kw)
+        return GeneralistMerge([learner.model for learner in learners], global_model, **kw)
 
     def local(self, learners: list[Learner]) -> list[Learner]:
         return learners
@@ -237,15 +233,41 @@ class LearnerParallel(SingleProcess):
                 "data.batch_size or use fewer processes"
             )
 
-    def create_run(self, run: RunDir | None, config: Config) -> RunDir:
-        if run is not None:
-            return run
-        return RunDir(self.on_main(lambda: RunDir.create(config.out_dir, config.name).path))
-
     def merge(
         self, learners: Sequence[Learner], global_model: nn.Module, **kw: Any
     ) -> GeneralistMerge:
-        return LearnerParallelMerge([lr.model for lr in learners], global_model, self, **kw)
+        """The merge of this rank's teacher; the mix summed over the ranks (one learner's
+        replicas hold identical teachers: nothing to exchange)."""
+        return GeneralistMerge(
+            [learner.model for learner in learners],
+            global_model,
+            trained_here=[self.learner],
+            sum_over_processes=self._sum_mix if len(self.names) > 1 else None,
+            **kw,
+        )
+
+    @torch.no_grad()
+    def _sum_mix(
+        self,
+        gamma: float,
+        teacher: tuple[list[torch.Tensor], list[torch.Tensor]],
+        global_ints: list[torch.Tensor],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Σ_i γ_i·θ̄_i as one all-reduce: learner i's first replica puts γ_i·θ̄_i in a flat
+        buffer, every other rank zeros; rank 0 adds the integer buffers of teacher 0."""
+        t_float, t_int = teacher
+        floats = torch.cat([t.reshape(-1) for t in t_float])
+        ints = _split_ints(t_int if self.rank == 0 else global_ints, floats)
+        if self.rank != 0:
+            ints.zero_()
+        if self.replica == 0:
+            floats.mul_(gamma)
+        else:
+            floats.zero_()
+        flat = torch.cat([floats, ints])
+        dist.all_reduce(flat)
+        mixed = _unflatten(flat[: len(floats)], t_float)
+        return mixed, _join_ints(flat[len(floats) :], global_ints) if global_ints else []
 
     def local(self, learners: list[Learner]) -> list[Learner]:
         learner = learners[self.learner]
@@ -367,47 +389,6 @@ class GatheringCheckpointer(Checkpointer):
         self.latest = self.parallel.on_main(lambda: Checkpointer.save(self, reason))
         self._saved_at = time.monotonic()
         return self.latest
-
-
-class LearnerParallelMerge(GeneralistMerge):
-    """The merge of DESIGN §1 with this rank's teacher updated and the mix all-reduced."""
-
-    def __init__(
-        self,
-        learners: Sequence[nn.Module],
-        global_model: nn.Module,
-        parallel: LearnerParallel,
-        **kw: Any,
-    ) -> None:
-        super().__init__(learners, global_model, **kw)
-        self.parallel = parallel
-
-    @property
-    def trained_here(self) -> Sequence[int]:
-        return [self.parallel.learner]
-
-    @torch.no_grad()
-    def _mix(self, gammas: Sequence[float], d: float) -> None:
-        if len(self.learners) == 1:  # replicas hold identical teachers: nothing to exchange
-            super()._mix(gammas, d)
-            return
-        parallel = self.parallel
-        g_float, g_int = self._global_state
-        t_float, t_int = self._teacher_state[parallel.learner]
-        floats = torch.cat([t.reshape(-1) for t in t_float])
-        ints = _split_ints(t_int, floats) if parallel.rank == 0 else _split_ints(g_int, floats)
-        if parallel.rank != 0:
-            ints.zero_()
-        if parallel.replica == 0:
-            floats.mul_(gammas[parallel.learner])
-        else:
-            floats.zero_()
-        flat = torch.cat([floats, ints])
-        dist.all_reduce(flat)
-        torch._foreach_mul_(g_float, d)
-        torch._foreach_add_(g_float, _unflatten(flat[: len(floats)], g_float), alpha=1.0 - d)
-        if g_int:
-            torch._foreach_copy_(g_int, _join_ints(flat[len(floats) :], g_int))
 
 
 def _portable(exc: Exception) -> GeneralistError:

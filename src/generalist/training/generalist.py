@@ -1,9 +1,17 @@
-"""The Generalist merge: EMA teachers, the γ-weighted global EMA, and redistribution.
+"""The Generalist update, in the order it happens (DESIGN §1). Everything that makes the
+method differ from plain adversarial training is in this file.
 
-Exactly DESIGN §1. After every training step t (counted from 0 over the whole run):
+Per epoch e (1-based, of E):
 
-1. each teacher θ̄_i ← d_t·θ̄_i + (1−d_t)·θ_i,
-2. the global learner θ_g ← d_t·θ_g + (1−d_t)·Σ_i γ_i(e)·θ̄_i,
+* the mixing weights γ_i(e), read once per epoch, summing to 1 (:func:`gamma_schedules`);
+* whether e redistributes: e ≥ t' and e mod c = 0 (:func:`redistributes_in`).
+
+Per training step t (counted from 0 over the whole run, :func:`generalist_step`):
+
+1. every base learner i takes one optimizer step of its own task on the same batch,
+2. each teacher θ̄_i ← d_t·θ̄_i + (1−d_t)·θ_i,
+3. the global learner θ_g ← d_t·θ_g + (1−d_t)·Σ_i γ_i(e)·θ̄_i,
+4. in a redistributing epoch, every θ_i ← θ_g,
 
 with d_t = min(d_max, (t+1)/(t+10)). "Parameters" here means every floating-point tensor of the
 state dict, so BatchNorm running means and variances are averaged like weights; integer buffers
@@ -11,16 +19,126 @@ state dict, so BatchNorm running means and variances are averaged like weights; 
 whole global state into every base learner; their optimizers keep their momentum.
 
 All updates use the ``torch._foreach_*`` kernels: one fused launch per tensor list instead of
-one per tensor, which matters for the hundreds of small tensors of a ResNet.
+one per tensor, which matters for the hundreds of small tensors of a ResNet. Under torchrun
+(:mod:`~generalist.training.distributed`) the same code runs on every rank; the only
+difference is that Σ_i γ_i·θ̄_i is summed over the processes instead of over a local list.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from generalist.config import Config, redistribute_start_epoch
+from generalist.schedules import PiecewiseLinear, mixing_weights
+
+if TYPE_CHECKING:
+    from generalist.training.learner import Learner
+
+MixSum = Callable[
+    [float, tuple[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]],
+    tuple[list[torch.Tensor], list[torch.Tensor]],
+]
+"""``(γ_i, this process's teacher (floats, ints), θ_g's ints) -> (Σ_i γ_i·θ̄_i, ints)``: the
+mix summed over processes (learner-parallel training; one process sums a local list)."""
+
+
+# ---- the schedules: fixed for a whole epoch ----------------------------------------------
+
+
+def gamma_schedules(config: Config) -> list[PiecewiseLinear]:
+    """γ_i(e), one curve per learner in config order; ``remainder`` is 1 − Σ of the others."""
+    curves = mixing_weights({n: lc.gamma for n, lc in config.learners.items()}, config.epochs)
+    return list(curves.values())
+
+
+def redistributes_in(config: Config, epoch: int) -> bool:
+    """Redistribute in the epochs e ≥ t' with e mod c = 0 (t' a fraction of E or an epoch)."""
+    policy = config.merge.redistribute
+    if policy.policy == "never":
+        return False
+    return epoch >= redistribute_start_epoch(config) and epoch % policy.every == 0
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What the Generalist does in one epoch."""
+
+    gammas: list[float]
+    redistribute: bool
+    every_step: bool
+    """Redistribute after every step of the epoch (the official rule), not once at its end."""
+
+
+def epoch_plan(config: Config, learners: Sequence[Learner], epoch: int) -> EpochPlan:
+    # γ is fixed for the whole epoch, as in the official code: Σ_i γ_i(e) = 1 holds exactly at
+    # the integer epochs the config check verified, and the global learner's target does not
+    # drift within an epoch.
+    redistribute = redistributes_in(config, epoch)
+    return EpochPlan(
+        gammas=[learner.gamma(epoch) for learner in learners],
+        redistribute=redistribute,
+        every_step=redistribute and config.merge.redistribute.policy == "per_step_in_epoch",
+    )
+
+
+# ---- the start: one initialisation, or the γ-mix of independent ones ------------------------
+
+
+@torch.no_grad()
+def mix_initial_global(
+    global_model: nn.Module, learners: Sequence[nn.Module], gammas: list[float]
+) -> None:
+    """θ_g ← Σ_i γ_i(1)·θ_i, for ``merge.init: independent`` (each learner its own random
+    start); with ``same`` (the paper's) θ_g already is the shared start."""
+    for key, tensor in global_model.state_dict().items():
+        if tensor.is_floating_point():
+            tensor.copy_(
+                sum(w * m.state_dict()[key] for w, m in zip(gammas, learners, strict=True))
+            )
+
+
+# ---- one step ------------------------------------------------------------------------------
+
+
+def generalist_step(
+    here: Sequence[Learner],
+    merge: GeneralistMerge,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    position: float,
+    step: int,
+    plan: EpochPlan,
+    settle_losses: Callable[[torch.Tensor], torch.Tensor],
+    autocast: AbstractContextManager[object],
+) -> torch.Tensor:
+    """Steps 1–4 above for the learners trained in this process; returns every learner's loss.
+
+    ``settle_losses`` gathers all learners' losses (from the other processes under torchrun)
+    and stops the run, or skips the batch, at a non-finite one: before the merge, so a NaN
+    never reaches the teachers, the global learner or a checkpoint.
+    """
+    # 1. Every learner sees the same batch (as in the official code): the global learner
+    #    averages models that differ only in their task and optimizer, not in their data.
+    with autocast:
+        losses = torch.stack([learner.train_step(x, y, position).float() for learner in here])
+    losses = settle_losses(losses)
+    # 2–3. Teachers, then the global learner from the updated teachers.
+    merge.update(step, plan.gammas)
+    # 4. After the merge: what goes back into the learners already holds this step's progress.
+    if plan.every_step:
+        merge.redistribute()
+    return losses
+
+
+# ---- the state the merge owns --------------------------------------------------------------
 
 
 def state_tensors(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -41,7 +159,11 @@ def ema_decay(step: int, decay_max: float, warmup: bool) -> float:
 
 
 class GeneralistMerge:
-    """Owns the teachers θ̄_i and the global learner θ_g for a list of base-learner models."""
+    """Owns the teachers θ̄_i and the global learner θ_g for a list of base-learner models.
+
+    ``trained_here`` are the learners this process trains (all of them, in one process), whose
+    teachers it updates; ``sum_over_processes`` replaces the local Σ_i γ_i·θ̄_i under torchrun.
+    """
 
     def __init__(
         self,
@@ -50,6 +172,8 @@ class GeneralistMerge:
         *,
         decay_max: float = 0.999,
         warmup: bool = True,
+        trained_here: Sequence[int] | None = None,
+        sum_over_processes: MixSum | None = None,
     ) -> None:
         self.learners = list(learners)
         self.teachers = [copy.deepcopy(m) for m in self.learners]
@@ -58,43 +182,46 @@ class GeneralistMerge:
         self.global_model = global_model.requires_grad_(False)
         self.decay_max = decay_max
         self.warmup = warmup
+        self.trained_here = range(len(self.learners)) if trained_here is None else trained_here
+        self.sum_over_processes = sum_over_processes
         self._learner_state = [state_tensors(m) for m in self.learners]
         self._teacher_state = [state_tensors(m) for m in self.teachers]
         self._global_state = state_tensors(self.global_model)
 
     @torch.no_grad()
     def update(self, step: int, gammas: Sequence[float]) -> float:
-        """Apply the teacher and global EMA updates for step ``step``; returns d_t."""
+        """Steps 2 and 3 for step ``step``; returns d_t."""
         if len(gammas) != len(self.learners):
             raise ValueError(f"expected {len(self.learners)} mixing weights, got {len(gammas)}")
         d = ema_decay(step, self.decay_max, self.warmup)
         for index in self.trained_here:
             l_float, l_int = self._learner_state[index]
             t_float, t_int = self._teacher_state[index]
-            torch._foreach_lerp_(t_float, l_float, 1.0 - d)
+            torch._foreach_lerp_(t_float, l_float, 1.0 - d)  # θ̄_i ← d·θ̄_i + (1−d)·θ_i
             if t_int:
                 torch._foreach_copy_(t_int, l_int)
         self._mix(gammas, d)
         return d
 
-    @property
-    def trained_here(self) -> Sequence[int]:
-        """The learners this process trains, whose teachers it updates: all of them here."""
-        return range(len(self.learners))
-
     def _mix(self, gammas: Sequence[float], d: float) -> None:
         """θ_g ← d·θ_g + (1−d)·Σ_i γ_i·θ̄_i; integer buffers from the first teacher."""
         g_float, g_int = self._global_state
-        torch._foreach_mul_(g_float, d)
-        for gamma, (t_float, _) in zip(gammas, self._teacher_state, strict=True):
-            if gamma != 0.0:
-                torch._foreach_add_(g_float, t_float, alpha=(1.0 - d) * gamma)
+        torch._foreach_mul_(g_float, d)  # d·θ_g
+        if self.sum_over_processes is None:
+            for gamma, (t_float, _) in zip(gammas, self._teacher_state, strict=True):
+                if gamma != 0.0:  # + (1−d)·γ_i·θ̄_i
+                    torch._foreach_add_(g_float, t_float, alpha=(1.0 - d) * gamma)
+            ints = self._teacher_state[0][1]
+        else:
+            here = self.trained_here[0]
+            mixed, ints = self.sum_over_processes(gammas[here], self._teacher_state[here], g_int)
+            torch._foreach_add_(g_float, mixed, alpha=1.0 - d)  # + (1−d)·Σ_i γ_i·θ̄_i
         if g_int:
-            torch._foreach_copy_(g_int, self._teacher_state[0][1])
+            torch._foreach_copy_(g_int, ints)
 
     @torch.no_grad()
     def redistribute(self) -> None:
-        """Copy θ_g (weights and all buffers) into every base learner."""
+        """Step 4: copy θ_g (weights and all buffers) into every base learner."""
         g_float, g_int = self._global_state
         for l_float, l_int in self._learner_state:
             torch._foreach_copy_(l_float, g_float)

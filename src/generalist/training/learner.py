@@ -38,12 +38,16 @@ class Learner:
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    lr: PiecewiseLinear
+    lr_schedule: PiecewiseLinear
     gamma: PiecewiseLinear
     task: Task
     config: LearnerConfig
     generator: torch.Generator
     """Random starts of this learner's attacks, so adding a learner never shifts another's."""
+    skip_nonfinite: bool = False
+    """``checkpoint.on_nonfinite: skip``: a NaN/inf loss leaves the learner as it was (weights,
+    BatchNorm statistics the forward pass touched, optimizer state), at the price of one more
+    host sync per step."""
     gradient_sync: Callable[[nn.Module], None] | None = None
     """Called between the backward pass and the update: data-parallel replicas of this learner
     average their gradients there (see :mod:`generalist.training.distributed`)."""
@@ -52,26 +56,23 @@ class Learner:
         self,
         x: torch.Tensor,
         y: torch.Tensor,
-        epoch_position: float,
-        *,
-        skip_nonfinite: bool = False,
+        position: float,
     ) -> torch.Tensor:
-        """One optimizer step at fractional epoch ``epoch_position``; returns the detached loss.
+        """One optimizer step at ``position`` (fractional epoch: epoch − 1 + batches done / batches
+        per epoch, after this one); returns the detached loss.
 
         The loss stays on the device (no ``.item()``); the loop checks all learners' losses
         for finiteness at once, with a single host sync per step. A task that edits the
         gradients or keeps state in step with the weights (CURE) takes the optimizer step
-        itself. With ``skip_nonfinite`` a NaN/inf loss leaves the learner as it was (weights,
-        BatchNorm statistics the forward pass touched, optimizer state), at the price of one
-        more host sync per step.
+        itself.
         """
-        lr = self.lr(epoch_position)
+        lr = self.lr_schedule(position)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        buffers = [b.clone() for b in self.model.buffers()] if skip_nonfinite else []
-        loss = self.task.loss(self.model, x, y, self.generator, epoch_position)
-        if skip_nonfinite and not bool(torch.isfinite(loss)):
+        buffers = [b.clone() for b in self.model.buffers()] if self.skip_nonfinite else []
+        loss = self.task.loss(self.model, x, y, self.generator, position)
+        if self.skip_nonfinite and not bool(torch.isfinite(loss)):
             with torch.no_grad():
                 for live, saved in zip(self.model.buffers(), buffers, strict=True):
                     live.copy_(saved)

@@ -1,9 +1,9 @@
-"""The training loop, readable top to bottom: data → learners → steps → merge → log → save.
+"""The training loop: setup, then one epoch at a time, then the test and the saved model.
 
 The whole training split lives on the device as one uint8 tensor (airbench-style): a batch is
-an index, a cast and a device-side augmentation, with no loader processes in between. Every
-base learner trains on the *same* augmented batch, as in the official code, then the merge
-updates the teachers and the global learner.
+an index, a cast and a device-side augmentation, with no loader processes in between. The
+Generalist update of one step is :func:`~generalist.training.generalist.generalist_step`; this
+file only feeds it batches and keeps the run safe (signals, NaNs, checkpoints, validation).
 
 The loop can start from any (epoch, batch) position: everything it carries from one step to
 the next lives in a :class:`~generalist.training.state.TrainingState`, which checkpoints save
@@ -11,8 +11,8 @@ and restore whole, so a run killed at any moment and resumed ends bit-identical 
 never stopped (on the CPU; GPU kernels may not be deterministic).
 
 Under torchrun every rank runs this same loop; a placement object from
-:mod:`~generalist.training.distributed` says which learners train here, exchanges what the
-ranks must agree on, and leaves the run directory to rank 0. Alone, it does nothing.
+:mod:`~generalist.training.distributed` says which learners train here and exchanges what the
+ranks must agree on. Alone, it does nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import signal
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,21 +31,34 @@ from tqdm.auto import tqdm
 
 from generalist.attacks.threat import ThreatModel
 from generalist.checkpoint import CheckpointStore, save_model
-from generalist.config import Config, redistribute_start_epoch, validate
+from generalist.config import Config, validate
 from generalist.data import BatchAugment, DataSplits, EpochBatches, load_splits, to_float
-from generalist.devices import resolve_precision, training_autocast
-from generalist.errors import ConfigError, TrainingError
+from generalist.devices import resolve_device, resolve_precision, training_autocast
+from generalist.errors import TrainingError
 from generalist.manifest import build_manifest, data_fingerprints, note_resume, write_manifest
 from generalist.models import create_model
 from generalist.rundir import RunDir
-from generalist.schedules import PiecewiseLinear, build_schedule
+from generalist.schedules import build_schedule
 from generalist.training.distributed import SingleProcess, processes
+from generalist.training.generalist import (
+    EpochPlan,
+    GeneralistMerge,
+    epoch_plan,
+    gamma_schedules,
+    generalist_step,
+    mix_initial_global,
+)
 from generalist.training.init import initialize_from
 from generalist.training.learner import Learner, build_optimizer
 from generalist.training.save_and_resume import Checkpointer, resume_state
-from generalist.training.signals import TrainingInterrupted, resume_hint, stop_on_signals
+from generalist.training.signals import (
+    StopRequest,
+    TrainingInterrupted,
+    resume_hint,
+    stop_on_signals,
+)
 from generalist.training.state import TrainingState
-from generalist.training.tasks import Attack, task_from_config
+from generalist.training.tasks import TrainingAttack, task_from_config
 
 GLOBAL = "global"
 SKIP_LIMIT = 10
@@ -52,49 +66,8 @@ SKIP_LIMIT = 10
 epoch) for one learner stop the run: skipping is for stray bad batches, not divergence."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device: {name!r} is not a device; use auto, cpu or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: CUDA was asked for but no GPU is visible; use --device cpu")
-    return device
-
-
 def _memory_format(config: Config) -> torch.memory_format:
     return torch.channels_last if config.model.channels_last else torch.contiguous_format
-
-
-def gamma_schedules(config: Config) -> list[PiecewiseLinear]:
-    """One γ curve per learner; the ``remainder`` learner gets 1 minus the others, per epoch."""
-    names = list(config.learners)
-    fixed = {
-        name: build_schedule(lc.gamma, config.epochs, f"learners.{name}.gamma", high=1.0)
-        for name, lc in config.learners.items()
-        if lc.gamma != "remainder"
-    }
-    curves = []
-    for name in names:
-        if name in fixed:
-            curves.append(fixed[name])
-        else:
-            points = tuple(
-                (float(e), 1.0 - sum(c(e) for c in fixed.values()))
-                for e in range(1, config.epochs + 1)
-            )
-            curves.append(PiecewiseLinear(points))
-    return curves
-
-
-def redistributes_in(config: Config, epoch: int) -> bool:
-    """DESIGN §1: redistribute in epochs e >= t' with e mod c == 0."""
-    policy = config.merge.redistribute
-    if policy.policy == "never":
-        return False
-    return epoch >= redistribute_start_epoch(config) and epoch % policy.every == 0
 
 
 def model_spec(config: Config, splits: DataSplits) -> dict[str, Any]:
@@ -131,14 +104,14 @@ def build_learners(
         attack = None
         if lc.task.type != "natural":
             threat, steps, step_size = config.threat_of(lc.task, f"learners.{lname}.task")
-            attack = Attack(threat, steps, step_size, lc.task.random_start)
+            attack = TrainingAttack(threat, steps, step_size, lc.task.random_start)
         generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + index + 1)
         learners.append(
             Learner(
                 name=lname,
                 model=model,
                 optimizer=build_optimizer(model, lc.optimizer),
-                lr=build_schedule(lc.optimizer.lr, config.epochs, f"learners.{lname}.lr"),
+                lr_schedule=build_schedule(lc.optimizer.lr, config.epochs, f"learners.{lname}.lr"),
                 gamma=gammas[index],
                 task=task_from_config(
                     lc.task,
@@ -151,19 +124,15 @@ def build_learners(
                 ),
                 config=lc,
                 generator=generator,
+                skip_nonfinite=config.checkpoint.on_nonfinite == "skip",
             )
         )
     global_model = copy.deepcopy(base)
     if config.merge.init != "same":
-        _mix_into(global_model, [lr.model for lr in learners], [lr.gamma(1) for lr in learners])
+        mix_initial_global(
+            global_model, [lr.model for lr in learners], [lr.gamma(1) for lr in learners]
+        )
     return learners, global_model
-
-
-@torch.no_grad()
-def _mix_into(target: nn.Module, models: list[nn.Module], weights: list[float]) -> None:
-    for key, tensor in target.state_dict().items():
-        if tensor.is_floating_point():
-            tensor.copy_(sum(w * m.state_dict()[key] for w, m in zip(weights, models, strict=True)))
 
 
 @dataclass
@@ -195,23 +164,64 @@ def train(
     with processes(config, device) as parallel:
         if not parallel.is_main:
             progress, echo = False, _silent
-        return _train(config, run, parallel, started, resume=resume, progress=progress, echo=echo)
+        session = _setup(config, run, parallel, resume=resume, echo=echo)
+        with (
+            stop_on_signals(session.run.path) as stop,
+            session.checkpoints.reporting_write_errors(),
+        ):
+            for epoch in range(session.state.epoch, config.epochs + 1):
+                _train_epoch(session, epoch, stop, progress)
+            return _finish(session, started)
 
 
 def _silent(*_: Any) -> None:
     """The ``echo`` of every rank but 0: one process speaks for the run."""
 
 
-def _train(
-    config: Config,
-    run: RunDir | None,
-    parallel: SingleProcess,
-    started: float,
-    *,
-    resume: bool,
-    progress: bool,
-    echo: Any,
-) -> TrainResult:
+@dataclass
+class Session:
+    """Everything :func:`_setup` builds for the epochs: one run in progress."""
+
+    config: Config
+    parallel: SingleProcess
+    run: RunDir
+    splits: DataSplits
+    spec: dict[str, Any]
+    learners: list[Learner]
+    here: list[Learner]
+    """The learners this process trains (all of them, in one process)."""
+    global_model: nn.Module
+    merge: GeneralistMerge
+    state: TrainingState
+    batches: EpochBatches
+    checkpoints: Checkpointer
+    augment: BatchAugment
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    threats: list[ThreatModel]
+    autocast: AbstractContextManager[object]
+    echo: Any
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented batch ``index`` (this replica's slice of it, data-parallel)."""
+        x = self.augment(to_float(self.train_x[index]), self.state.augment_generator)
+        x = x.contiguous(memory_format=_memory_format(self.config))
+        return self.parallel.shard_batch(x, self.train_y[index])
+
+    def settle_losses(self, losses: torch.Tensor) -> torch.Tensor:
+        """Every learner's loss; stops (or skips the batch) at a NaN/inf one."""
+        losses = self.parallel.gather_losses(losses, self.learners)
+        # One host sync per step, against a PGD step's dozens of kernels: a NaN is caught at
+        # the step that made it, before it reaches the merge or a checkpoint.
+        if not bool(torch.isfinite(losses).all()):
+            _nonfinite(losses, self, len(self.batches))
+        return losses
+
+
+def _setup(
+    config: Config, run: RunDir | None, parallel: SingleProcess, *, resume: bool, echo: Any
+) -> Session:
+    """Data, learners, state and run directory; with ``resume``, the state of the checkpoint."""
     device = parallel.device
     splits = load_splits(
         config.data.dataset,
@@ -225,11 +235,11 @@ def _train(
     learners, global_model = build_learners(config, spec, device)
     batches = EpochBatches(len(splits.train), config.data.batch_size, config.seed)
     parallel.check(config, batches)
-    run = parallel.create_run(run, config)
+    if run is None:
+        run = RunDir(parallel.on_main(lambda: RunDir.create(config.out_dir, config.name).path))
     merge = parallel.merge(
         learners, global_model, decay_max=config.merge.ema_decay, warmup=config.merge.warmup
     )
-    local = parallel.local(learners)
     state = TrainingState(
         learners,
         merge,
@@ -237,12 +247,11 @@ def _train(
         epoch_losses=torch.zeros(len(batches), len(learners), device=device),
     )
     fingerprints = data_fingerprints(splits)
+    train_fingerprint = fingerprints["train"]["fingerprint"]
     store = CheckpointStore(run.checkpoints_path, keep=config.checkpoint.keep)
     if resume:
         resumed_from = parallel.on_main(
-            lambda: resume_state(
-                state, store, run, config, fingerprints["train"]["fingerprint"], echo
-            )
+            lambda: resume_state(state, store, run, config, train_fingerprint, echo)
         )
         parallel.share_state(state)
     if parallel.is_main:
@@ -251,21 +260,34 @@ def _train(
         run.write_config(config)
         if not resume:
             write_manifest(run, build_manifest(config, device, splits.info.name, fingerprints))
-    checkpoints = parallel.checkpointer(
-        store, state, config, run, fingerprints["train"]["fingerprint"]
-    )
-    threats = config.eval_threats()
+    checkpoints = parallel.checkpointer(store, state, config, run, train_fingerprint)
     info = splits.info
-    augment = BatchAugment(
-        info.default_crop_padding if config.data.crop_padding is None else config.data.crop_padding,
-        info.default_flip if config.data.flip is None else config.data.flip,
-    )
-    train_x = splits.train.images.to(device)
-    train_y = splits.train.labels.to(device)
     precision = resolve_precision(config.precision, device)
-    memory_format = _memory_format(config)
-    autocast = training_autocast(precision, device)
-    skip_nonfinite = config.checkpoint.on_nonfinite == "skip"
+    session = Session(
+        config=config,
+        parallel=parallel,
+        run=run,
+        splits=splits,
+        spec=spec,
+        learners=learners,
+        here=parallel.local(learners),
+        global_model=global_model,
+        merge=merge,
+        state=state,
+        batches=batches,
+        checkpoints=checkpoints,
+        augment=BatchAugment(
+            info.default_crop_padding
+            if config.data.crop_padding is None
+            else config.data.crop_padding,
+            info.default_flip if config.data.flip is None else config.data.flip,
+        ),
+        train_x=splits.train.images.to(device),
+        train_y=splits.train.labels.to(device),
+        threats=config.eval_threats(),
+        autocast=training_autocast(precision, device),
+        echo=echo,
+    )
     echo(
         f"run {run.path} · {config.name} · {len(learners)} learner(s) "
         f"({', '.join(f'{lr.name}:{lr.task.name}' for lr in learners)}) · {config.model.name} · "
@@ -277,108 +299,106 @@ def _train(
             f"resuming at epoch {state.epoch}, batch {state.batch}/{len(batches)} "
             f"(step {state.step}) from {checkpoints.latest}"
         )
-    with stop_on_signals(run.path) as stop, checkpoints.reporting_write_errors():
-        for epoch in range(state.epoch, config.epochs + 1):
-            epoch_started = time.perf_counter()
-            gammas = [lr.gamma(epoch) for lr in learners]
-            redistribute = redistributes_in(config, epoch)
-            per_step = redistribute and config.merge.redistribute.policy == "per_step_in_epoch"
-            bar = tqdm(
-                batches.indices(epoch, start_batch=state.batch),
-                initial=state.batch,
-                total=len(batches),
-                desc=f"epoch {epoch}/{config.epochs}",
-                leave=False,
-                disable=not progress,
-                unit="batch",
-            )
-            for index in bar:
-                x = augment(to_float(train_x[index]), state.augment_generator)
-                x = x.contiguous(memory_format=memory_format)
-                x, y = parallel.shard_batch(x, train_y[index])
-                position = epoch - 1 + (state.batch + 1) / len(batches)
-                with autocast:
-                    losses = torch.stack(
-                        [
-                            lr.train_step(x, y, position, skip_nonfinite=skip_nonfinite).float()
-                            for lr in local
-                        ]
-                    )
-                losses = parallel.gather_losses(losses, learners)
-                # One host sync per step, against a PGD step's dozens of kernels: a NaN is
-                # caught at the step that made it, before it reaches the merge or a checkpoint.
-                if not bool(torch.isfinite(losses).all()):
-                    _nonfinite(losses, state, config, checkpoints, parallel, len(batches), echo)
-                merge.update(state.step, gammas)
-                state.record_step(losses)
-                if per_step:
-                    merge.redistribute()
-                signum, due = parallel.agree(  # every rank stops or saves at the same step
-                    stop.signum or 0, state.batch < len(batches) and checkpoints.due()
-                )
-                if signum:
-                    saved = checkpoints.save(signal.Signals(signum).name)
-                    raise _interrupted(saved, signum, state, len(batches), run.path)
-                if due:
-                    checkpoints.save("schedule")
-            if redistribute and not per_step:
-                merge.redistribute()
-            record = _epoch_record(state, epoch, gammas, redistribute, epoch_started)
-            if epoch % config.eval.every == 0 or epoch == config.epochs:
-                state.val = _validate(config, learners, global_model, splits, threats, parallel)
-                record["val"] = state.val
-            state.finish_epoch(record)
-            if parallel.is_main:
-                run.append_metrics(record)
-            saved = checkpoints.save("epoch end")
-            echo(_epoch_line(record, config.epochs))
-            (signum,) = parallel.agree(stop.signum or 0)
-            if signum:
-                raise _interrupted(saved, signum, state, len(batches), run.path)
-        test = _test(config, global_model, splits, threats, parallel)
-        seconds = time.perf_counter() - started
-        if parallel.is_main:
-            save_model(
-                global_model,
-                run.path,
-                {"model": spec, "dataset": info.name, "preset": config.preset},
-            )
-            test_examples = min(len(splits.test), config.eval.test_examples or len(splits.test))
-            run.write_json(
-                "summary.json",
-                {
-                    "name": config.name,
-                    "preset": config.preset,
-                    "test": test,
-                    "val": state.val,
-                    "test_examples": test_examples,
-                    "test_pgd_steps": config.eval.test_steps,
-                    "seconds": seconds,
-                },
-            )
-    echo(f"test ({config.eval.test_steps}-step PGD): " + _format_accuracies(test))
-    echo(f"saved {run.weights_path} in {seconds:.0f} s")
-    return TrainResult(run, test, state.val, seconds)
+    return session
+
+
+def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> None:
+    """One epoch from the state's (epoch, batch) position: steps, then validate, log, save."""
+    config, state, parallel, checkpoints = s.config, s.state, s.parallel, s.checkpoints
+    epoch_started = time.perf_counter()
+    plan = epoch_plan(config, s.learners, epoch)
+    bar = tqdm(
+        s.batches.indices(epoch, start_batch=state.batch),
+        initial=state.batch,
+        total=len(s.batches),
+        desc=f"epoch {epoch}/{config.epochs}",
+        leave=False,
+        disable=not progress,
+        unit="batch",
+    )
+    for index in bar:
+        x, y = s.batch(index)
+        losses = generalist_step(
+            s.here,
+            s.merge,
+            x,
+            y,
+            position=epoch - 1 + (state.batch + 1) / len(s.batches),
+            step=state.step,
+            plan=plan,
+            settle_losses=s.settle_losses,
+            autocast=s.autocast,
+        )
+        state.record_step(losses)
+        signum, due = parallel.agree(  # every rank stops or saves at the same step
+            stop.signum or 0, state.batch < len(s.batches) and checkpoints.due()
+        )
+        if signum:
+            saved = checkpoints.save(signal.Signals(signum).name)
+            raise _interrupted(saved, signum, state, len(s.batches), s.run.path)
+        if due:
+            checkpoints.save("schedule")
+    if plan.redistribute and not plan.every_step:  # once_per_c_epochs: at the epoch's end
+        s.merge.redistribute()
+    record = _epoch_record(state, epoch, plan, epoch_started)
+    if epoch % config.eval.every == 0 or epoch == config.epochs:
+        state.val = record["val"] = _validate(s)
+    state.finish_epoch(record)
+    if parallel.is_main:
+        s.run.append_metrics(record)
+    saved = checkpoints.save("epoch end")
+    s.echo(_epoch_line(record, config.epochs))
+    (signum,) = parallel.agree(stop.signum or 0)
+    if signum:
+        raise _interrupted(saved, signum, state, len(s.batches), s.run.path)
+
+
+def _finish(s: Session, started: float) -> TrainResult:
+    """Test the global learner, save it and the summary."""
+    config, splits = s.config, s.splits
+    test = _test(s)
+    seconds = time.perf_counter() - started
+    if s.parallel.is_main:
+        save_model(
+            s.global_model,
+            s.run.path,
+            {"model": s.spec, "dataset": splits.info.name, "preset": config.preset},
+        )
+        test_examples = min(len(splits.test), config.eval.test_examples or len(splits.test))
+        s.run.write_json(
+            "summary.json",
+            {
+                "name": config.name,
+                "preset": config.preset,
+                "test": test,
+                "val": s.state.val,
+                "test_examples": test_examples,
+                "test_pgd_steps": config.eval.test_steps,
+                "seconds": seconds,
+            },
+        )
+    s.echo(f"test ({config.eval.test_steps}-step PGD): " + _format_accuracies(test))
+    s.echo(f"saved {s.run.weights_path} in {seconds:.0f} s")
+    return TrainResult(s.run, test, s.state.val, seconds)
 
 
 def _epoch_record(
     state: TrainingState,
     epoch: int,
-    gammas: list[float],
-    redistribute: bool,
+    plan: EpochPlan,
     epoch_started: float,
 ) -> dict[str, Any]:
     """The epoch's metrics line; a learner's loss is the mean over the batches it trained on."""
     finite = torch.isfinite(state.epoch_losses)
     trained = finite.sum(dim=0)
     losses = (torch.where(finite, state.epoch_losses, 0).sum(dim=0) / trained).tolist()
-    names = [lr.name for lr in state.learners]
+    names = [learner.name for learner in state.learners]
     record: dict[str, Any] = {
         "epoch": epoch,
         "step": state.step,
-        "lr": {lr.name: lr.lr(epoch) for lr in state.learners},
-        "gamma": dict(zip(names, gammas, strict=True)),
-        "redistributed": redistribute,
+        "lr": {learner.name: learner.lr_schedule(epoch) for learner in state.learners},
+        "gamma": dict(zip(names, plan.gammas, strict=True)),
+        "redistributed": plan.redistribute,
         "train_loss": dict(zip(names, losses, strict=True)),
         "train_seconds": time.perf_counter() - epoch_started,
     }
@@ -388,21 +408,14 @@ def _epoch_record(
     return record
 
 
-def _nonfinite(
-    losses: torch.Tensor,
-    state: TrainingState,
-    config: Config,
-    checkpoints: Checkpointer,
-    parallel: SingleProcess,
-    batches_per_epoch: int,
-    echo: Any,
-) -> None:
+def _nonfinite(losses: torch.Tensor, s: Session, batches_per_epoch: int) -> None:
     """Stop at a NaN/inf loss, or (``checkpoint.on_nonfinite: skip``) report the skipped batch.
 
     Skipping only helps against a bad batch. A learner whose weights are no longer finite, or
     whose loss stayed non-finite for :data:`SKIP_LIMIT` batches in a row (weights so large that
     every batch overflows), cannot recover that way, so the run stops then too.
     """
+    state, config, checkpoints = s.state, s.config, s.checkpoints
     batch = f"batch {state.batch + 1}/{batches_per_epoch}"
     where = f"step {state.step + 1} (epoch {state.epoch}, {batch})"
     skip = config.checkpoint.on_nonfinite == "skip"
@@ -415,10 +428,10 @@ def _nonfinite(
             earlier = state.epoch_losses[max(0, state.batch - limit + 1) : state.batch, i]
             if len(earlier) == limit - 1 and not bool(torch.isfinite(earlier).any()):
                 cause = f" for the {limit}th batch in a row, so skipping batches is not helping"
-            elif not parallel.weights_finite(state.learners, i):
+            elif not s.parallel.weights_finite(state.learners, i):
                 cause = " and its weights are no longer finite, so skipping batches cannot help"
             else:
-                echo(
+                s.echo(
                     f"warning: learner {learner.name} had a non-finite loss ({value}) at "
                     f"{where}; skipped that batch for it (checkpoint.on_nonfinite: skip)"
                 )
@@ -454,46 +467,36 @@ def _interrupted(
     )
 
 
-def _validate(
-    config: Config,
-    learners: list[Learner],
-    global_model: nn.Module,
-    splits: DataSplits,
-    threats: list[ThreatModel],
-    parallel: SingleProcess,
-) -> dict[str, dict[str, float]]:
-    models = {GLOBAL: global_model}
-    if config.eval.learners:
-        models.update({lr.name: lr.model for lr in learners})
-    return parallel.accuracies(
+def _validate(s: Session) -> dict[str, dict[str, float]]:
+    """Clean and PGD accuracy on the validation split: the global learner (and the base
+    learners with ``eval.learners``)."""
+    models = {GLOBAL: s.global_model}
+    if s.config.eval.learners:
+        models.update({learner.name: learner.model for learner in s.learners})
+    return s.parallel.accuracies(
         models,
-        splits.val,
-        threats,
-        steps=config.eval.val_steps,
-        batch_size=config.data.eval_batch_size,
-        device=parallel.device,
-        seed=config.seed,
+        s.splits.val,
+        s.threats,
+        steps=s.config.eval.val_steps,
+        batch_size=s.config.data.eval_batch_size,
+        device=s.parallel.device,
+        seed=s.config.seed,
     )
 
 
-def _test(
-    config: Config,
-    global_model: nn.Module,
-    splits: DataSplits,
-    threats: list[ThreatModel],
-    parallel: SingleProcess,
-) -> dict[str, float]:
-    test = splits.test
-    if config.eval.test_examples is not None:
-        test = test.subset(torch.arange(min(config.eval.test_examples, len(test))))
-    return parallel.accuracies(
-        {GLOBAL: global_model},
+def _test(s: Session) -> dict[str, float]:
+    """The global learner on the test split (its first ``eval.test_examples`` points)."""
+    test = s.splits.test
+    if s.config.eval.test_examples is not None:
+        test = test.subset(torch.arange(min(s.config.eval.test_examples, len(test))))
+    return s.parallel.accuracies(
+        {GLOBAL: s.global_model},
         test,
-        threats,
-        steps=config.eval.test_steps,
-        batch_size=config.data.eval_batch_size,
-        device=parallel.device,
-        seed=config.seed,
+        s.threats,
+        steps=s.config.eval.test_steps,
+        batch_size=s.config.data.eval_batch_size,
+        device=s.parallel.device,
+        seed=s.config.seed,
     )[GLOBAL]
 
 

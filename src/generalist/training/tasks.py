@@ -13,8 +13,6 @@ implements :class:`AppliesGradients`; the learner then hands it the optimizer st
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -22,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generalist.attacks.base import LossFn
 from generalist.attacks.friendly_pgd import friendly_pgd
-from generalist.attacks.pgd import LossFn, pgd
+from generalist.attacks.pgd import cross_entropy_per_example, pgd
 from generalist.attacks.threat import ThreatModel
 from generalist.config import CURE_DEFAULTS, TaskConfig
+from generalist.inference import eval_mode
 from generalist.schedules import PiecewiseLinear, build_schedule
 from generalist.training import cure
 
@@ -42,10 +42,10 @@ class Task(Protocol):
         x: torch.Tensor,
         y: torch.Tensor,
         generator: torch.Generator,
-        epoch: float,
+        position: float,
     ) -> torch.Tensor:
-        """Scalar training loss at fractional epoch ``epoch``; ``model`` is in train mode on
-        entry and on exit."""
+        """Scalar training loss at ``position`` (the fractional epoch: epoch − 1 + the share of
+        its batches done); ``model`` is in train mode on entry and on exit."""
         ...
 
 
@@ -56,20 +56,13 @@ class AppliesGradients(Protocol):
         ...
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Evaluate with running BN statistics, then restore the mode the caller had set."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 @dataclass(frozen=True)
-class Attack:
-    """The inner maximisation of an adversarial task."""
+class TrainingAttack:
+    """The inner maximisation of an adversarial task: PGD against the learner's own weights.
+
+    Not an :class:`generalist.attacks.base.Attack` (those score a finished model); this one
+    crafts the examples a task trains on, from the learner's generator.
+    """
 
     threat: ThreatModel
     steps: int
@@ -78,6 +71,32 @@ class Attack:
 
     def describe(self) -> str:
         return f"PGD-{self.steps} {self.threat} step {self.step_size:.4g}"
+
+    def craft(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        *,
+        loss_fn: LossFn = cross_entropy_per_example,
+        init: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """PGD examples maximising ``loss_fn``, crafted in eval mode; ``init`` replaces the
+        random start (TRADES and MART start at x + 0.001·N(0, 1))."""
+        with eval_mode(model):
+            return pgd(
+                model,
+                x,
+                y,
+                self.threat,
+                steps=self.steps,
+                step_size=self.step_size,
+                random_start=self.random_start,
+                loss_fn=loss_fn,
+                generator=generator,
+                init=init,
+            )
 
 
 @dataclass(frozen=True)
@@ -90,7 +109,7 @@ class NaturalTask:
         x: torch.Tensor,
         y: torch.Tensor,
         generator: torch.Generator,
-        epoch: float,
+        position: float,
     ) -> torch.Tensor:
         return F.cross_entropy(model(x), y)
 
@@ -99,7 +118,7 @@ class NaturalTask:
 class AdversarialTask:
     """PGD-AT (Madry et al. 2018): cross-entropy on PGD examples crafted against the learner."""
 
-    attack: Attack
+    attack: TrainingAttack
     name: str = "adversarial"
 
     def loss(
@@ -108,20 +127,9 @@ class AdversarialTask:
         x: torch.Tensor,
         y: torch.Tensor,
         generator: torch.Generator,
-        epoch: float,
+        position: float,
     ) -> torch.Tensor:
-        a = self.attack
-        with eval_mode(model):
-            x_adv = pgd(
-                model,
-                x,
-                y,
-                a.threat,
-                steps=a.steps,
-                step_size=a.step_size,
-                random_start=a.random_start,
-                generator=generator,
-            )
+        x_adv = self.attack.craft(model, x, y, generator)
         return F.cross_entropy(model(x_adv), y)
 
 
@@ -143,23 +151,14 @@ def trades_adversarial(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    attack: Attack,
+    attack: TrainingAttack,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """TRADES' inner maximisation: x' maximising KL(f(x) ‖ f(x')), crafted in eval mode."""
-    with eval_mode(model):
-        with torch.no_grad():
-            clean_probs = F.softmax(model(x).float(), dim=1)
-        return pgd(
-            model,
-            x,
-            y,
-            attack.threat,
-            steps=attack.steps,
-            step_size=attack.step_size,
-            loss_fn=_kl_to(clean_probs),
-            init=_small_gaussian_start(x, generator),
-        )
+    with eval_mode(model), torch.no_grad():
+        clean_probs = F.softmax(model(x).float(), dim=1)
+    init = _small_gaussian_start(x, generator)
+    return attack.craft(model, x, y, generator, loss_fn=_kl_to(clean_probs), init=init)
 
 
 def trades_divergence(logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
@@ -175,7 +174,7 @@ def trades_divergence(logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.T
 class TradesTask:
     """TRADES (Zhang et al. 2019): CE on clean inputs + β·KL(f(x) ‖ f(x')), x' maximising the KL."""
 
-    attack: Attack
+    attack: TrainingAttack
     beta: float
     name: str = "trades"
 
@@ -185,7 +184,7 @@ class TradesTask:
         x: torch.Tensor,
         y: torch.Tensor,
         generator: torch.Generator,
-        epoch: float,
+        position: float,
     ) -> torch.Tensor:
         x_adv = trades_adversarial(model, x, y, self.attack, generator)
         logits = model(x)
@@ -201,7 +200,7 @@ class MartTask:
     also pushes down the most likely wrong class. Constants follow the official implementation.
     """
 
-    attack: Attack
+    attack: TrainingAttack
     beta: float
     name: str = "mart"
 
@@ -211,19 +210,10 @@ class MartTask:
         x: torch.Tensor,
         y: torch.Tensor,
         generator: torch.Generator,
-        epoch: float,
+        position: float,
     ) -> torch.Tensor:
-        a = self.attack
-        with eval_mode(model):
-            x_adv = pgd(
-                model,
-                x,
-                y,
-                a.threat,
-                steps=a.steps,
-                step_size=a.step_size,
-                init=_small_gaussian_start(x, generator),
-            )
+        init = _small_gaussian_start(x, generator)
+        x_adv = self.attack.craft(model, x, y, generator, init=init)
         logits_nat = model(x).float()
         logits_adv = model(x_adv).float()
         adv_probs = F.softmax(logits_adv, dim=1)
@@ -246,12 +236,12 @@ class FriendlyAdversarialTask:
     current position and rounded to the nearest whole number of steps, halves up.
     """
 
-    attack: Attack
+    attack: TrainingAttack
     tau: PiecewiseLinear
     name: str = "fat"
 
-    def tau_at(self, epoch: float) -> int:
-        return math.floor(self.tau(epoch) + 0.5)
+    def tau_at(self, position: float) -> int:
+        return math.floor(self.tau(position) + 0.5)
 
     def loss(
         self,
@@ -259,7 +249,7 @@ class FriendlyAdversarialTask:
         x: torch.Tensor,
         y: torch.Tensor,
         generator: torch.Generator,
-        epoch: float,
+        position: float,
     ) -> torch.Tensor:
         a = self.attack
         with eval_mode(model):
@@ -270,7 +260,7 @@ class FriendlyAdversarialTask:
                 a.threat,
                 steps=a.steps,
                 step_size=a.step_size,
-                tau=self.tau_at(epoch),
+                tau=self.tau_at(position),
                 random_start=a.random_start,
                 generator=generator,
             ).x_adv
@@ -304,7 +294,7 @@ class CureTask:
     name = "cure"
 
     def __init__(
-        self, attack: Attack, settings: CureSettings, revision: cure.RevisionModel
+        self, attack: TrainingAttack, settings: CureSettings, revision: cure.RevisionModel
     ) -> None:
         self.attack = attack
         self.settings = settings
@@ -317,11 +307,11 @@ class CureTask:
         x: torch.Tensor,
         y: torch.Tensor,
         generator: torch.Generator,
-        epoch: float,
+        position: float,
     ) -> torch.Tensor:
         s = self.settings
         self._prominence = None
-        if epoch <= s.warmup_epochs:
+        if position <= s.warmup_epochs:
             return F.cross_entropy(model(x), y)
         if self.revision.steps == 0:
             self.revision.restart_from(model)
@@ -353,7 +343,7 @@ class CureTask:
         self.revision.load_state_dict(state)
 
 
-def build_task(kind: str, attack: Attack | None, beta: float) -> Task:
+def build_task(kind: str, attack: TrainingAttack | None, beta: float) -> Task:
     if kind == "natural":
         return NaturalTask()
     if attack is None:
@@ -369,7 +359,7 @@ def build_task(kind: str, attack: Attack | None, beta: float) -> Task:
 
 def task_from_config(
     config: TaskConfig,
-    attack: Attack | None,
+    attack: TrainingAttack | None,
     model: nn.Module,
     *,
     epochs: int,
