@@ -8,7 +8,7 @@ already counts as a robust failure.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -66,3 +66,32 @@ def correct_counts(
                 x_adv = attack(model, x[right], y[right])
                 correct[str(threat)] += int(predicts_correctly(model, x_adv, y[right]).sum())
     return correct
+
+
+def summed_accuracies(
+    models: dict[str, nn.Module],
+    data: ImageDataset,
+    threats: Sequence[ThreatModel],
+    *,
+    shard_of: Callable[[str], tuple[int, int] | None],
+    sum_counts: Callable[[torch.Tensor], None],
+    device: torch.device,
+    **options: Any,
+) -> dict[str, dict[str, float]]:
+    """:func:`accuracies` of several models, each counted on the shard of ``data`` that
+    ``shard_of(name)`` gives this process (None: not held here), then the counts summed over
+    the processes by ``sum_counts`` (one process: shard (0, 1), nothing to sum)."""
+    if len(data) == 0:
+        return {name: {} for name in models}
+    metrics = ["clean", *map(str, threats)]
+    counts = torch.zeros(len(models), len(metrics), dtype=torch.int64, device=device)
+    for row, (name, model) in enumerate(models.items()):
+        shard = shard_of(name)
+        if shard is not None:
+            found = correct_counts(model, data, threats, shard=shard, device=device, **options)
+            counts[row] = torch.tensor([found[m] for m in metrics])
+    sum_counts(counts)
+    return {
+        name: percentages(dict(zip(metrics, row, strict=True)), len(data))
+        for name, row in zip(models, counts.tolist(), strict=True)
+    }

@@ -46,24 +46,19 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from generalist.attacks.threat import ThreatModel
 from generalist.config import Config
-from generalist.data import EpochBatches, ImageDataset
+from generalist.data import EpochBatches
 from generalist.errors import ConfigError, GeneralistError
-from generalist.evaluation.accuracy import correct_counts, percentages
 from generalist.training.generalist import GeneralistMerge
 from generalist.training.learner import Learner
-from generalist.training.save_and_resume import Checkpointer
 from generalist.training.signals import STOP_SIGNALS, TrainingInterrupted
 from generalist.training.state import (
     TrainingState,
@@ -137,38 +132,14 @@ class SingleProcess:
     def share_state(self, state: TrainingState) -> None:
         """After rank 0 restored a checkpoint, give every rank its part of it."""
 
-    def checkpointer(self, *args: Any) -> Checkpointer:
-        return Checkpointer(*args)
+    def gather_learners(self, state: TrainingState) -> None:
+        """Bring every learner's live state into rank 0's copy of it, for a checkpoint."""
 
-    def accuracies(
-        self,
-        models: dict[str, nn.Module],
-        data: ImageDataset,
-        threats: Sequence[ThreatModel],
-        **kw: Any,
-    ) -> dict[str, dict[str, float]]:
-        """Each model evaluated on the shard of ``data`` this process holds it for (one
-        process: all of it), then the counts summed over the processes."""
-        if len(data) == 0:
-            return {name: {} for name in models}
-        metrics = ["clean", *map(str, threats)]
-        counts = torch.zeros(len(models), len(metrics), dtype=torch.int64, device=self.device)
-        for row, (name, model) in enumerate(models.items()):
-            shard = self._shard_of(name)
-            if shard is not None:
-                found = correct_counts(model, data, threats, shard=shard, **kw)
-                counts[row] = torch.tensor([found[m] for m in metrics])
-        self._sum(counts)
-        return {
-            name: percentages(dict(zip(metrics, row, strict=True)), len(data))
-            for name, row in zip(models, counts.tolist(), strict=True)
-        }
-
-    def _shard_of(self, model_name: str) -> tuple[int, int] | None:
+    def eval_shard(self, model_name: str) -> tuple[int, int] | None:
         """``(i, n)``: evaluate shard i of n of the data for this model; None: not held here."""
         return 0, 1
 
-    def _sum(self, counts: torch.Tensor) -> None:
+    def sum_counts(self, counts: torch.Tensor) -> None:
         """Sum ``counts`` over the processes, in place."""
 
 
@@ -361,13 +332,10 @@ class LearnerParallel(SingleProcess):
             if received is not None:
                 restore_learner(state, *received)
 
-    def checkpointer(self, *args: Any) -> Checkpointer:
-        return GatheringCheckpointer(self, *args)
-
-    def _sum(self, counts: torch.Tensor) -> None:
+    def sum_counts(self, counts: torch.Tensor) -> None:
         dist.all_reduce(counts)
 
-    def _shard_of(self, model_name: str) -> tuple[int, int] | None:
+    def eval_shard(self, model_name: str) -> tuple[int, int] | None:
         """The global model over all ranks, a learner over its replicas: batch shards, so the
         summed counts are exactly the single-process ones."""
         if model_name not in self.names:
@@ -375,20 +343,6 @@ class LearnerParallel(SingleProcess):
         if self.names.index(model_name) == self.learner:
             return self.replica, self.replicas
         return None
-
-
-class GatheringCheckpointer(Checkpointer):
-    """Rank 0 writes the checkpoint after gathering every learner; all ranks get its path."""
-
-    def __init__(self, parallel: LearnerParallel, *args: Any) -> None:
-        super().__init__(*args)
-        self.parallel = parallel
-
-    def save(self, reason: str) -> Path:
-        self.parallel.gather_learners(self.state)
-        self.latest = self.parallel.on_main(lambda: Checkpointer.save(self, reason))
-        self._saved_at = time.monotonic()
-        return self.latest
 
 
 def _portable(exc: Exception) -> GeneralistError:

@@ -32,9 +32,17 @@ from tqdm.auto import tqdm
 from generalist.attacks.threat import ThreatModel
 from generalist.checkpoint import CheckpointStore, save_model
 from generalist.config import Config, validate
-from generalist.data import BatchAugment, DataSplits, EpochBatches, load_splits, to_float
+from generalist.data import (
+    BatchAugment,
+    DataSplits,
+    EpochBatches,
+    ImageDataset,
+    load_splits,
+    to_float,
+)
 from generalist.devices import resolve_device, resolve_precision, training_autocast
 from generalist.errors import TrainingError
+from generalist.evaluation.accuracy import summed_accuracies
 from generalist.manifest import build_manifest, data_fingerprints, note_resume, write_manifest
 from generalist.models import create_model
 from generalist.rundir import RunDir
@@ -260,7 +268,15 @@ def _setup(
         run.write_config(config)
         if not resume:
             write_manifest(run, build_manifest(config, device, splits.info.name, fingerprints))
-    checkpoints = parallel.checkpointer(store, state, config, run, train_fingerprint)
+    checkpoints = Checkpointer(
+        store,
+        state,
+        config,
+        run,
+        train_fingerprint,
+        collect=parallel.gather_learners,
+        on_main=parallel.on_main,
+    )
     info = splits.info
     precision = resolve_precision(config.precision, device)
     session = Session(
@@ -473,15 +489,7 @@ def _validate(s: Session) -> dict[str, dict[str, float]]:
     models = {GLOBAL: s.global_model}
     if s.config.eval.learners:
         models.update({learner.name: learner.model for learner in s.learners})
-    return s.parallel.accuracies(
-        models,
-        s.splits.val,
-        s.threats,
-        steps=s.config.eval.val_steps,
-        batch_size=s.config.data.eval_batch_size,
-        device=s.parallel.device,
-        seed=s.config.seed,
-    )
+    return _accuracies(s, models, s.splits.val, s.config.eval.val_steps)
 
 
 def _test(s: Session) -> dict[str, float]:
@@ -489,15 +497,24 @@ def _test(s: Session) -> dict[str, float]:
     test = s.splits.test
     if s.config.eval.test_examples is not None:
         test = test.subset(torch.arange(min(s.config.eval.test_examples, len(test))))
-    return s.parallel.accuracies(
-        {GLOBAL: s.global_model},
-        test,
+    return _accuracies(s, {GLOBAL: s.global_model}, test, s.config.eval.test_steps)[GLOBAL]
+
+
+def _accuracies(
+    s: Session, models: dict[str, nn.Module], data: ImageDataset, steps: int
+) -> dict[str, dict[str, float]]:
+    """Each model on the shard of ``data`` this process evaluates it on, summed over them."""
+    return summed_accuracies(
+        models,
+        data,
         s.threats,
-        steps=s.config.eval.test_steps,
-        batch_size=s.config.data.eval_batch_size,
+        shard_of=s.parallel.eval_shard,
+        sum_counts=s.parallel.sum_counts,
         device=s.parallel.device,
+        steps=steps,
+        batch_size=s.config.data.eval_batch_size,
         seed=s.config.seed,
-    )[GLOBAL]
+    )
 
 
 def _format_accuracies(acc: dict[str, float]) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,12 @@ IRRELEVANT_ON_RESUME = ("name", "out_dir", "description")
 
 
 class Checkpointer:
-    """Saves the training state on schedule and remembers the last good checkpoint."""
+    """Saves the training state on schedule and remembers the last good checkpoint.
+
+    Under torchrun, ``collect`` first brings every learner's state into this process's copy
+    and ``on_main`` runs the write on rank 0 only, handing every rank its path (or its error);
+    alone, both do nothing special.
+    """
 
     def __init__(
         self,
@@ -42,7 +47,12 @@ class Checkpointer:
         config: Config,
         run: RunDir,
         data_fingerprint: str,
+        *,
+        collect: Callable[[TrainingState], None] | None = None,
+        on_main: Callable[[Callable[[], Path]], Path] | None = None,
     ) -> None:
+        self.collect = collect
+        self.on_main = on_main or (lambda work: work())
         self.store = store
         self.state = state
         self.config = config
@@ -62,6 +72,13 @@ class Checkpointer:
     def save(self, reason: str) -> Path:
         """Write a checkpoint; a failed write (a full disk) stops the run, naming the last
         good checkpoint, which the atomic write left intact."""
+        if self.collect is not None:
+            self.collect(self.state)
+        self.latest = self.on_main(lambda: self._write(reason))
+        self._saved_at = time.monotonic()
+        return self.latest
+
+    def _write(self, reason: str) -> Path:
         tensors, meta = capture(self.state)
         meta.update(
             reason=reason,
