@@ -25,7 +25,7 @@ from generalist.config import build_config
 from generalist.errors import CheckpointError, ConfigError
 from generalist.reporting import figures
 from generalist.reporting.runs import load_run, load_runs, run_labels
-from generalist.reporting.tensorboard import MISSING
+from generalist.tensorboard import MISSING
 from generalist.training import loop
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

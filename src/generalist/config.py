@@ -465,7 +465,7 @@ def validate(config: Config) -> None:
     config.eval_threats()
     _validate_checkpoint(config.checkpoint)
     if config.logging.tensorboard:
-        from generalist.reporting.tensorboard import require_tensorboard
+        from generalist.tensorboard import require_tensorboard
 
         require_tensorboard()
 

@@ -87,7 +87,7 @@ class RunDir:
     def write_config(self, config: Config) -> None:
         """Write the resolved config, and attach the metrics sinks it asks for: every training
         run writes its config before its first epoch ends, so no record misses a sink."""
-        from generalist.reporting.tensorboard import metrics_sinks
+        from generalist.tensorboard import metrics_sinks
 
         write_text_durably(self.config_path, config.to_yaml())
         self.metrics_sinks = metrics_sinks(config, self.path)

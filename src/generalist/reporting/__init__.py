@@ -1,6 +1,6 @@
 """Reports of finished runs: figures, comparison tables and optional TensorBoard logging.
 
 The submodules are imported on their own (``generalist.reporting.figures`` pulls in
-matplotlib, ``generalist.reporting.tensorboard`` is imported while training), so this package
+matplotlib, ``generalist.tensorboard`` is imported while training), so this package
 imports nothing itself.
 """
