@@ -15,9 +15,13 @@ stay in fp32 so that a reported robust accuracy is never an artefact of rounding
 from __future__ import annotations
 
 import contextlib
+import platform
+from importlib import metadata
 
+import numpy
 import torch
 
+import generalist
 from generalist.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -62,3 +66,19 @@ def training_autocast(
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def software_versions() -> dict[str, str]:
+    """What a manifest or an evaluation record names to make its numbers reproducible."""
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "generalist": generalist.__version__,
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        versions["cuda"] = str(torch.version.cuda)
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        versions["safetensors"] = metadata.version("safetensors")
+    return versions

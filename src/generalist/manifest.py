@@ -22,8 +22,7 @@ import torch
 import generalist
 from generalist.config import Config
 from generalist.data import DataSplits
-from generalist.devices import resolve_precision
-from generalist.evaluation.records import software_versions
+from generalist.devices import resolve_precision, software_versions
 from generalist.rundir import RunDir
 
 MANIFEST_FORMAT = "generalist-manifest/1"

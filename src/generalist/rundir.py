@@ -31,7 +31,8 @@ class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.metrics_sinks: list[Callable[[dict[str, Any]], None]] = []
-        """Called with every record after it is in metrics.jsonl (e.g. TensorBoard)."""
+        """Called with every record after it is in metrics.jsonl (e.g. TensorBoard: training
+        attaches them, see :func:`generalist.tensorboard.metrics_sinks`)."""
 
     @classmethod
     def create(cls, out_dir: str | Path, name: str) -> RunDir:
@@ -85,12 +86,7 @@ class RunDir:
         return self.path / "model.safetensors"
 
     def write_config(self, config: Config) -> None:
-        """Write the resolved config, and attach the metrics sinks it asks for: every training
-        run writes its config before its first epoch ends, so no record misses a sink."""
-        from generalist.tensorboard import metrics_sinks
-
         write_text_durably(self.config_path, config.to_yaml())
-        self.metrics_sinks = metrics_sinks(config, self.path)
 
     def write_metrics(self, records: list[dict[str, Any]]) -> None:
         """Replace metrics.jsonl, e.g. with a checkpoint's records so a resumed run never

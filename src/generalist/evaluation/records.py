@@ -8,35 +8,16 @@ the evaluated examples; ε is kept both as the text the user wrote (``8/255``) a
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import platform
 import re
-from importlib import metadata
 from typing import Any
 
-import numpy
 import torch
 
-import generalist
+from generalist.devices import software_versions
 from generalist.evaluation.suite import AUTOATTACK, AttackOutcome, SuiteResult, ThreatOutcome
 
 RECORD_FORMAT = "generalist-eval/1"
-
-
-def software_versions() -> dict[str, str]:
-    versions = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "generalist": generalist.__version__,
-        "platform": platform.platform(),
-    }
-    if torch.cuda.is_available():
-        versions["cuda"] = str(torch.version.cuda)
-    with contextlib.suppress(metadata.PackageNotFoundError):
-        versions["safetensors"] = metadata.version("safetensors")
-    return versions
 
 
 def _percent(count: int, total: int) -> float:

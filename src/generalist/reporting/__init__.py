@@ -1,6 +1,5 @@
-"""Reports of finished runs: figures, comparison tables and optional TensorBoard logging.
+"""Reports of finished runs: figures, comparison tables and the report.
 
 The submodules are imported on their own (``generalist.reporting.figures`` pulls in
-matplotlib, ``generalist.tensorboard`` is imported while training), so this package
-imports nothing itself.
+matplotlib), so this package imports nothing itself.
 """

@@ -47,6 +47,7 @@ from generalist.manifest import build_manifest, data_fingerprints, note_resume, 
 from generalist.models import create_model
 from generalist.rundir import RunDir
 from generalist.schedules import build_schedule
+from generalist.tensorboard import metrics_sinks
 from generalist.training.distributed import SingleProcess, processes
 from generalist.training.generalist import (
     EpochPlan,
@@ -266,6 +267,7 @@ def _setup(
         if resume:
             note_resume(run, resumed_from, echo)
         run.write_config(config)
+        run.metrics_sinks = metrics_sinks(config, run.path)  # before the first record
         if not resume:
             write_manifest(run, build_manifest(config, device, splits.info.name, fingerprints))
     checkpoints = Checkpointer(
