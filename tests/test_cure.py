@@ -14,7 +14,7 @@ from torch import nn
 from generalist import cli
 from generalist.attacks.threat import ThreatModel
 from generalist.checkpoint import load_model, save_model
-from generalist.config import LearnerConfig, TaskConfig, build_config, from_dict
+from generalist.config import CURE_DEFAULTS, LearnerConfig, TaskConfig, build_config, from_dict
 from generalist.errors import ConfigError
 from generalist.schedules import PiecewiseLinear
 from generalist.training import cure
@@ -57,6 +57,7 @@ def batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def cure_task(model: nn.Module, epochs: int = 1, **fields) -> CureTask:
+    fields = {"natural_warmup": 0.0, **fields}  # CURE from the first step unless a test says
     config = TaskConfig(type="cure", norm="Linf", beta=5.0, **fields)
     return task_from_config(config, ATTACK, model, epochs=epochs, seed=0)
 
@@ -293,3 +294,22 @@ def test_cure_fields_are_only_accepted_on_cure_tasks():
         build_config(
             "pgd-at", dataset="digits", overrides=["learners.adv_linf.task.revision_rate=0.2"]
         )
+
+
+def test_cure_defaults_live_in_one_place_and_the_preset_uses_them():
+    config = build_config("cure", dataset="cifar10")
+    task = config.learners["cure"].task
+    assert all(getattr(task, name) is None for name in CURE_DEFAULTS)  # nothing restated
+    built = task_from_config(task, ATTACK, tiny_model(), epochs=config.epochs, seed=0)
+    assert built.settings.mask_fraction == CURE_DEFAULTS["mask_fraction"] == 0.3
+    assert built.settings.prominence_alpha == CURE_DEFAULTS["prominence_alpha"] == 0.1
+    assert built.settings.consistency_weight == CURE_DEFAULTS["consistency_weight"] == 1.0
+    # CURE starts from a naturally trained model: 10 % of the budget, unless init_from gives one
+    assert CURE_DEFAULTS["natural_warmup"] == 0.1
+    assert built.settings.warmup_epochs == pytest.approx(0.1 * config.epochs)
+    pretrained = task_from_config(
+        task, ATTACK, tiny_model(), epochs=config.epochs, seed=0, pretrained=True
+    )
+    assert pretrained.settings.warmup_epochs == 0.0
+    digits = build_config("cure", dataset="digits").learners["cure"].task
+    assert digits.natural_warmup == 0  # measured: digits has too few steps for the jump

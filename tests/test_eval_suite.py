@@ -17,14 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generalist.attacks import autoattack as aa_module
 from generalist.checkpoint import load_model, save_model, sha256_file
 from generalist.config import build_config
 from generalist.data import load_splits, to_float
 from generalist.errors import CheckpointError, ConfigError, GeneralistError
+from generalist.evaluation import suite as suite_module
 from generalist.evaluation.cli_eval import add_eval_parser, cmd_eval, run_eval
 from generalist.evaluation.records import build_record, model_info
 from generalist.evaluation.suite import EvaluationSuite, Progress
 from generalist.evaluation.tables import render_markdown
+from generalist.inference import predicts_correctly
 from generalist.models import create_model
 
 N = 40
@@ -376,3 +379,32 @@ def test_bare_weights_evaluate_next_to_the_file(run_dir, tmp_path):
     )
     assert out.parent == bare and out.name.startswith("eval-")
     assert record["data"]["dataset"] == "digits"
+
+
+def test_the_clean_pass_runs_once_for_the_suite_and_its_autoattacks(
+    run_dir, digits, tmp_path, monkeypatch
+):
+    model, _ = load_model(run_dir)
+    data = digits.test.subset(torch.arange(24))
+    suite = EvaluationSuite(THREAT_LIST, ["autoattack"], n_iter=2, batch_size=BATCH)
+    passes = {"suite": 0, "autoattack": 0}
+
+    def counted(where: str, original):
+        def classify(*args):
+            passes[where] += 1
+            return original(*args)
+
+        return classify
+
+    monkeypatch.setattr(suite_module, "predicts_correctly", counted("suite", predicts_correctly))
+    monkeypatch.setattr(aa_module, "predicts_correctly", counted("autoattack", predicts_correctly))
+    result = suite.run(model, data, state_path=tmp_path / "state.json")
+    # the suite's clean pass (24 points in batches of 16: 2 calls), and no AutoAttack of the
+    # two threat models classifies the points again: each starts from the suite's clean mask
+    assert passes["autoattack"] == 0
+    with torch.no_grad():
+        expected = model(to_float(data.images)).argmax(dim=1) == data.labels
+    assert torch.equal(result.clean, expected)
+    for threat in result.threats:
+        assert not (threat.attacks[0].robust & ~expected).any()
+        assert threat.attacks[0].robust.sum() < expected.sum()

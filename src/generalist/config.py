@@ -36,10 +36,12 @@ CURE_DEFAULTS = {
     "consistency_weight": 1.0,
     "revision_rate": 0.2,
     "revision_decay": 0.999,
-    "natural_warmup": 0.0,
+    "natural_warmup": 0.1,
 }
-"""CURE's ResNet-18 values (p = 30 %, α = 0.1, γ = 1, r = 0.2, d = 0.999), used for the cure
-fields of a task left unset; the ``cure`` preset writes them out."""
+"""CURE's ResNet-18 values (p = 30 %, α = 0.1, γ = 1, r = 0.2, d = 0.999), the one place they
+are written: every cure field a config leaves unset (the ``cure`` preset's included) takes them.
+CURE starts from a naturally trained model (the official code trains one first), so by default
+the first 10 % of the epochs are natural training; ``model.init_from`` skips that warm-up."""
 OPTIMIZERS = ("sgd", "adam", "adamw")
 REDISTRIBUTE_POLICIES = ("per_step_in_epoch", "once_per_c_epochs", "never")
 INIT_POLICIES = ("same", "independent")
@@ -540,12 +542,12 @@ def _validate_method_fields(config: Config, key: str, task: TaskConfig) -> None:
 
 def validate_gammas(config: Config) -> None:
     """γ_i(e) must lie in [0, 1] and sum to 1 at every epoch e = 1..E (DESIGN §1)."""
-    remainders = [n for n, lr in config.learners.items() if lr.gamma == REMAINDER]
+    remainders = [n for n, lc in config.learners.items() if lc.gamma == REMAINDER]
     if len(remainders) > 1:
         raise ConfigError(
             f"learners.{remainders[1]}.gamma: only one learner may take the 'remainder'"
         )
-    curves = mixing_weights({n: lr.gamma for n, lr in config.learners.items()}, config.epochs)
+    curves = mixing_weights({n: lc.gamma for n, lc in config.learners.items()}, config.epochs)
     for epoch in range(1, config.epochs + 1):
         if remainders:
             remainder = curves[remainders[0]](epoch)

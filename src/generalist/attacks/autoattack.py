@@ -29,6 +29,7 @@ from generalist.attacks.base import Attack, feasible, threat_fields
 from generalist.attacks.registry import create_attack
 from generalist.attacks.threat import ThreatModel
 from generalist.errors import ConfigError
+from generalist.inference import predicts_correctly
 
 VERSION = "1"
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -247,13 +248,12 @@ class AutoAttack:
                 on_progress(AutoAttackProgress(attack, done, total, state))
 
         if state.clean_correct is None:
-            with torch.no_grad():
-                correct = torch.cat(
-                    [
-                        model(xb).argmax(dim=1) == yb
-                        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)
-                    ]
-                )
+            correct = torch.cat(
+                [
+                    predicts_correctly(model, xb, yb)
+                    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)
+                ]
+            )
             state.clean_correct = correct.nonzero().squeeze(1).tolist()
             report("clean", len(x), len(x))
         for attack in self.attacks:

@@ -360,7 +360,7 @@ class _Runner:
         attack = self.suite.attacks[(str(threat), name)]
         key = f"{threat} {name}"
         if name == AUTOATTACK:
-            return self._autoattack(key, threat, attack)
+            return self._autoattack(key, threat, attack, clean)
         job = self.state.job(key)
         robust = decode_mask(job["robust"])
         with self._bar(key, job["done"]) as bar:
@@ -396,11 +396,20 @@ class _Runner:
         survived[idx - start] = still_right.cpu()
         return survived, int(bad.sum())
 
-    def _autoattack(self, key: str, threat: ThreatModel, attack: AutoAttack) -> AttackOutcome:
-        """AutoAttack keeps its own resumable state; it is stored inside the suite's file."""
+    def _autoattack(
+        self, key: str, threat: ThreatModel, attack: AutoAttack, clean: torch.Tensor
+    ) -> AttackOutcome:
+        """AutoAttack keeps its own resumable state; it is stored inside the suite's file.
+
+        It starts from the suite's clean pass (same model, mode and batches, so the same mask)
+        instead of classifying every point again for each threat model."""
         job = self.state.jobs.setdefault(key, {})
         saved = job.get("autoattack")
-        aa_state = attack.new_state(self.n) if saved is None else AutoAttackState.from_dict(saved)
+        if saved is None:
+            aa_state = attack.new_state(self.n)
+            aa_state.clean_correct = clean.nonzero().squeeze(1).tolist()
+        else:
+            aa_state = AutoAttackState.from_dict(saved)
         bars: dict[str, tqdm] = {}
 
         def saved_progress(progress: AutoAttackProgress) -> None:

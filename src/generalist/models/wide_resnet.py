@@ -63,15 +63,11 @@ def wrn_28_10(*, num_classes: int, in_channels: int, image_size: int) -> nn.Modu
     return wide_resnet(4, 10, num_classes=num_classes, in_channels=in_channels)
 
 
+# wrn-32-10 is not a second network: the official Generalist code calls WRN-34-10 that.
+@register_model("wrn-32-10")
 @register_model("wrn-34-10")
 def wrn_34_10(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """The TRADES / RobustBench WRN-34-10 (46.16M parameters for 10 classes)."""
-    del image_size  # adaptive pooling accepts any size
-    return wide_resnet(5, 10, num_classes=num_classes, in_channels=in_channels)
-
-
-@register_model("wrn-32-10")
-def wrn_32_10(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """The official Generalist network: 5 blocks per stage (not (32-4)/6), width 10."""
+    """The TRADES / RobustBench WRN-34-10 (46.16M parameters for 10 classes), also under the
+    official Generalist code's name ``wrn-32-10``: 5 blocks per stage, width 10."""
     del image_size  # adaptive pooling accepts any size
     return wide_resnet(5, 10, num_classes=num_classes, in_channels=in_channels)

@@ -21,7 +21,7 @@ import copy
 import signal
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,9 @@ def build_learners(
     global_model = copy.deepcopy(base)
     if config.merge.init != "same":
         mix_initial_global(
-            global_model, [lr.model for lr in learners], [lr.gamma(1) for lr in learners]
+            global_model,
+            [learner.model for learner in learners],
+            [learner.gamma(1) for learner in learners],
         )
     return learners, global_model
 
@@ -204,12 +206,21 @@ class Session:
     state: TrainingState
     batches: EpochBatches
     checkpoints: Checkpointer
-    augment: BatchAugment
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    threats: list[ThreatModel]
     autocast: AbstractContextManager[object]
     echo: Any
+    augment: BatchAugment = field(init=False)
+    train_x: torch.Tensor = field(init=False)
+    """The whole training split on the device, uint8: a batch is an index."""
+    train_y: torch.Tensor = field(init=False)
+    threats: list[ThreatModel] = field(init=False)
+
+    def __post_init__(self) -> None:
+        info, data, device = self.splits.info, self.config.data, self.parallel.device
+        padding = info.default_crop_padding if data.crop_padding is None else data.crop_padding
+        self.augment = BatchAugment(padding, info.default_flip if data.flip is None else data.flip)
+        self.train_x = self.splits.train.images.to(device)
+        self.train_y = self.splits.train.labels.to(device)
+        self.threats = self.config.eval_threats()
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The augmented batch ``index`` (this replica's slice of it, data-parallel)."""
@@ -294,21 +305,13 @@ def _setup(
         state=state,
         batches=batches,
         checkpoints=checkpoints,
-        augment=BatchAugment(
-            info.default_crop_padding
-            if config.data.crop_padding is None
-            else config.data.crop_padding,
-            info.default_flip if config.data.flip is None else config.data.flip,
-        ),
-        train_x=splits.train.images.to(device),
-        train_y=splits.train.labels.to(device),
-        threats=config.eval_threats(),
         autocast=training_autocast(precision, device),
         echo=echo,
     )
     echo(
         f"run {run.path} · {config.name} · {len(learners)} learner(s) "
-        f"({', '.join(f'{lr.name}:{lr.task.name}' for lr in learners)}) · {config.model.name} · "
+        f"({', '.join(f'{learner.name}:{learner.task.name}' for learner in learners)}) · "
+        f"{config.model.name} · "
         f"{info.name} train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)} "
         f"· {device} {precision}{parallel.describe()}"
     )
