@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from generalist.attacks.base import LossFn, batch_view, threat_fields
+from generalist.attacks.base import LossFn, batch_view, require_counts, threat_fields
 from generalist.attacks.pgd import cross_entropy_per_example
 from generalist.attacks.threat import ThreatModel
 from generalist.errors import ConfigError
@@ -169,16 +169,22 @@ class _APGDBase:
             raise ConfigError(
                 f"{self.name} for L1 is not implemented; use fab-t or pgd for L1 threat models"
             )
-        if n_iter < 1 or n_restarts < 1:
-            raise ConfigError(
-                f"{self.name} needs n_iter >= 1 and n_restarts >= 1, got {n_iter}, {n_restarts}"
-            )
+        require_counts(self.name, n_iter=n_iter, n_restarts=n_restarts)
         if not 0 < rho <= 1:
             raise ConfigError(f"{self.name} rho must be in (0, 1], got {rho}")
         self.n_iter = n_iter
         self.n_restarts = n_restarts
         self.rho = rho
         self.seed = seed
+
+    def _start(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Generator, torch.Tensor]:
+        """Detached inputs, this call's freshly seeded generator and the clean logits."""
+        x, y = x.detach(), y.detach()
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        with torch.no_grad():
+            return x, y, generator, model(x)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -253,10 +259,7 @@ class APGD(_APGDBase):
         return {**super().describe(), "loss": self.loss}
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, y = x.detach(), y.detach()
-        generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        with torch.no_grad():
-            logits = model(x)
+        x, y, generator, logits = self._start(model, x, y)
         if self.loss == "dlr":
             self._require_classes(logits.shape[1], 3, "the DLR loss uses the 3rd-largest logit")
         loss_fn = dlr_loss if self.loss == "dlr" else cross_entropy_per_example
@@ -281,18 +284,14 @@ class APGDTargeted(_APGDBase):
         seed: int = 0,
     ) -> None:
         super().__init__(threat, n_iter=n_iter, n_restarts=n_restarts, rho=rho, seed=seed)
-        if n_target_classes < 1:
-            raise ConfigError(f"apgd-t n_target_classes must be at least 1, got {n_target_classes}")
+        require_counts("apgd-t", n_target_classes=n_target_classes)
         self.n_target_classes = n_target_classes
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "n_target_classes": self.n_target_classes}
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, y = x.detach(), y.detach()
-        generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        with torch.no_grad():
-            logits = model(x)
+        x, y, generator, logits = self._start(model, x, y)
         n_classes = logits.shape[1]
         self._require_classes(n_classes, 4, "the targeted DLR loss uses the 4th-largest logit")
         robust, x_adv = logits.argmax(dim=1) == y, x.clone()

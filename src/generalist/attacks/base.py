@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from generalist.attacks.threat import ThreatModel
+from generalist.errors import ConfigError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(logits, target) -> per-example loss [B]``; an attack ascends its sum."""
@@ -57,3 +58,10 @@ def feasible(
     inside = threat.norms(x_adv - x) <= threat.eps * (1 + rel_tol) + 1e-7
     in_box = ((x_adv >= -1e-6) & (x_adv <= 1 + 1e-6)).flatten(1).all(dim=1)
     return inside & in_box & ~torch.isnan(x_adv).flatten(1).any(dim=1)
+
+
+def require_counts(attack: str, **counts: int) -> None:
+    """Every count (iterations, restarts, queries, target classes) must be at least 1."""
+    for label, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"{attack} {label} must be at least 1, got {value}")

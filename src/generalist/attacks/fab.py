@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from generalist.attacks.base import require_counts
 from generalist.attacks.threat import ThreatModel
 from generalist.errors import ConfigError
 
@@ -119,13 +120,9 @@ class FABTargeted:
         seed: int = 0,
     ) -> None:
         self.threat = ThreatModel.parse(threat)
-        for label, value in (
-            ("n_iter", n_iter),
-            ("n_restarts", n_restarts),
-            ("n_target_classes", n_target_classes),
-        ):
-            if value < 1:
-                raise ConfigError(f"fab-t {label} must be at least 1, got {value}")
+        require_counts(
+            "fab-t", n_iter=n_iter, n_restarts=n_restarts, n_target_classes=n_target_classes
+        )
         if not 0 <= alpha_max <= 1:
             raise ConfigError(f"fab-t alpha_max must be in [0, 1], got {alpha_max}")
         if eta < 1:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from generalist.attacks.base import require_counts
 from generalist.attacks.pgd import PGD
 from generalist.attacks.threat import ThreatModel
 from generalist.errors import ConfigError
@@ -37,8 +38,7 @@ class MIM(PGD):
         seed: int = 0,
     ) -> None:
         threat = ThreatModel.parse(threat)
-        if steps < 1:
-            raise ConfigError(f"mim steps must be at least 1, got {steps}")
+        require_counts("mim", steps=steps)
         if decay <= 0:
             raise ConfigError(f"mim decay (momentum) must be positive, got {decay}")
         step = threat.eps / steps if step_size is None else step_size
@@ -72,8 +72,7 @@ class CW(PGD):
         random_start: bool = True,
         seed: int = 0,
     ) -> None:
-        if steps < 1:
-            raise ConfigError(f"cw steps must be at least 1, got {steps}")
+        require_counts("cw", steps=steps)
         if kappa <= 0:
             raise ConfigError(f"cw kappa (margin cap) must be positive, got {kappa}")
         super().__init__(

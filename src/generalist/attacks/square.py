@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from generalist.attacks.base import require_counts
 from generalist.attacks.threat import ThreatModel
 from generalist.errors import ConfigError
 
@@ -126,10 +127,7 @@ class Square:
         self.threat = ThreatModel.parse(threat)
         if self.threat.norm == "L1":
             raise ConfigError("square for L1 is not implemented; use it with Linf or L2")
-        if n_queries < 1 or n_restarts < 1:
-            raise ConfigError(
-                f"square needs n_queries >= 1 and n_restarts >= 1, got {n_queries}, {n_restarts}"
-            )
+        require_counts("square", n_queries=n_queries, n_restarts=n_restarts)
         if not 0 < p_init <= 1:
             raise ConfigError(f"square p_init must be in (0, 1], got {p_init}")
         self.n_queries = n_queries

@@ -98,10 +98,15 @@ class ThreatOutcome:
     @property
     def worst_case(self) -> torch.Tensor:
         """A point is robust only if it is right on the clean image and no attack broke it."""
-        mask = self.clean.clone()
-        for attack in self.attacks:
-            mask &= attack.robust
-        return mask
+        return _and(self.clean, [attack.robust for attack in self.attacks])
+
+
+def _and(first: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    """The per-point AND of ``first`` and every mask."""
+    mask = first.clone()
+    for other in masks:
+        mask &= other
+    return mask
 
 
 @dataclass
@@ -119,10 +124,7 @@ class SuiteResult:
     @property
     def union(self) -> torch.Tensor:
         """Robust to every threat model at once: the AND of the per-threat worst cases."""
-        mask = self.clean.clone()
-        for outcome in self.threats:
-            mask &= outcome.worst_case
-        return mask
+        return _and(self.clean, [outcome.worst_case for outcome in self.threats])
 
 
 @dataclass(frozen=True)
