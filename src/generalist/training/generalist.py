@@ -121,6 +121,9 @@ def generalist_step(
 ) -> torch.Tensor:
     """Steps 1–4 above for the learners trained in this process; returns every learner's loss.
 
+    The one function a training step runs through: where a compiled step or another precision
+    would go (``autocast`` is the loop's ``training_autocast``).
+
     ``settle_losses`` gathers all learners' losses (from the other processes under torchrun)
     and stops the run, or skips the batch, at a non-finite one: before the merge, so a NaN
     never reaches the teachers, the global learner or a checkpoint.
