@@ -14,6 +14,26 @@ from torch import nn
 # cost up to 70× the arithmetic (measured: APGD on a linear model 8.5 s vs 0.12 s).
 torch.set_num_threads(1)
 
+HAS_CUDA = torch.cuda.is_available()
+"""Read before :func:`cpu_unless_marked_cuda` hides the GPU: what ``tests/test_cuda.py`` runs on."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_unless_marked_cuda():
+    """Every test trains and attacks on the CPU, also on a machine with a GPU, unless it is
+    marked ``cuda``: ``device: auto`` would otherwise pick the GPU, and the distributed tests
+    fork, which CUDA does not survive. The tests that start fresh interpreters pass
+    ``device=cpu`` themselves (``training_runs.TINY_DATA``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The ``cuda`` tests run last, so no test forks a process after CUDA started."""
+    items.sort(key=lambda item: item.get_closest_marker("cuda") is not None)
+
+
 DUAL = {"Linf": 1.0, "L2": 2.0, "L1": math.inf}
 """The dual norm's p: a linear score moves by at most ε·‖w‖_dual inside an ℓp ball."""
 

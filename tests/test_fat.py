@@ -36,8 +36,9 @@ def expected_stops(fooled: torch.Tensor, tau: int) -> list[int]:
     return stops
 
 
+@pytest.mark.parametrize("shrink_batch", [True, False], ids=["cpu-shrinks", "gpu-masks"])
 @pytest.mark.parametrize("tau", [0, 2])
-def test_each_example_is_frozen_tau_steps_after_its_first_misclassification(tau):
+def test_each_example_is_frozen_tau_steps_after_its_first_misclassification(tau, shrink_batch):
     model, x, y, _ = linear_classifier(10, 96, seed=3)
     # Plain PGD without random start is deterministic, so iterate k is pgd(steps=k).
     trajectory = [
@@ -52,7 +53,15 @@ def test_each_example_is_frozen_tau_steps_after_its_first_misclassification(tau)
     assert min(stops) == tau and STEPS in stops and len(set(stops)) >= 4
 
     result = friendly_pgd(
-        model, x, y, THREAT, steps=STEPS, step_size=STEP_SIZE, tau=tau, random_start=False
+        model,
+        x,
+        y,
+        THREAT,
+        steps=STEPS,
+        step_size=STEP_SIZE,
+        tau=tau,
+        random_start=False,
+        shrink_batch=shrink_batch,
     )
     assert result.steps_taken.tolist() == stops
     expected = torch.stack([trajectory[k][i] for i, k in enumerate(stops)])

@@ -17,6 +17,7 @@ PACKAGE = Path(generalist.__file__).parent
 LAYERS = [
     # shared building blocks: no knowledge of configs, runs or training
     {"", "errors", "durable", "schedules", "devices", "inference", "tensorboard"}
+    | {"backends", "threads", "compiling"}
     | {"attacks", "data", "models", "presets"},
     {"config"},
     {"checkpoint", "rundir", "manifest"},

@@ -23,6 +23,7 @@ from generalist.training import loop
 from generalist.training.generalist import GeneralistMerge
 
 TINY_DATA = [
+    "device=cpu",  # also where a GPU is visible: the runs fork and compare CPU bits
     "model.name=tiny-cnn",
     "data.train_limit=256",
     "data.test_limit=128",

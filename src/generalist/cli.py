@@ -32,6 +32,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epochs", type=int, help="shorthand for --set epochs=N")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for the kernels (default: all cores, or those other jobs leave free)",
+    )
     parser.add_argument("--out", help="parent folder of the run directory (default runs/)")
     parser.add_argument("--name", help="run name (default: the preset name)")
     parser.add_argument(
@@ -47,6 +53,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     for key, value in (
         ("epochs", args.epochs),
         ("device", args.device),
+        ("threads", args.threads),
         ("out_dir", args.out),
         ("name", args.name),
         ("data.data_dir", args.data_dir),

@@ -73,6 +73,10 @@ class ModelConfig:
     """Keep 4-d weights and the training batches in NHWC memory. Convolutions on tensor cores and
     with AMX bf16 want it (1.36x on this project's CPU in bf16); in fp32 on the CPU it gained
     only 1.04x, and it changes the convolution algorithms, so it is opt-in (BENCHMARKS.md)."""
+    compile: bool = False
+    """Compile each learner's model with ``torch.compile`` (training steps, their attacks and
+    validation/test PGD). Opt-in until a GPU measurement says it pays: it costs a compile at
+    the start, and again whenever a batch shape changes."""
     init_from: str | None = None
     """Start every learner from saved weights (a run directory or a ``model.safetensors``) of
     the same architecture instead of a random initialisation, e.g. CURE from a natural model."""
@@ -203,6 +207,12 @@ class Config:
     epochs: int = 120
     device: str = "auto"
     precision: str = "fp32"
+    deterministic: bool = False
+    """CUDA: deterministic kernels only, so a resumed run ends bit-identical to an uninterrupted
+    one (see :mod:`generalist.backends`); slower. CPU runs are deterministic anyway."""
+    threads: int | None = None
+    """CPU threads for the kernels; ``null``: PyTorch's choice, or only the cores other work
+    leaves free (see :mod:`generalist.threads`)."""
     out_dir: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -422,6 +432,8 @@ def validate(config: Config) -> None:
     from generalist.models.registry import is_known_model, unknown_model_message
 
     _at_least(config.epochs, 1, "epochs")
+    if config.threads is not None:
+        _at_least(config.threads, 1, "threads")
     _choice(config.precision, PRECISIONS, "precision")
     _choice(config.data.dataset, list_datasets(), "data.dataset")
     if not is_known_model(config.model.name):

@@ -117,8 +117,7 @@ def apgd_run(
     x_adv = _random_start(x, threat, generator)
     loss, grad, logits = _loss_and_grad(model, x_adv, y, loss_fn)
     fooled = logits.argmax(dim=1) != y
-    found = x_adv.clone()
-    best_x, best_loss, best_grad = x_adv.clone(), loss.clone(), grad.clone()
+    found, best_x, best_loss, best_grad = x_adv, x_adv, loss, grad
     step = torch.full((len(x),), INITIAL_STEP * threat.eps, device=x.device, dtype=x.dtype)
     x_prev, prev_loss = x_adv, loss
     increases = torch.zeros(len(x), device=x.device)
@@ -133,13 +132,16 @@ def apgd_run(
         x_prev, x_adv = x_adv, x_next
         loss, grad, logits = _loss_and_grad(model, x_adv, y, loss_fn)
 
+        # torch.where, not boolean-mask writes: those would stall the host on the GPU six
+        # times per iteration.
         newly = (logits.argmax(dim=1) != y) & ~fooled
-        found[newly] = x_adv[newly]
-        fooled |= newly
+        found = torch.where(batch_view(newly, x), x_adv, found)
+        fooled = fooled | newly
         increases += (loss > prev_loss).float()
         prev_loss = loss
         improved = loss > best_loss
-        best_x[improved], best_grad[improved] = x_adv[improved], grad[improved]
+        best_x = torch.where(batch_view(improved, x), x_adv, best_x)
+        best_grad = torch.where(batch_view(improved, x), grad, best_grad)
         best_loss = torch.where(improved, loss, best_loss)
 
         since_check += 1

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from generalist.attacks.base import require_counts
-from generalist.attacks.threat import ThreatModel
+from generalist.attacks.threat import ThreatModel, cumsum
 from generalist.errors import ConfigError
 
 VERSION = "1"
@@ -67,8 +67,8 @@ def _water_level(
     """
     breakpoint, order = breakpoint.sort(dim=1)
     weight = weight.gather(1, order)
-    saturated_before = (weight * breakpoint).cumsum(dim=1) - weight * breakpoint
-    still_rising = weight.flip(1).cumsum(dim=1).flip(1)
+    saturated_before = cumsum(weight * breakpoint, dim=1) - weight * breakpoint
+    still_rising = cumsum(weight.flip(1), dim=1).flip(1)
     reached_at_kink = saturated_before + breakpoint * still_rising
     piece = (reached_at_kink < need.unsqueeze(1)).sum(dim=1, keepdim=True)
     feasible = piece.squeeze(1) < weight.shape[1]
@@ -83,7 +83,7 @@ def _greedy_l1_moves(w_abs: torch.Tensor, room: torch.Tensor, need: torch.Tensor
     """Unsigned ℓ1-optimal moves: fill coordinates by decreasing |w_i| until ``need`` is met."""
     w_sorted, order = w_abs.sort(dim=1, descending=True)
     capacity = w_sorted * room.gather(1, order)
-    before = capacity.cumsum(dim=1) - capacity
+    before = cumsum(capacity, dim=1) - capacity
     used = torch.minimum((need.unsqueeze(1) - before).clamp_min(0), capacity)
     moves_sorted = torch.where(w_sorted > 0, used / w_sorted.clamp_min(1e-30), 0.0)
     return torch.zeros_like(w_abs).scatter(1, order, moves_sorted)

@@ -7,8 +7,10 @@ then for ``tau`` more steps (misclassified iterates each spend one unit of ``tau
 official ``earlystop``), and is frozen from then on. With ``tau >= steps`` nothing ever
 stops and the result is exactly :func:`generalist.attacks.pgd.pgd`'s.
 
-Frozen examples leave the batch, so a mostly-broken batch costs a fraction of a full PGD step;
-this is safe because the caller attacks in eval mode, where examples do not interact.
+On a CPU, frozen examples leave the batch, so a mostly-broken batch costs a fraction of a full
+PGD step; this is safe because the caller attacks in eval mode, where examples do not interact.
+On a GPU they stay in the batch, masked: shrinking it needs the host to read the mask every
+step, a stall that costs more than the rows it saves on a device that is rarely full.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from generalist.attacks.pgd import cross_entropy_per_example
+from generalist.attacks.base import batch_view
+from generalist.attacks.pgd import ascent_step_for, cross_entropy_per_example
 from generalist.attacks.threat import ThreatModel
 
 
@@ -39,11 +42,13 @@ def friendly_pgd(
     tau: int,
     random_start: bool = True,
     generator: torch.Generator | None = None,
+    shrink_batch: bool | None = None,
 ) -> FriendlyPGDResult:
     """Early-stopped PGD-``steps`` with cross-entropy; ``tau`` extra steps after the first miss.
 
     The iterate that is checked and found misclassified with no ``tau`` left is returned as is;
-    every returned point lies in ``threat``'s ball around ``x`` and in [0,1].
+    every returned point lies in ``threat``'s ball around ``x`` and in [0,1]. ``shrink_batch``
+    (default: on a CPU) drops frozen examples from the batch instead of masking them.
     """
     if steps < 0:
         raise ValueError(f"PGD steps must be >= 0, got {steps}")
@@ -54,20 +59,25 @@ def friendly_pgd(
     n = x.shape[0]
     budget = torch.full((n,), tau, dtype=torch.int64, device=x.device)
     steps_taken = torch.zeros(n, dtype=torch.int64, device=x.device)
+    moving = torch.ones(n, dtype=torch.bool, device=x.device)
     active = torch.arange(n, device=x.device)
+    shrink = x.device.type == "cpu" if shrink_batch is None else shrink_batch
+    ascent_step = ascent_step_for(model, threat)
     for _ in range(steps):
         current = x_adv[active].requires_grad_(True)
         logits = model(current)
         target = y[active]
         fooled = logits.detach().argmax(dim=1) != target
         left = budget[active]
-        stop = fooled & (left == 0)
-        budget[active] = left - (fooled & ~stop).long()
+        still = moving[active] & ~(fooled & (left == 0))
+        budget[active] = left - (fooled & still).long()
         (grad,) = torch.autograd.grad(cross_entropy_per_example(logits, target).sum(), current)
-        move = ~stop
-        active = active[move]
-        if active.numel() == 0:
-            break
-        x_adv[active] = threat.ascent_step(x[active], current[move], grad[move], step_size)
-        steps_taken[active] += 1
+        stepped = ascent_step(x[active], current, grad, step_size)
+        x_adv[active] = torch.where(batch_view(still, current), stepped, current.detach())
+        steps_taken[active] += still.long()
+        moving[active] = still
+        if shrink:  # the host reads the mask (free on a CPU) and drops the frozen rows
+            active = active[still]
+            if active.numel() == 0:
+                break
     return FriendlyPGDResult(x_adv.detach(), steps_taken)

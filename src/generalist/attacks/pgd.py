@@ -8,20 +8,39 @@ The attack never switches the model between train and eval mode: whoever calls i
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from generalist.attacks.base import LossFn, threat_fields
+from generalist.attacks.base import LossFn, batch_view, threat_fields
 from generalist.attacks.threat import ThreatModel
+from generalist.compiling import compiled, is_compiled
 
 VERSION = "1"
 
 
 def cross_entropy_per_example(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+def _projected_step(
+    threat: ThreatModel, x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, step: float
+) -> torch.Tensor:
+    return threat.ascent_step(x, x_adv, grad, step)
+
+
+def ascent_step_for(
+    model: nn.Module, threat: ThreatModel
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]:
+    """``threat.ascent_step``, compiled when ``model`` is: a compiled model's attacks run their
+    projection as one fused kernel per step instead of half a dozen."""
+    if is_compiled(model):
+        return functools.partial(compiled(_projected_step), threat)
+    return threat.ascent_step
 
 
 def pgd(
@@ -59,22 +78,23 @@ def pgd(
     best = x_adv.clone() if keep_best else None
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if keep_best else None
     velocity = torch.zeros_like(x) if momentum > 0 else None
+    ascent_step = ascent_step_for(model, threat)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         logits = model(x_adv)
         if keep_best:
-            fooled = _remember_fooled(logits, y, x_adv, best, fooled)
+            best, fooled = _remember_fooled(logits, y, x_adv, best, fooled)
         (grad,) = torch.autograd.grad(loss_fn(logits, y).sum(), x_adv)
         if velocity is not None:
             l1 = grad.abs().flatten(1).sum(dim=1).clamp_min(1e-12)
             velocity = momentum * velocity + grad / l1.view(-1, *([1] * (x.dim() - 1)))
             grad = velocity
-        x_adv = threat.ascent_step(x, x_adv, grad, step)
+        x_adv = ascent_step(x, x_adv, grad, step)
     if not keep_best:
         return x_adv.detach()
     with torch.no_grad():
-        _remember_fooled(model(x_adv), y, x_adv, best, fooled)
-    return torch.where(fooled.view(-1, *([1] * (x.dim() - 1))), best, x_adv).detach()
+        best, fooled = _remember_fooled(model(x_adv), y, x_adv, best, fooled)
+    return torch.where(batch_view(fooled, x), best, x_adv).detach()
 
 
 def _remember_fooled(
@@ -83,11 +103,12 @@ def _remember_fooled(
     x_adv: torch.Tensor,
     best: torch.Tensor,
     fooled: torch.Tensor,
-) -> torch.Tensor:
-    """Store the iterates that newly fool the model; an example once fooled stays fooled."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(best, fooled)`` with the iterates that newly fool the model stored; an example once
+    fooled stays fooled. Written with ``torch.where``, not a boolean-mask assignment, which
+    would make the host wait for the GPU twice per step."""
     newly = (logits.detach().argmax(dim=1) != y) & ~fooled
-    best[newly] = x_adv.detach()[newly]
-    return fooled | newly
+    return torch.where(batch_view(newly, best), x_adv.detach(), best), fooled | newly
 
 
 class PGD:

@@ -23,12 +23,15 @@ import torch
 from torch import nn
 
 from generalist.attacks.base import require_counts
-from generalist.attacks.threat import ThreatModel
+from generalist.attacks.threat import ThreatModel, cumsum
 from generalist.errors import ConfigError
 
 VERSION = "1"
 HALVING_QUERIES = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 """Query counts after which the window fraction ``p`` halves (the paper's 10 000-query schedule)."""
+GPU_COMPACT_EVERY = 32
+"""On a GPU, fooled examples leave the searched batch every this many queries (one host sync
+each time) rather than at every query; meanwhile they ride along, frozen."""
 
 
 def window_fraction(p_init: float, query: int, n_queries: int, rescale: bool) -> float:
@@ -81,7 +84,7 @@ def _centre_peaked_block(rows: int, cols: int, like: torch.Tensor) -> torch.Tens
     the centre gets Σ_{j ≥ k} 1/(j+1)², so the mass is concentrated in the middle."""
     depth = max(rows // 2, cols // 2) + 1
     weights = 1.0 / torch.arange(1, depth + 1, device=like.device, dtype=like.dtype).square()
-    tail = weights.flip(0).cumsum(0).flip(0)
+    tail = cumsum(weights.flip(0), dim=0).flip(0)
     dist_rows = (torch.arange(rows, device=like.device) - rows // 2).abs()
     dist_cols = (torch.arange(cols, device=like.device) - cols // 2).abs()
     block = tail[torch.maximum(dist_rows.unsqueeze(1), dist_cols.unsqueeze(0))]
@@ -170,17 +173,22 @@ class Square:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One random search: the best point per example and whether it is misclassified.
 
-        The examples still searched live packed in their own tensors, re-gathered only when one
-        of them is fooled (once per example), not at every query: thousands of queries on a
-        few hundred images make the per-query bookkeeping, not just the model, count.
+        The examples still searched live packed in their own tensors, re-gathered only when
+        some of them are fooled, not at every query: thousands of queries on a few hundred
+        images make the per-query bookkeeping, not just the model, count. A fooled example is
+        frozen at once (``done``); the host looks for frozen ones, and drops them from the
+        batch, every query on a CPU, where that look is free, and every
+        :data:`GPU_COMPACT_EVERY` queries on a GPU, where it would stall the device.
         """
         best = self._initial_point(x, generator)
         logits = model(best)
         best_margin = margin(logits, y)
         fooled = logits.argmax(dim=1) != y
         propose = self._propose_linf if self.threat.norm == "Linf" else self._propose_l2
+        compact_every = 1 if x.device.type == "cpu" else GPU_COMPACT_EVERY
         active = (~fooled).nonzero().squeeze(1)
         x_act, y_act, best_act, margin_act = x[active], y[active], best[active], best_margin[active]
+        done = torch.zeros_like(y_act, dtype=torch.bool)
         for query in range(self.n_queries):
             if active.numel() == 0:
                 break
@@ -188,17 +196,20 @@ class Square:
             candidate = propose(x_act, best_act, p, generator)
             logits = model(candidate)
             cand_margin = margin(logits, y_act)
-            cand_fooled = logits.argmax(dim=1) != y_act
-            accept = cand_fooled | (cand_margin < margin_act)
+            cand_fooled = (logits.argmax(dim=1) != y_act) & ~done
+            accept = cand_fooled | ((cand_margin < margin_act) & ~done)
             best_act = torch.where(accept.view(-1, 1, 1, 1), candidate, best_act)
             margin_act = torch.where(accept, cand_margin, margin_act)
-            if cand_fooled.any():  # the one host sync per query: who is left to search
+            done = done | cand_fooled
+            if (query + 1) % compact_every == 0 and done.any():
                 best[active] = best_act
-                fooled[active[cand_fooled]] = True
-                searching = ~cand_fooled
+                fooled[active[done]] = True
+                searching = ~done
                 active, x_act, y_act = active[searching], x_act[searching], y_act[searching]
                 best_act, margin_act = best_act[searching], margin_act[searching]
+                done = done[searching]
         best[active] = best_act
+        fooled[active] |= done
         return best, fooled
 
     def _initial_point(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

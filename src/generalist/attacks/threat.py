@@ -64,6 +64,17 @@ def _flat_norm(t: torch.Tensor, p: float) -> torch.Tensor:
     return norms.view(-1, *([1] * (t.dim() - 1)))
 
 
+def cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t.cumsum(dim)``, also under ``torch.use_deterministic_algorithms(True)``.
+
+    A floating-point cumulative sum has no deterministic CUDA kernel, so in deterministic mode
+    (``deterministic: true``) it runs on the CPU: a copy each way, paid only in that mode.
+    """
+    if t.is_cuda and t.is_floating_point() and torch.are_deterministic_algorithms_enabled():
+        return t.cpu().cumsum(dim).to(t.device)
+    return t.cumsum(dim)
+
+
 def project_l1_ball(delta: torch.Tensor, eps: float) -> torch.Tensor:
     """Euclidean projection of each example onto the ℓ1 ball (Duchi et al., 2008).
 
@@ -73,12 +84,12 @@ def project_l1_ball(delta: torch.Tensor, eps: float) -> torch.Tensor:
     abs_flat = flat.abs()
     inside = abs_flat.sum(dim=1) <= eps
     sorted_abs, _ = abs_flat.sort(dim=1, descending=True)
-    cumsum = sorted_abs.cumsum(dim=1)
+    cumulative = cumsum(sorted_abs, dim=1)
     ranks = torch.arange(1, flat.shape[1] + 1, device=delta.device, dtype=delta.dtype)
     # ρ = largest k with sorted_abs[k] > (cumsum[k] - eps) / k; θ = (cumsum[ρ] - eps) / ρ.
-    cond = sorted_abs * ranks > cumsum - eps
+    cond = sorted_abs * ranks > cumulative - eps
     rho = cond.to(torch.int64).cumsum(dim=1).argmax(dim=1, keepdim=True)
-    theta = ((cumsum.gather(1, rho) - eps) / (rho + 1).to(delta.dtype)).clamp_min(0)
+    theta = ((cumulative.gather(1, rho) - eps) / (rho + 1).to(delta.dtype)).clamp_min(0)
     projected = flat.sign() * (abs_flat - theta).clamp_min(0)
     projected = torch.where(inside.unsqueeze(1), flat, projected)
     return projected.view_as(delta)

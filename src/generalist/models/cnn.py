@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from generalist.errors import ConfigError
+from generalist.models.normalization import GlobalAvgPool
 from generalist.models.registry import register_model
 
 
@@ -23,7 +24,7 @@ class TinyCNN(nn.Module):
             nn.Conv2d(16, 32, 3, padding=1, bias=False),
             nn.BatchNorm2d(32),
             nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
+            GlobalAvgPool(),
         )
         self.classifier = nn.Linear(32, num_classes)
 

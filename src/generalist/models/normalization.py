@@ -72,3 +72,15 @@ class NormalizedModel(nn.Sequential):
 
     def __init__(self, normalize: InputNormalization, net: nn.Module) -> None:
         super().__init__(OrderedDict(normalize=normalize, net=net))
+
+
+class GlobalAvgPool(nn.Module):
+    """The mean over the spatial dimensions, kept as [B, C, 1, 1] (``AdaptiveAvgPool2d(1)``).
+
+    Written as a plain mean because ``AdaptiveAvgPool2d``'s backward has no deterministic CUDA
+    kernel: with ``deterministic: true`` PyTorch raises in it, while a mean's backward is an
+    exact broadcast. No parameters or buffers, so saved weights are unaffected.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1), keepdim=True)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from generalist.models.normalization import GlobalAvgPool
 from generalist.models.registry import register_model
 
 
@@ -90,7 +91,7 @@ class ResNet(nn.Module):
             nn.Conv2d(in_channels, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
         )
         self.stages = _stages(BasicBlock, 64, widths, blocks_per_stage, (1, 2, 2, 2))
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.classifier = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +117,7 @@ class PreActResNet(nn.Module):
         self.stages = _stages(PreActBlock, stem_width, widths, blocks_per_stage, strides)
         self.final_bn = nn.BatchNorm2d(widths[-1])
         self.relu = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.classifier = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@
 - the merge: the EMA teachers and the global learner;
 - the position: epoch, batches of it done, global step (the merge's t), the epoch's losses so
   far, the finished epochs' metric records and the latest validation;
-- randomness: the augmentation generator and the global RNGs (torch CPU and CUDA, numpy,
-  python), which nothing in the loop draws from today but a model or task may.
+- randomness: the augmentation generator and the global RNGs (torch CPU, the run's own GPU
+  on a CUDA run, numpy, python), which nothing in the loop draws from today but a model or task may.
 
 The data order needs nothing: :class:`~generalist.data.EpochBatches` derives it from
 (seed, epoch), so the batch index is the position. Schedules are functions of the position.
@@ -83,9 +83,9 @@ def capture(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, An
     tensors["augment/generator"] = state.augment_generator.get_state()
     tensors["epoch/losses"] = state.epoch_losses
     tensors["rng/torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for index, rng in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{index}"] = rng
+    device = state.augment_generator.device
+    if device.type == "cuda":  # never asked in a CPU run: it would initialise CUDA (no forks after)
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
     numpy_state = np.random.get_state()
     meta = {
         "position": {"epoch": state.epoch, "batch": state.batch, "step": state.step},
@@ -138,9 +138,7 @@ def restore(
         )
     state.epoch_losses.copy_(losses)
     torch.set_rng_state(_pop(remaining, "rng/torch"))
-    cuda = _take(remaining, "rng/cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([cuda[str(i)] for i in range(len(cuda))])
+    _restore_cuda_rng(state.augment_generator.device, remaining)
     if remaining:
         raise CheckpointError(
             f"the checkpoint holds state this run has no place for: {sorted(remaining)[:3]}"
@@ -153,6 +151,23 @@ def restore(
     state.epoch, state.batch, state.step = position["epoch"], position["batch"], position["step"]
     state.metrics = list(meta["metrics"])
     state.val = meta["val"]
+
+
+def _restore_cuda_rng(device: torch.device, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore the run's own GPU's global RNG, removing the entries from ``tensors``.
+
+    Older checkpoints kept one state per visible GPU (``rng/cuda/<index>``), CPU runs too;
+    those entries are read for the run's GPU and otherwise dropped, so such checkpoints still
+    resume.
+    """
+    saved = tensors.pop("rng/cuda", None)
+    per_gpu = _take(tensors, "rng/cuda")
+    if device.type != "cuda":
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    saved = per_gpu.get(str(index)) if saved is None else saved
+    if saved is not None:
+        torch.cuda.set_rng_state(saved, device)
 
 
 def capture_learner(

@@ -1,0 +1,151 @@
+"""What a run sets up around its device: threads, numerical back ends, compilation, RNG state.
+
+All on the CPU; the GPU side of the same promises is ``tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_runs import only_run, tiny_config
+
+from generalist import backends, compiling, threads
+from generalist.attacks.pgd import PGD
+from generalist.attacks.threat import ThreatModel
+from generalist.errors import ConfigError
+from generalist.models import create_model
+from generalist.models.normalization import GlobalAvgPool
+from generalist.training import loop
+from generalist.training.generalist import GeneralistMerge
+from generalist.training.state import TrainingState, capture, restore
+
+
+def _no_cuda_calls(monkeypatch) -> None:
+    """A GPU is 'visible', and touching CUDA's RNG fails the test."""
+
+    def touched(*_args, **_kw):
+        raise AssertionError("a CPU run touched CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("get_rng_state", "get_rng_state_all", "set_rng_state", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, touched)
+
+
+def test_a_cpu_run_never_initialises_cuda_and_saves_no_cuda_rng(tmp_path, monkeypatch):
+    _no_cuda_calls(monkeypatch)
+    config = tiny_config(tmp_path, "epochs=1", "device=cpu")
+    loop.train(config, progress=False, echo=lambda *_: None)
+    run = only_run(tmp_path)
+    (checkpoint,) = (run / "checkpoints").glob("*.safetensors")
+    keys = load_file(checkpoint).keys()
+    assert "rng/torch" in keys
+    assert not [key for key in keys if key.startswith("rng/cuda")]
+
+
+def test_a_checkpoint_with_the_old_per_gpu_rng_entries_still_restores_on_the_cpu(tmp_path):
+    config = tiny_config(tmp_path, "epochs=1", "device=cpu")
+    spec = {"name": "tiny-cnn", "num_classes": 10, "in_channels": 1, "image_size": 8}
+    spec |= {"mean": None, "std": None}
+    learners, global_model = loop.build_learners(config, spec, torch.device("cpu"))
+    merge = GeneralistMerge([lr.model for lr in learners], global_model, decay_max=0.99)
+    state = TrainingState(learners, merge, torch.Generator(), torch.zeros(8, 2))
+    tensors, meta = capture(state)
+    tensors["rng/cuda/0"] = torch.zeros(16, dtype=torch.uint8)  # written by older versions
+    restore(state, tensors, meta)  # no "state this run has no place for"
+
+
+@pytest.mark.parametrize(
+    ("requested", "environ", "busy", "expected"),
+    [
+        (3, {}, 0.0, (3, "--threads / threads")),
+        (None, {"OMP_NUM_THREADS": "2"}, 7.0, (None, "OMP_NUM_THREADS")),
+        (None, {}, 0.2, (None, "an idle machine")),
+        (None, {}, 1.6, (2, "1.6 of 4 cores busy with other work")),
+        (None, {}, 7.5, (1, "7.5 of 4 cores busy with other work")),
+    ],
+)
+def test_threads_default_to_the_cores_other_jobs_leave_free(
+    monkeypatch, requested, environ, busy, expected
+):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.setattr(threads, "busy_cores", lambda: busy)
+    assert threads.choose_threads(requested) == expected
+
+
+@pytest.mark.parametrize("bad", [0, -2, True, 1.5])
+def test_a_thread_count_that_is_not_a_positive_whole_number_is_refused(bad):
+    with pytest.raises(ConfigError, match="threads must be a whole number >= 1"):
+        threads.choose_threads(bad)
+
+
+def test_busy_cores_reads_a_plausible_figure():
+    busy = threads.busy_cores(0.05)
+    assert 0.0 <= busy <= (torch.get_num_threads() + threads.usable_cores()) * 4
+
+
+def test_apply_threads_sets_torch_and_reports_it(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert threads.apply_threads(2)[0] == 2 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_evaluation_runs_in_ieee_fp32_whatever_the_flags_were():
+    backends._set_tf32(True)
+    try:
+        with backends.ieee_fp32():
+            assert backends.backend_flags()["tf32_matmul"] is False
+            assert backends.backend_flags()["tf32_conv"] is False
+        assert backends._tf32() == (True, True)  # restored on the way out
+    finally:
+        backends._set_tf32(False)
+
+
+def test_configure_records_what_a_resume_can_rely_on(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        backends.configure(torch.device("cpu"), deterministic=True)
+        flags = backends.backend_flags()
+        assert flags["deterministic_algorithms"] and flags["cudnn_deterministic"]
+        assert flags["cublas_workspace_config"] == backends.CUBLAS_WORKSPACE
+        assert not flags["cudnn_benchmark"] and not flags["tf32_conv"]
+    finally:
+        backends.configure(torch.device("cpu"), deterministic=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_models_have_deterministic_backward_passes():
+    """No AdaptiveAvgPool2d (no deterministic CUDA backward); the replacement is the same mean."""
+    torch.manual_seed(0)
+    for name in ("tiny-cnn", "resnet18", "preact-resnet18", "wrn-10-1"):
+        model = create_model(name, num_classes=10, in_channels=3, image_size=32)
+        kinds = {type(m).__name__ for m in model.modules()}
+        assert "AdaptiveAvgPool2d" not in kinds, name
+    x = torch.randn(2, 5, 3, 3)
+    pooled = torch.nn.AdaptiveAvgPool2d(1)(x)
+    torch.testing.assert_close(GlobalAvgPool()(x), pooled)
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """Compile with the tracing and autograd of torch.compile but no C++ build (seconds, not
+    the ~50 s inductor needs for its first step here)."""
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
+
+
+def test_compiling_in_place_keeps_keys_parameters_and_results(aot_eager):
+    torch.manual_seed(0)
+    model = create_model("tiny-cnn", num_classes=10, in_channels=1, image_size=8).eval()
+    keys, params = list(model.state_dict()), list(model.parameters())
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    attack = PGD(ThreatModel.parse("Linf:0.1"), steps=3)
+    expected = attack(model, x, y)
+    compiling.compile_in_place(model)
+    assert compiling.is_compiled(model)
+    assert list(model.state_dict()) == keys and list(model.parameters()) == params
+    torch.testing.assert_close(attack(model, x, y), expected, rtol=0, atol=1e-6)
