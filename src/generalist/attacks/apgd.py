@@ -77,12 +77,17 @@ def checkpoint_lengths(n_iter: int) -> list[int]:
 
 def _random_start(x: torch.Tensor, threat: ThreatModel, generator: torch.Generator) -> torch.Tensor:
     """The reference's start: a random point on the sphere of radius ε (ℓ∞: the cube's surface
-    after scaling a uniform draw), clipped to [0,1]. Same draws as the reference for one seed."""
+    after scaling a uniform draw), clipped to [0,1]. Same draws as the reference for one seed
+    when ``generator`` is on the CPU, where the reference draws, whatever ``x``'s device."""
+    source = generator.device
     if threat.norm == "Linf":
-        noise = 2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1
+        noise = 2 * torch.rand(x.shape, generator=generator, device=source, dtype=x.dtype) - 1
+    else:
+        noise = torch.randn(x.shape, generator=generator, device=source, dtype=x.dtype)
+    noise = noise.to(x.device)
+    if threat.norm == "Linf":
         size = noise.abs().flatten(1).amax(dim=1)
     else:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         size = noise.flatten(1).norm(dim=1)
     return (x + threat.eps * noise / (batch_view(size, x) + 1e-12)).clamp(0.0, 1.0)
 
@@ -164,9 +169,19 @@ class _APGDBase:
     name: str
 
     def __init__(
-        self, threat: ThreatModel | str, *, n_iter: int, n_restarts: int, rho: float, seed: int
+        self,
+        threat: ThreatModel | str,
+        *,
+        n_iter: int,
+        n_restarts: int,
+        rho: float,
+        seed: int,
+        noise_device: str | None = None,
     ) -> None:
         self.threat = ThreatModel.parse(threat)
+        self.noise_device = noise_device
+        """Where random starts are drawn (default: the images' device). ``"cpu"`` on a GPU
+        reproduces pyautoattack's starts draw for draw, for point-by-point comparisons."""
         if self.threat.norm == "L1":
             raise ConfigError(
                 f"{self.name} for L1 is not implemented; use fab-t or pgd for L1 threat models"
@@ -184,7 +199,7 @@ class _APGDBase:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Generator, torch.Tensor]:
         """Detached inputs, this call's freshly seeded generator and the clean logits."""
         x, y = x.detach(), y.detach()
-        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        generator = torch.Generator(device=self.noise_device or x.device).manual_seed(self.seed)
         with torch.no_grad():
             return x, y, generator, model(x)
 
@@ -197,6 +212,7 @@ class _APGDBase:
             "n_restarts": self.n_restarts,
             "rho": self.rho,
             "seed": self.seed,
+            **({"noise_device": self.noise_device} if self.noise_device else {}),
         }
 
     def _require_classes(self, n_classes: int, needed: int, why: str) -> None:
@@ -250,12 +266,20 @@ class APGD(_APGDBase):
         n_restarts: int = 1,
         rho: float = 0.75,
         seed: int = 0,
+        noise_device: str | None = None,
     ) -> None:
         if loss not in ("ce", "dlr"):
             raise ConfigError(f"apgd loss must be 'ce' or 'dlr', got {loss!r}")
         self.loss = loss
         self.name = f"apgd-{loss}"
-        super().__init__(threat, n_iter=n_iter, n_restarts=n_restarts, rho=rho, seed=seed)
+        super().__init__(
+            threat,
+            n_iter=n_iter,
+            n_restarts=n_restarts,
+            rho=rho,
+            seed=seed,
+            noise_device=noise_device,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "loss": self.loss}
@@ -284,8 +308,16 @@ class APGDTargeted(_APGDBase):
         n_target_classes: int = 9,
         rho: float = 0.75,
         seed: int = 0,
+        noise_device: str | None = None,
     ) -> None:
-        super().__init__(threat, n_iter=n_iter, n_restarts=n_restarts, rho=rho, seed=seed)
+        super().__init__(
+            threat,
+            n_iter=n_iter,
+            n_restarts=n_restarts,
+            rho=rho,
+            seed=seed,
+            noise_device=noise_device,
+        )
         require_counts("apgd-t", n_target_classes=n_target_classes)
         self.n_target_classes = n_target_classes
 
