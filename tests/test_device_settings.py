@@ -58,11 +58,11 @@ def test_a_checkpoint_with_the_old_per_gpu_rng_entries_still_restores_on_the_cpu
 @pytest.mark.parametrize(
     ("requested", "environ", "busy", "expected"),
     [
-        (3, {}, 0.0, (3, "--threads / threads")),
-        (None, {"OMP_NUM_THREADS": "2"}, 7.0, (None, "OMP_NUM_THREADS")),
-        (None, {}, 0.2, (None, "an idle machine")),
-        (None, {}, 1.6, (2, "1.6 of 4 cores busy with other work")),
-        (None, {}, 7.5, (1, "7.5 of 4 cores busy with other work")),
+        (3, {}, 0.0, (3, "as asked (--threads)")),
+        (None, {"OMP_NUM_THREADS": "2"}, 7.0, (None, "as OMP_NUM_THREADS says")),
+        (None, {}, 0.2, (None, "PyTorch's default on an idle machine")),
+        (None, {}, 1.6, (2, "the cores left free: 1.6 of 4 busy with other work")),
+        (None, {}, 7.5, (1, "the cores left free: 7.5 of 4 busy with other work")),
     ],
 )
 def test_threads_default_to_the_cores_other_jobs_leave_free(

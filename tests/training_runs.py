@@ -24,6 +24,7 @@ from generalist.training.generalist import GeneralistMerge
 
 TINY_DATA = [
     "device=cpu",  # also where a GPU is visible: the runs fork and compare CPU bits
+    "threads=1",  # CPU results depend on the thread count; the runs compare bits across processes
     "model.name=tiny-cnn",
     "data.train_limit=256",
     "data.test_limit=128",

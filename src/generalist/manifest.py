@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 import generalist
+from generalist.backends import backend_flags
 from generalist.config import Config
 from generalist.data import DataSplits
 from generalist.devices import resolve_precision, software_versions
@@ -47,6 +48,7 @@ def build_manifest(
         "software": software_versions(),
         "device": describe_device(device),
         "precision": resolve_precision(config.precision, device),
+        "backends": backend_flags(),
         "host": platform.node(),
         "git": git_revision(),
         "seeds": {"seed": config.seed, "split_seed": config.data.split_seed},
@@ -76,12 +78,20 @@ def note_resume(run: RunDir, checkpoint: Path | None, echo: Any) -> None:
     if changed:
         what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
         echo(f"note: {what} since this run started; the result may differ in the last bits")
+    started = manifest.get("device", {})
+    threads = torch.get_num_threads()
+    if started.get("type") == "cpu" and started.get("threads") not in (None, threads):
+        echo(
+            f"note: {threads} CPU threads now, {started['threads']} when this run started; the "
+            f"result may differ in the last bits (--threads {started['threads']} to match)"
+        )
     manifest.setdefault("resumes", []).append(
         {
             "time": _now(),
             "command": shlex.join(sys.argv),
             "checkpoint": checkpoint.name if checkpoint else None,
             "software": software,
+            "threads": threads,
             "git": git_revision(),
         }
     )

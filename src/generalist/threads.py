@@ -63,15 +63,15 @@ def choose_threads(requested: int | None) -> tuple[int | None, str]:
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
             raise ConfigError(f"threads must be a whole number >= 1 or null, got {requested!r}")
-        return requested, "--threads / threads"
+        return requested, "as asked (--threads)"
     if os.environ.get("OMP_NUM_THREADS"):
-        return None, "OMP_NUM_THREADS"
+        return None, "as OMP_NUM_THREADS says"
     cores = usable_cores()
     busy = busy_cores()
     if busy < BUSY_THRESHOLD:
-        return None, "an idle machine"
+        return None, "PyTorch's default on an idle machine"
     free = max(1, min(cores, round(cores - busy)))
-    return free, f"{busy:.1f} of {cores} cores busy with other work"
+    return free, f"the cores left free: {busy:.1f} of {cores} busy with other work"
 
 
 def apply_threads(requested: int | None) -> tuple[int, str]:

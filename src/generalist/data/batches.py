@@ -34,12 +34,18 @@ class EpochBatches:
     def __len__(self) -> int:
         return self.num_batches
 
-    def indices(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
-        """int64 CPU index tensors for batches ``start_batch..`` of ``epoch``."""
+    def indices(
+        self, epoch: int, start_batch: int = 0, device: torch.device | str = "cpu"
+    ) -> Iterator[torch.Tensor]:
+        """int64 index tensors on ``device`` for batches ``start_batch..`` of ``epoch``.
+
+        The order is drawn on the CPU (the same on every device) and moved to ``device`` once
+        per epoch: indexing GPU data with a CPU index would copy it, and wait, every batch.
+        """
         if not 0 <= start_batch <= self.num_batches:
             raise ValueError(f"start_batch must be in [0, {self.num_batches}], got {start_batch}")
         generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
-        order = torch.randperm(self.num_examples, generator=generator)
+        order = torch.randperm(self.num_examples, generator=generator).to(device)
         for b in range(start_batch, self.num_batches):
             yield order[b * self.batch_size : (b + 1) * self.batch_size]
 

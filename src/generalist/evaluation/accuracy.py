@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from generalist import backends
 from generalist.attacks.pgd import PGD
 from generalist.attacks.threat import ThreatModel
 from generalist.data import ImageDataset, to_float
@@ -54,10 +55,14 @@ def correct_counts(
     index, count = shard
     attacks = [PGD(threat, steps=steps, seed=seed) for threat in threats]
     correct = {"clean": 0, **{str(t): 0 for t in threats}}
-    with eval_mode(model):
+    images, labels = data.images, data.labels
+    if device.type == "cuda" and images.device.type == "cpu":  # copies that do not stall
+        images, labels = images.pin_memory(), labels.pin_memory()
+    # IEEE fp32 whatever the flags say: a validation or test figure is never TF32's.
+    with eval_mode(model), backends.ieee_fp32():
         for start in range(index * batch_size, len(data), count * batch_size):
-            x = to_float(data.images[start : start + batch_size].to(device))
-            y = data.labels[start : start + batch_size].to(device)
+            x = to_float(images[start : start + batch_size].to(device, non_blocking=True))
+            y = labels[start : start + batch_size].to(device, non_blocking=True)
             right = predicts_correctly(model, x, y)
             correct["clean"] += int(right.sum())
             if not right.any():

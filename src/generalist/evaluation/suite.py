@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from generalist import backends
 from generalist.attacks import (
     AutoAttack,
     AutoAttackProgress,
@@ -266,7 +267,7 @@ class EvaluationSuite:
             raise ConfigError("there are no examples to evaluate; raise --n-examples")
         state = SuiteState(state_path, _plan_json({**self.plan(len(data)), **(identity or {})}))
         runner = _Runner(self, model, data, state, on_progress, torch.device(device))
-        with eval_mode(model, freeze=True):
+        with eval_mode(model, freeze=True), backends.ieee_fp32():  # never TF32 in a figure
             return runner.run()
 
 
@@ -286,6 +287,8 @@ class _Runner:
         self.model = model
         self.x = to_float(data.images.cpu())
         self.y = data.labels.cpu()
+        if device.type == "cuda":  # page-locked, so each batch's copy runs without a stall
+            self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
         self.state = state
         self.on_progress = on_progress
         self.device = device
@@ -333,7 +336,11 @@ class _Runner:
         start = time.perf_counter()
         correct = torch.cat(
             [
-                predicts_correctly(self.model, xb.to(self.device), yb.to(self.device)).cpu()
+                predicts_correctly(
+                    self.model,
+                    xb.to(self.device, non_blocking=True),
+                    yb.to(self.device, non_blocking=True),
+                ).cpu()
                 for xb, yb in zip(
                     self.x.split(self.suite.batch_size),
                     self.y.split(self.suite.batch_size),
@@ -352,7 +359,10 @@ class _Runner:
             idx = clean.nonzero().squeeze(1)[:CHECK_EXAMPLES]
             if idx.numel() == 0:
                 idx = torch.arange(min(CHECK_EXAMPLES, self.n))
-            x, y = self.x[idx].to(self.device), self.y[idx].to(self.device)
+            x, y = (
+                self.x[idx].to(self.device, non_blocking=True),
+                self.y[idx].to(self.device, non_blocking=True),
+            )
             found = check_zero_gradients(self.model, x, y) + check_randomness(self.model, x)
             self.state.data["checks"] = list(found)
             self._saved("", "checks", self.n)
@@ -391,7 +401,10 @@ class _Runner:
         idx = survived.nonzero().squeeze(1) + start
         if idx.numel() == 0:
             return survived, 0
-        x, y = self.x[idx].to(self.device), self.y[idx].to(self.device)
+        x, y = (
+            self.x[idx].to(self.device, non_blocking=True),
+            self.y[idx].to(self.device, non_blocking=True),
+        )
         x_adv = attack(self.model, x, y)
         bad = ~feasible(threat, x, x_adv)
         still_right = predicts_correctly(self.model, x_adv, y) | bad
@@ -429,8 +442,8 @@ class _Runner:
         try:
             result = attack.run(
                 self.model,
-                self.x.to(self.device),
-                self.y.to(self.device),
+                self.x.to(self.device, non_blocking=True),
+                self.y.to(self.device, non_blocking=True),
                 state=aa_state,
                 on_progress=saved_progress,
                 batch_size=self.suite.batch_size,

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from generalist import backends
 from generalist.attacks.threat import ThreatModel
 from generalist.checkpoint import CheckpointStore, save_model
 from generalist.config import Config, validate
@@ -48,6 +49,7 @@ from generalist.models import create_model
 from generalist.rundir import RunDir
 from generalist.schedules import build_schedule
 from generalist.tensorboard import metrics_sinks
+from generalist.threads import apply_threads
 from generalist.training.distributed import SingleProcess, processes
 from generalist.training.generalist import (
     EpochPlan,
@@ -172,9 +174,13 @@ def train(
     device = resolve_device(config.device)
     if resume and run is None:
         raise ValueError("resume=True needs the run directory to resume")
+    threads, why = apply_threads(config.threads)
     with processes(config, device) as parallel:
         if not parallel.is_main:
             progress, echo = False, _silent
+        backends.configure(parallel.device, deterministic=config.deterministic)
+        if device.type == "cpu":
+            echo(f"CPU threads: {threads}, {why}")
         session = _setup(config, run, parallel, resume=resume, echo=echo)
         with (
             stop_on_signals(session.run.path) as stop,
