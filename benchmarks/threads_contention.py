@@ -41,6 +41,8 @@ TRAIN = [
     "--set",
     "eval.test_steps=2",
     "--set",
+    "data.train_limit=512",
+    "--set",
     "device=cpu",
 ]
 
