@@ -72,10 +72,9 @@ from generalist.attacks.threat import ThreatModel
 from generalist.checkpoint import load_model
 from generalist.config import build_config
 from generalist.data import BatchAugment, load_splits, to_float
-from generalist.devices import training_autocast
 from generalist.rundir import RunDir
 from generalist.training import loop
-from generalist.training.generalist import GeneralistMerge
+from generalist.training.generalist import GeneralistMerge, epoch_plan, generalist_step
 from generalist.training.signals import TrainingInterrupted
 from generalist.training.state import TrainingState
 
@@ -452,8 +451,8 @@ def step_flops_per_image(macs: int, tasks: list[str], pgd_steps: int) -> int:
 
 
 def time_steps(preset: str, model_name: str, batch: int, variant: Variant, ctx) -> dict[str, Any]:
-    """The training loop's body (every learner steps on one augmented batch, one NaN check,
-    the merge) on a fixed CIFAR-shaped batch, timed after a warm-up."""
+    """The training loop's body (an augmented batch, then ``generalist_step``: every learner's
+    step, the one NaN check, the merge) on a fixed CIFAR-shaped batch, timed after a warm-up."""
     device, sizes = ctx.device, ctx.sizes
     overrides = [
         f"model.name={model_name}",
@@ -469,25 +468,27 @@ def time_steps(preset: str, model_name: str, batch: int, variant: Variant, ctx) 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     backends.configure(device, deterministic=False)
-    learners, global_model = loop.build_learners(config, spec, device)
+    learners, global_model = loop.build_learners(config, spec, device)  # autocast inside
     merge = GeneralistMerge([lr.model for lr in learners], global_model, decay_max=0.999)
-    if config.model.compile:
-        compiling.compile_in_place(*(lr.model for lr in learners))
+    if config.model.compile:  # where the loop compiles: after the teachers' copies
+        compiling.compile_in_place(*(lr.model for lr in learners), global_model)
     memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
-    autocast = training_autocast(config.precision, device)
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
     augment = BatchAugment(crop_padding=4, flip=True)
-    gammas = [lr.gamma(1) for lr in learners]
+    plan = epoch_plan(config, learners, 1)
+
+    def settle(losses: torch.Tensor) -> torch.Tensor:  # the loop's one host sync per step
+        if not bool(torch.isfinite(losses).all()):
+            raise FloatingPointError(f"non-finite loss {losses.tolist()}")
+        return losses
 
     def step(t: int) -> None:
         x = augment(to_float(images), generator).contiguous(memory_format=memory_format)
-        with autocast:
-            losses = torch.stack([lr.train_step(x, labels, 0.5).float() for lr in learners])
-        if not bool(torch.isfinite(losses).all()):
-            raise FloatingPointError(f"non-finite loss {losses.tolist()}")
-        merge.update(t, gammas)
+        generalist_step(
+            learners, merge, x, labels, position=0.5, step=t, plan=plan, settle_losses=settle
+        )
 
     compile_started = time.perf_counter()
     for t in range(sizes.warmup_steps):

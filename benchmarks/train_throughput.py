@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from generalist.attacks.threat import ThreatModel
 from generalist.config import LearnerConfig, from_dict
 from generalist.data import BatchAugment
+from generalist.devices import training_autocast
 from generalist.models import create_model
 from generalist.schedules import PiecewiseLinear
 from generalist.training.generalist import GeneralistMerge
@@ -98,7 +99,9 @@ def plain_step_fn(model: nn.Module, pgd_steps: int) -> Callable[[torch.Tensor, t
     return step
 
 
-def learner(name: str, model: nn.Module, task: str, pgd_steps: int) -> Learner:
+def learner(
+    name: str, model: nn.Module, task: str, pgd_steps: int, precision: str = "fp32"
+) -> Learner:
     config = from_dict(
         LearnerConfig,
         {"task": {"type": task}, "optimizer": {"type": "sgd", "lr": 0.01}, "gamma": 0.5},
@@ -114,6 +117,7 @@ def learner(name: str, model: nn.Module, task: str, pgd_steps: int) -> Learner:
         task=build_task(task, attack, 0.0),
         config=config,
         generator=torch.Generator(device=model_device(model)).manual_seed(1),
+        autocast=training_autocast(precision, model_device(model)),
     )
 
 
@@ -127,20 +131,24 @@ def ours_step_fn(
     """Our loop's inner body: every learner steps on the batch, then the merge updates."""
     base = make_model(args.model, device, channels_last)
     learners = [
-        learner(task, make_model(args.model, device, channels_last), task, args.pgd_steps)
+        learner(
+            task,
+            make_model(args.model, device, channels_last),
+            task,
+            args.pgd_steps,
+            args.precision,
+        )
         for task in tasks
     ]
     merge = GeneralistMerge([lr.model for lr in learners], base)
     gammas = [1.0 / len(learners)] * len(learners)
     counter = [0]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x = x.contiguous(memory_format=memory_format)
-        with autocast:
-            for learner in learners:
-                learner.train_step(x, y, 0.5)
+        for learner in learners:  # each in its precision: forward passes and loss only
+            learner.train_step(x, y, 0.5)
         merge.update(counter[0], gammas)
         counter[0] += 1
 

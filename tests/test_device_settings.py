@@ -5,20 +5,29 @@ All on the CPU; the GPU side of the same promises is ``tests/test_cuda.py``.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_runs import only_run, tiny_config
+from torch._dynamo.utils import counters
+from training_runs import only_run, tiny_cli, tiny_config, train_tiny
 
 from generalist import backends, compiling, threads
 from generalist.attacks.pgd import PGD
 from generalist.attacks.threat import ThreatModel
+from generalist.cli import main
+from generalist.config import LearnerConfig
+from generalist.devices import training_autocast
 from generalist.errors import ConfigError
 from generalist.models import create_model
 from generalist.models.normalization import GlobalAvgPool
+from generalist.schedules import PiecewiseLinear
 from generalist.training import loop
 from generalist.training.generalist import GeneralistMerge
+from generalist.training.learner import Learner
 from generalist.training.state import TrainingState, capture, restore
+from generalist.training.tasks import TrainingAttack, build_task
 
 
 def _no_cuda_calls(monkeypatch) -> None:
@@ -149,3 +158,82 @@ def test_compiling_in_place_keeps_keys_parameters_and_results(aot_eager):
     assert compiling.is_compiled(model)
     assert list(model.state_dict()) == keys and list(model.parameters()) == params
     torch.testing.assert_close(attack(model, x, y), expected, rtol=0, atol=1e-6)
+
+
+def test_more_processes_than_gpus_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "refused"
+    assert main([*tiny_cli(out), "--nproc", "2", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --nproc asks for 2 processes on this machine, which has 1 GPU(s): every process "
+        "needs a GPU of its own (NCCL cannot share one), so start at most 1 here, train in one "
+        "process (no --nproc), or add --device cpu\n"
+    )
+    assert not out.exists()
+
+
+def test_a_run_resumes_on_another_thread_count_and_says_so(tmp_path):
+    config = tiny_config(tmp_path, "epochs=1")
+    run = loop.train(config, progress=False, echo=lambda *_: None).run
+    said = []
+    before = torch.get_num_threads()
+    try:
+        config.threads, config.epochs = 2, 2
+        loop.train(config, run, resume=True, progress=False, echo=said.append)
+    finally:
+        torch.set_num_threads(before)
+    assert (
+        "note: 2 CPU threads now, 1 when this run started; the result may differ in the last "
+        "bits (--threads 1 to match)"
+    ) in said
+
+
+def test_a_compiled_run_trains_and_saves_under_the_same_names(tmp_path, aot_eager):
+    counters.clear()  # what dynamo traced: the proof that a run compiled
+    plain = train_tiny(tmp_path / "plain", "epochs=1")
+    assert not counters["frames"]["ok"]
+    started = time.perf_counter()
+    compiled = train_tiny(tmp_path / "compiled", "epochs=1", "model.compile=true")
+    seconds = time.perf_counter() - started
+    assert counters["frames"]["ok"] > 0
+    (plain_checkpoint,) = (plain / "checkpoints").glob("*.safetensors")
+    (compiled_checkpoint,) = (compiled / "checkpoints").glob("*.safetensors")
+    assert load_file(compiled_checkpoint).keys() == load_file(plain_checkpoint).keys()
+    weights = load_file(compiled / "model.safetensors")
+    assert not [key for key in weights if "_orig_mod" in key]
+    torch.testing.assert_close(weights, load_file(plain / "model.safetensors"), rtol=0, atol=1e-4)
+    assert seconds < 120  # measured 9 s here: tracing only, no code generation
+
+
+def test_autocast_covers_the_forward_passes_and_loss_but_not_backward_or_update():
+    torch.manual_seed(0)
+    model = create_model("tiny-cnn", num_classes=10, in_channels=1, image_size=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    learner = Learner(
+        name="adv",
+        model=model,
+        optimizer=optimizer,
+        lr_schedule=PiecewiseLinear.constant(0.1),
+        gamma=PiecewiseLinear.constant(1.0),
+        task=build_task("adversarial", TrainingAttack(ThreatModel.parse("Linf:0.1"), 2, 0.05), 0),
+        config=LearnerConfig(),
+        generator=torch.Generator(),
+        autocast=training_autocast("bf16", torch.device("cpu")),
+    )
+    seen: dict[str, list] = {"forward": [], "backward": [], "step": []}
+    conv = model.features[0]
+    conv.register_forward_hook(lambda _m, _i, out: seen["forward"].append(out.dtype))
+    model.classifier.register_full_backward_hook(
+        lambda *_: seen["backward"].append(torch.is_autocast_enabled("cpu"))
+    )
+    step = optimizer.step
+    optimizer.step = lambda: (seen["step"].append(torch.is_autocast_enabled("cpu")), step())
+    loss = learner.train_step(torch.rand(8, 1, 8, 8), torch.arange(8), 0.5)
+    assert seen["forward"] == [torch.bfloat16] * 3  # 2 attack steps and the update's forward
+    # The attack's input gradients are part of computing the loss (inside autocast, where
+    # autocast changes nothing: a backward op keeps its forward op's dtype); the update's is not.
+    assert seen["backward"] == [True, True, False]
+    assert seen["step"] == [False]
+    assert loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -87,9 +87,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = _build(args, args.preset)
     if args.nproc not in (None, 1):  # one process needs no launcher
-        from generalist.training.distributed import launch, replicas_per_learner
+        from generalist.devices import resolve_device
+        from generalist.training.distributed import check_gpus, launch, replicas_per_learner
 
         replicas_per_learner(args.nproc, config, "--nproc asks for")
+        check_gpus(args.nproc, resolve_device(config.device), "--nproc asks for")
         if not args.dry_run:
             return launch(args.nproc, args.argv)
     if args.dry_run:

@@ -88,6 +88,20 @@ def replicas_per_learner(processes: int, config: Config, launcher: str) -> int:
     return processes // learners
 
 
+def check_gpus(processes: int, device: torch.device, launcher: str) -> None:
+    """Refuse more processes on this machine than it has GPUs, on a GPU run: each rank takes
+    ``cuda:LOCAL_RANK``, and NCCL cannot share one GPU between two ranks."""
+    if device.type != "cuda":
+        return
+    gpus = torch.cuda.device_count()
+    if processes > gpus:
+        raise ConfigError(
+            f"{launcher} {processes} processes on this machine, which has {gpus} GPU(s): every "
+            f"process needs a GPU of its own (NCCL cannot share one), so start at most {gpus} "
+            "here, train in one process (no --nproc), or add --device cpu"
+        )
+
+
 class SingleProcess:
     """The one-process placement: every learner trains here, nothing is communicated."""
 
@@ -452,17 +466,20 @@ def world_size() -> int:
 def processes(config: Config, device: torch.device) -> Iterator[SingleProcess]:
     """This process's placement: :class:`SingleProcess`, or under torchrun a
     :class:`LearnerParallel` on a fresh process group (NCCL on GPUs, picked by LOCAL_RANK;
-    gloo on the CPU), torn down at the end."""
-    size = world_size()
-    if size == 1:
+    gloo on the CPU), torn down at the end; or on the process group the caller initialised,
+    even of one process."""
+    owned = not dist.is_initialized()
+    size = world_size() if owned else dist.get_world_size()
+    if size == 1 and owned:  # a group of one set up by the caller still takes the group path
         yield SingleProcess(device)
         return
     with _said_by_rank_zero():
         replicas = replicas_per_learner(size, config, "torchrun started")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        check_gpus(local, device, "torchrun started")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    owned = not dist.is_initialized()
     if owned:
         if device.type == "cuda":
             dist.init_process_group("nccl", device_id=device)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -117,12 +116,11 @@ def generalist_step(
     step: int,
     plan: EpochPlan,
     settle_losses: Callable[[torch.Tensor], torch.Tensor],
-    autocast: AbstractContextManager[object],
 ) -> torch.Tensor:
     """Steps 1–4 above for the learners trained in this process; returns every learner's loss.
 
-    The one function a training step runs through: where a compiled step or another precision
-    would go (``autocast`` is the loop's ``training_autocast``).
+    The one function a training step runs through (each learner runs its forward passes in
+    its own precision: :attr:`Learner.autocast`).
 
     ``settle_losses`` gathers all learners' losses (from the other processes under torchrun)
     and stops the run, or skips the batch, at a non-finite one: before the merge, so a NaN
@@ -130,8 +128,7 @@ def generalist_step(
     """
     # 1. Every learner sees the same batch (as in the official code): the global learner
     #    averages models that differ only in their task and optimizer, not in their data.
-    with autocast:
-        losses = torch.stack([learner.train_step(x, y, position).float() for learner in here])
+    losses = torch.stack([learner.train_step(x, y, position) for learner in here])
     losses = settle_losses(losses)
     # 2–3. Teachers, then the global learner from the updated teachers.
     merge.update(step, plan.gammas)

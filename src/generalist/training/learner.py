@@ -7,8 +7,10 @@ owns its optimizer outright instead of sharing one over a parameter union.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -51,6 +53,10 @@ class Learner:
     gradient_sync: Callable[[nn.Module], None] | None = None
     """Called between the backward pass and the update: data-parallel replicas of this learner
     average their gradients there (see :mod:`generalist.training.distributed`)."""
+    autocast: AbstractContextManager[object] = field(default_factory=contextlib.nullcontext)
+    """The precision of the forward passes and the loss (the task's attack included), from
+    :func:`generalist.devices.training_autocast`. The backward pass and the update run outside
+    it: autocast only decides the forward ops' dtypes, and the update belongs in fp32."""
 
     def train_step(
         self,
@@ -71,7 +77,8 @@ class Learner:
             group["lr"] = lr
         self.model.train()
         buffers = [b.clone() for b in self.model.buffers()] if self.skip_nonfinite else []
-        loss = self.task.loss(self.model, x, y, self.generator, position)
+        with self.autocast:
+            loss = self.task.loss(self.model, x, y, self.generator, position).float()
         if self.skip_nonfinite and not bool(torch.isfinite(loss)):
             with torch.no_grad():
                 for live, saved in zip(self.model.buffers(), buffers, strict=True):

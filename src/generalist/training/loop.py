@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import signal
 import time
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from generalist import backends
 from generalist.attacks.threat import ThreatModel
 from generalist.checkpoint import CheckpointStore, save_model
+from generalist.compiling import compile_in_place
 from generalist.config import Config, validate
 from generalist.data import (
     BatchAugment,
@@ -105,6 +105,7 @@ def build_learners(
     base = create_model(name, **kwargs).to(device, memory_format=memory_format)
     initialize_from(base, config.model.init_from, spec)
     gammas = gamma_schedules(config)
+    autocast = training_autocast(resolve_precision(config.precision, device), device)
     learners = []
     for index, (lname, lc) in enumerate(config.learners.items()):
         if config.merge.init == "same":
@@ -136,6 +137,7 @@ def build_learners(
                 config=lc,
                 generator=generator,
                 skip_nonfinite=config.checkpoint.on_nonfinite == "skip",
+                autocast=autocast,
             )
         )
     global_model = copy.deepcopy(base)
@@ -212,7 +214,6 @@ class Session:
     state: TrainingState
     batches: EpochBatches
     checkpoints: Checkpointer
-    autocast: AbstractContextManager[object]
     echo: Any
     augment: BatchAugment = field(init=False)
     train_x: torch.Tensor = field(init=False)
@@ -266,6 +267,8 @@ def _setup(
     merge = parallel.merge(
         learners, global_model, decay_max=config.merge.ema_decay, warmup=config.merge.warmup
     )
+    if config.model.compile:  # after the teachers' deep copies; in place, so no key changes
+        compile_in_place(*(learner.model for learner in learners), global_model)
     state = TrainingState(
         learners,
         merge,
@@ -311,7 +314,6 @@ def _setup(
         state=state,
         batches=batches,
         checkpoints=checkpoints,
-        autocast=training_autocast(precision, device),
         echo=echo,
     )
     echo(
@@ -335,7 +337,7 @@ def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> N
     epoch_started = time.perf_counter()
     plan = epoch_plan(config, s.learners, epoch)
     bar = tqdm(
-        s.batches.indices(epoch, start_batch=state.batch),
+        s.batches.indices(epoch, start_batch=state.batch, device=parallel.device),
         initial=state.batch,
         total=len(s.batches),
         desc=f"epoch {epoch}/{config.epochs}",
@@ -354,7 +356,6 @@ def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> N
             step=state.step,
             plan=plan,
             settle_losses=s.settle_losses,
-            autocast=s.autocast,
         )
         state.record_step(losses)
         signum, due = parallel.agree(  # every rank stops or saves at the same step

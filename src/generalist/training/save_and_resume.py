@@ -26,8 +26,9 @@ from generalist.rundir import RunDir
 from generalist.training.signals import resume_hint
 from generalist.training.state import TrainingState, capture, restore
 
-RESUMABLE = ("epochs", "device", "checkpoint", "logging")
-"""What a resumed run may change: how long it trains, on which device, how it saves and logs."""
+RESUMABLE = ("epochs", "device", "threads", "checkpoint", "logging")
+"""What a resumed run may change: how long it trains, on which device and how many CPU threads,
+how it saves and logs."""
 IRRELEVANT_ON_RESUME = ("name", "out_dir", "description")
 """Where a new run would go; a resumed one stays in its own directory."""
 
@@ -181,7 +182,7 @@ def resume_config(run_dir: str | Path, given: Config | None, overrides: list[str
     if difference:
         raise ConfigError(
             f"--resume {run.path}: {difference}; a resumed run keeps its config (only "
-            "epochs, device, checkpoint.* and logging.* may change), so start a new run to"
+            "epochs, device, threads, checkpoint.* and logging.* may change), so start a new run to"
             " change it"
         )
     for key in IRRELEVANT_ON_RESUME:
