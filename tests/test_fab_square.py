@@ -11,6 +11,7 @@ from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 from torch import nn
 
+from generalist.attacks import square
 from generalist.attacks.fab import FABTargeted, boundary_step
 from generalist.attacks.square import Square, window_fraction
 from generalist.attacks.threat import ThreatModel
@@ -176,12 +177,16 @@ def test_fab_finds_the_minimal_perturbation_of_a_linear_model(norm) -> None:
     assert torch.equal(robust[clear], (distance > eps)[clear])
 
 
+@pytest.mark.parametrize("compact_every", [1, 32], ids=["cpu-every-query", "gpu-every-32"])
 @pytest.mark.parametrize(
     ("norm", "breakable", "n_queries"), [("Linf", 0.8, 2000), ("L2", 0.5, 2000)]
 )
 def test_square_breaks_a_linear_model_only_where_the_closed_form_allows(
-    norm, breakable, n_queries
+    norm, breakable, n_queries, compact_every, monkeypatch
 ) -> None:
+    """Also with the GPU's bookkeeping (fooled examples frozen in the batch for up to 31
+    queries), which must give the same guarantees."""
+    monkeypatch.setattr(square, "_compact_every", lambda _device: compact_every)
     model, x, y, distance, eps = linear_problem(norm, n=64)
     robust = robust_flags(model, Square(f"{norm}:{eps}", n_queries=n_queries)(model, x, y), y)
     assert not robust[distance <= 0].any()

@@ -104,6 +104,11 @@ def _meta_patterns(
     return torch.where(transposed, pattern.T, pattern)
 
 
+def _compact_every(device: torch.device) -> int:
+    """Queries between two looks for fooled examples (see :meth:`Square._search`)."""
+    return 1 if device.type == "cpu" else GPU_COMPACT_EVERY
+
+
 def _per_channel_norm(t: torch.Tensor) -> torch.Tensor:
     return t.square().sum(dim=(-2, -1), keepdim=True).sqrt()
 
@@ -185,7 +190,7 @@ class Square:
         best_margin = margin(logits, y)
         fooled = logits.argmax(dim=1) != y
         propose = self._propose_linf if self.threat.norm == "Linf" else self._propose_l2
-        compact_every = 1 if x.device.type == "cpu" else GPU_COMPACT_EVERY
+        compact_every = _compact_every(x.device)
         active = (~fooled).nonzero().squeeze(1)
         x_act, y_act, best_act, margin_act = x[active], y[active], best[active], best_margin[active]
         done = torch.zeros_like(y_act, dtype=torch.bool)
