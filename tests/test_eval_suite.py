@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generalist import compiling
 from generalist.attacks import autoattack as aa_module
 from generalist.checkpoint import load_model, save_model, sha256_file
 from generalist.config import build_config
@@ -408,3 +409,23 @@ def test_the_clean_pass_runs_once_for_the_suite_and_its_autoattacks(
     for threat in result.threats:
         assert not (threat.attacks[0].robust & ~expected).any()
         assert threat.attacks[0].robust.sum() < expected.sum()
+
+
+def test_a_compiled_evaluation_with_its_own_threads_gives_the_same_results(
+    run_dir, tmp_path, monkeypatch
+):
+    """``--compile`` compiles in place (same weights hash) and ``--threads`` only sets speed."""
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")  # no C++ build in a test
+    pgd_only = ("--attacks", "pgd-5")
+    _, plain = run_eval(cheap_args(run_dir, tmp_path / "plain", *pgd_only))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # --threads 1 must bring it back to 1
+    try:
+        _, compiled = run_eval(
+            cheap_args(run_dir, tmp_path / "compiled", *pgd_only, "--compile", "--threads", "1")
+        )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert compiled["model"]["sha256"] == plain["model"]["sha256"]
+    assert results_only(compiled) == results_only(plain)

@@ -22,9 +22,11 @@ from typing import Any
 import torch
 
 from generalist.attacks.threat import ThreatModel
+from generalist.compiling import compile_in_place
 from generalist.devices import resolve_device
 from generalist.errors import CheckpointError, ConfigError
 from generalist.evaluation.suite import AUTOATTACK, EvaluationSuite, Progress
+from generalist.threads import apply_threads
 
 STATE_FILE = "state.json"
 RECORD_FILE = "eval.json"
@@ -93,6 +95,17 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--resume", metavar="EVAL_DIR", help="continue the interrupted evaluation in EVAL_DIR"
     )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for the kernels (default: all cores, or those other jobs leave free)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the model with torch.compile (pays on long evaluations on a GPU)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=cmd_eval)
     return parser
@@ -132,7 +145,10 @@ def run_eval(
     )
     out = _out_dir(args, run_dir)
     device = resolve_device(args.device, "--device")
+    apply_threads(args.threads)
     model, spec = load_model(target, device)
+    if args.compile:
+        compile_in_place(model)  # in place: the model's names and hash are unchanged
     weights = target / "model.safetensors" if target.is_dir() else target
     model_hash = sha256_file(weights)
     data, data_meta = _evaluation_data(args, config, spec)
