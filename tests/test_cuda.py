@@ -52,7 +52,7 @@ THREAT = ThreatModel.parse("Linf:0.05")
 def gpu_visible(monkeypatch):
     """Undo conftest's hiding of the GPU for these tests alone; IEEE fp32 throughout."""
     monkeypatch.setattr(torch.cuda, "is_available", REAL_CUDA_IS_AVAILABLE)
-    with backends.ieee_fp32():
+    with backends.for_evaluation():
         yield
 
 

@@ -104,15 +104,19 @@ def test_apply_threads_sets_torch_and_reports_it(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_evaluation_runs_in_ieee_fp32_whatever_the_flags_were():
+def test_evaluation_runs_in_ieee_fp32_without_autotuning_whatever_the_flags_were():
     backends._set_tf32(True)
+    torch.backends.cudnn.benchmark = True
     try:
-        with backends.ieee_fp32():
-            assert backends.backend_flags()["tf32_matmul"] is False
-            assert backends.backend_flags()["tf32_conv"] is False
+        with backends.for_evaluation():
+            flags = backends.backend_flags()
+            assert flags["tf32_matmul"] is False and flags["tf32_conv"] is False
+            assert flags["cudnn_benchmark"] is False
         assert backends._tf32() == (True, True)  # restored on the way out
+        assert torch.backends.cudnn.benchmark
     finally:
         backends._set_tf32(False)
+        torch.backends.cudnn.benchmark = False
 
 
 def test_configure_records_what_a_resume_can_rely_on(monkeypatch):

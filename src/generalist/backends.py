@@ -6,11 +6,12 @@ Three defaults of PyTorch on a GPU matter to adversarial training and evaluation
   unless told otherwise. generalist promises that validation, test and ``generalist eval``
   run in IEEE fp32, so that a robust accuracy is never an artefact of rounding, and that
   ``precision: fp32`` training is fp32: :func:`configure` switches TF32 off for the run and
-  :func:`ieee_fp32` guarantees it around every evaluation, whoever changed the flags since.
+  :func:`for_evaluation` guarantees it around every evaluation, whoever changed the flags.
   Speed comes from ``precision: bf16`` instead, which is faster than TF32 and says so.
 * **cuDNN autotuning.** A training run feeds the same shapes step after step, so
   ``cudnn.benchmark`` pays its one-off search back many times over; it picks kernels by
-  timing, so two runs may take different kernels and differ in the last bits.
+  timing, so two runs may take different kernels and differ in the last bits. Evaluations,
+  whose batch sizes vary, run without it.
 * **Determinism.** ``deterministic: true`` turns autotuning off, asks cuDNN for deterministic
   kernels, sets ``CUBLAS_WORKSPACE_CONFIG`` (cuBLAS needs it before its first call) and makes
   PyTorch raise on any operation without a deterministic CUDA kernel. generalist's own code
@@ -55,14 +56,20 @@ def configure(device: torch.device, *, deterministic: bool) -> None:
 
 
 @contextmanager
-def ieee_fp32() -> Iterator[None]:
-    """Inside: fp32 matrix products and convolutions in IEEE fp32, never TF32 (evaluation)."""
-    saved = _tf32()
+def for_evaluation() -> Iterator[None]:
+    """Inside: IEEE fp32 matrix products and convolutions, never TF32, and no cuDNN autotuning.
+
+    Evaluation attacks only the points still classified correctly, so its batch sizes vary
+    from batch to batch, and autotuning would search again for every new size.
+    """
+    saved = _tf32(), torch.backends.cudnn.benchmark
     _set_tf32(False)
+    torch.backends.cudnn.benchmark = False
     try:
         yield
     finally:
-        _set_tf32(*saved)
+        _set_tf32(*saved[0])
+        torch.backends.cudnn.benchmark = saved[1]
 
 
 def backend_flags() -> dict[str, Any]:

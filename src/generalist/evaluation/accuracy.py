@@ -58,8 +58,9 @@ def correct_counts(
     images, labels = data.images, data.labels
     if device.type == "cuda" and images.device.type == "cpu":  # copies that do not stall
         images, labels = images.pin_memory(), labels.pin_memory()
-    # IEEE fp32 whatever the flags say: a validation or test figure is never TF32's.
-    with eval_mode(model), backends.ieee_fp32():
+    # IEEE fp32 whatever the flags say (a validation or test figure is never TF32's), and no
+    # autotuning: only the points still right are attacked, so the batch sizes vary.
+    with eval_mode(model), backends.for_evaluation():
         for start in range(index * batch_size, len(data), count * batch_size):
             x = to_float(images[start : start + batch_size].to(device, non_blocking=True))
             y = labels[start : start + batch_size].to(device, non_blocking=True)

@@ -267,7 +267,7 @@ class EvaluationSuite:
             raise ConfigError("there are no examples to evaluate; raise --n-examples")
         state = SuiteState(state_path, _plan_json({**self.plan(len(data)), **(identity or {})}))
         runner = _Runner(self, model, data, state, on_progress, torch.device(device))
-        with eval_mode(model, freeze=True), backends.ieee_fp32():  # never TF32 in a figure
+        with eval_mode(model, freeze=True), backends.for_evaluation():  # never TF32 in a figure
             return runner.run()
 
 
