@@ -82,7 +82,15 @@ def _cifar_batch_bytes(n: int, labels_key: str = "labels") -> bytes:
 
 
 def test_list_datasets_and_unknown_name():
-    assert list_datasets() == ["digits", "mnist", "cifar10", "cifar100", "npz", "imagefolder"]
+    assert list_datasets() == [
+        "digits",
+        "mnist",
+        "cifar10",
+        "cifar100",
+        "npz",
+        "imagefolder",
+        "imagenet",
+    ]
     with pytest.raises(DataError, match=r"unknown dataset 'svhn'.*cifar10"):
         load_splits("svhn")
 
@@ -102,9 +110,9 @@ def test_missing_data_dir_says_to_pass_one():
         load_splits("cifar10", None)
 
 
-def test_imagefolder_without_torchvision_says_what_to_install(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "torchvision", None)
-    with pytest.raises(DataError, match=r"pip install 'generalist-at\[imagefolder\]'"):
+def test_imagefolder_without_a_train_folder_says_how_to_lay_it_out(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # the core never needs it
+    with pytest.raises(DataError, match=r"no train folder in .*train/<class>/<image>"):
         load_splits("imagefolder", tmp_path)
 
 

@@ -62,6 +62,16 @@ class DataConfig:
     flip: bool | None = None
     train_limit: int | None = None
     test_limit: int | None = None
+    image_size: int = 224
+    """Image folders (imagefolder, imagenet): side length images are cropped and resized to."""
+    storage: str = "auto"
+    """Image folders: ``memory`` (decoded once, on the device), ``stream`` (decoded by loader
+    workers every epoch) or ``auto`` (memory while the decoded splits fit memory_budget_gb)."""
+    memory_budget_gb: float = 4.0
+    workers: int = 4
+    """Loader processes decoding a streamed folder (0: in the training process)."""
+    bad_files: str = "error"
+    """Image folders: ``error`` stops at an unreadable file, naming it; ``skip`` counts it."""
 
 
 @dataclass
@@ -445,6 +455,11 @@ def validate(config: Config) -> None:
         raise ConfigError("data.val_size: use a fraction in [0, 1) or a whole count of examples")
     if config.data.crop_padding is not None:
         _at_least(config.data.crop_padding, 0, "data.crop_padding")
+    _at_least(config.data.image_size, 8, "data.image_size")
+    _choice(config.data.storage, ("auto", "memory", "stream"), "data.storage")
+    _at_least(config.data.memory_budget_gb, 0, "data.memory_budget_gb")
+    _at_least(config.data.workers, 0, "data.workers")
+    _choice(config.data.bad_files, ("error", "skip"), "data.bad_files")
     for norm, budget in config.budgets.items():
         if norm not in NORMS:
             raise ConfigError(f"budgets.{norm}: unknown norm; use {', '.join(NORMS)}")

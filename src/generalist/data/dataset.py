@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from generalist.errors import DataError
+
+if TYPE_CHECKING:
+    from generalist.data.folders import FileImages
 
 
 @dataclass
@@ -77,10 +81,11 @@ class DatasetInfo:
 
 @dataclass
 class DataSplits:
-    train: ImageDataset
-    val: ImageDataset
+    train: ImageDataset | FileImages
+    """In memory, or (a big image folder) files decoded as they are read."""
+    val: ImageDataset | FileImages
     """Carved from the training data; length 0 when ``val_size`` is 0."""
-    test: ImageDataset
+    test: ImageDataset | FileImages
     """The dataset's own test set, never seen by training or model selection."""
     info: DatasetInfo
 

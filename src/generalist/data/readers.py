@@ -16,18 +16,17 @@ import numpy as np
 import torch
 
 from generalist.data.dataset import DatasetInfo, ImageDataset, channel_stats
+from generalist.data.folders import LAYOUT, FileImages, FolderOptions, read_folder_splits
 from generalist.data.safe_pickle import safe_load_pickle
 from generalist.errors import DataError
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 MNIST_URL = "http://yann.lecun.com/exdb/mnist/ (or any mirror of the four IDX files)"
-IMAGEFOLDER_SIZE = 224
-"""Side length imagefolder images are resized and centre-cropped to (ImageNet's usual input)."""
 
 
 class TrainTest(NamedTuple):
-    train: ImageDataset
-    test: ImageDataset
+    train: ImageDataset | FileImages
+    test: ImageDataset | FileImages
     info: DatasetInfo
 
 
@@ -369,39 +368,73 @@ def read_npz(data_dir: str | Path | None) -> TrainTest:
 # --- image folders --------------------------------------------------------------------------
 
 
-def read_imagefolder(data_dir: str | Path | None) -> TrainTest:
-    """``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*``, resized into memory."""
-    try:
-        from torchvision import datasets, transforms
-    except ImportError:
-        raise DataError(
-            "the imagefolder dataset needs torchvision; pip install 'generalist-at[imagefolder]'"
-        ) from None
-    how = "arrange images as train/<class>/<image> and val/<class>/<image>"
-    root = _require_dir(data_dir, "imagefolder", how)
-    size = IMAGEFOLDER_SIZE
-    transform = transforms.Compose(
-        [transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()]
+def _read_folder(
+    name: str,
+    data_dir: str | Path | None,
+    options: FolderOptions,
+    echo: Callable[[str], None],
+    **stats,
+) -> TrainTest:
+    root = _require_dir(data_dir, name, LAYOUT)
+    classes, train, test = read_folder_splits(root, options, echo)
+    if not stats:
+        stats["mean"], stats["std"] = channel_stats(_stats_sample(train))
+    info = DatasetInfo(
+        name,
+        len(classes),
+        (3, options.image_size, options.image_size),
+        tuple(classes),
+        default_crop_padding=0,
+        default_flip=True,
+        **stats,
     )
-    parts = []
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise DataError(f"no {split} folder in {root}; {how} and pass --data-dir at the root")
-        folder = datasets.ImageFolder(root / split, transform=transform)
-        images = torch.stack([folder[i][0] for i in range(len(folder))])  # loader gives RGB
-        parts.append((folder.classes, ImageDataset(images, torch.tensor(folder.targets))))
-    (classes, train), (val_classes, test) = parts
-    if classes != val_classes:
-        raise DataError(f"{root}: train and val have different class folders; use the same names")
-    info = _info("imagefolder", train, tuple(classes), default_crop_padding=0, default_flip=True)
     return TrainTest(train, test, info)
 
 
-READERS: dict[str, Callable[[str | Path | None], TrainTest]] = {
+def _stats_sample(train: ImageDataset | FileImages) -> torch.Tensor:
+    """The images to take channel statistics from: all in memory, else a seeded 1,000 of them
+    (enough for three means and deviations)."""
+    if isinstance(train, ImageDataset):
+        return train.images
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    return train.images[order[:1000].sort().values]
+
+
+DEFAULT_FOLDER = FolderOptions()
+
+
+def read_imagefolder(
+    data_dir: str | Path | None,
+    options: FolderOptions = DEFAULT_FOLDER,
+    echo: Callable[[str], None] = print,
+) -> TrainTest:
+    """``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (val is the test split);
+    normalisation statistics are measured on the training images."""
+    return _read_folder("imagefolder", data_dir, options, echo)
+
+
+def read_imagenet(
+    data_dir: str | Path | None,
+    options: FolderOptions = DEFAULT_FOLDER,
+    echo: Callable[[str], None] = print,
+) -> TrainTest:
+    """ILSVRC-2012 laid out as an image folder (``generalist data fetch imagenet`` says how),
+    with its published channel statistics."""
+    return _read_folder("imagenet", data_dir, options, echo, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+FOLDER_READERS = ("imagefolder", "imagenet")
+"""Readers that take :class:`FolderOptions` and report their storage choice."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+READERS: dict[str, Callable[..., TrainTest]] = {
     "digits": read_digits,
     "mnist": read_mnist,
     "cifar10": read_cifar10,
     "cifar100": read_cifar100,
     "npz": read_npz,
     "imagefolder": read_imagefolder,
+    "imagenet": read_imagenet,
 }

@@ -6,12 +6,14 @@ runs with a small training budget are still validated on the same examples as fu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from generalist.data.dataset import DataSplits, ImageDataset
-from generalist.data.readers import READERS
+from generalist.data.folders import FileImages, FolderOptions
+from generalist.data.readers import FOLDER_READERS, READERS
 from generalist.errors import DataError
 
 
@@ -27,15 +29,21 @@ def load_splits(
     split_seed: int = 0,
     train_limit: int | None = None,
     test_limit: int | None = None,
+    folder: FolderOptions | None = None,
+    echo: Callable[[str], None] = print,
 ) -> DataSplits:
     """Read ``name`` and split its training data into train/val with a ``split_seed`` permutation.
 
     ``val_size`` is a fraction in [0, 1) or a whole count (>= 1) of training examples. The limits
     keep a seeded random subset (in the dataset's order) of train and test, for quick runs.
+    Image folders are read with ``folder`` options and say through ``echo`` how they are held.
     """
     if name not in READERS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(READERS)}")
-    train_all, test, info = READERS[name](data_dir)
+    if name in FOLDER_READERS:
+        train_all, test, info = READERS[name](data_dir, folder or FolderOptions(), echo)
+    else:
+        train_all, test, info = READERS[name](data_dir)
     for split, data in (("train", train_all), ("test", test)):
         _check_labels(data, info.num_classes, f"{name} {split}")
     order = _permutation(len(train_all), split_seed)
@@ -43,12 +51,17 @@ def load_splits(
     val = train_all.subset(order[:n_val].sort().values)
     train = train_all.subset(_limited(order[n_val:], train_limit, "train_limit"))
     test = test.subset(_limited(_permutation(len(test), split_seed), test_limit, "test_limit"))
+    val, test = (_readable(part, echo) for part in (val, test))
     if len(train) == 0:
         raise DataError(
             f"{name} leaves no training examples after a validation split of {n_val}; "
             "lower data.val_size"
         )
     return DataSplits(train, val, test, info)
+
+
+def _readable(part: ImageDataset | FileImages, echo: Callable[[str], None]):
+    return part.readable(echo) if isinstance(part, FileImages) else part
 
 
 def _permutation(n: int, seed: int) -> torch.Tensor:

@@ -124,7 +124,9 @@ class SingleProcess:
     def local(self, learners: list[Learner]) -> list[Learner]:
         return learners
 
-    def shard_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def shard_batch(
+        self, x: torch.Tensor, y: torch.Tensor, whole: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return x, y
 
     def gather_losses(self, local: torch.Tensor, learners: list[Learner]) -> torch.Tensor:
@@ -260,9 +262,16 @@ class LearnerParallel(SingleProcess):
             learner.gradient_sync = self._average_replicas
         return [learner]
 
-    def shard_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This replica's contiguous slice of the batch every rank drew and augmented."""
+    def shard_batch(
+        self, x: torch.Tensor, y: torch.Tensor, whole: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This replica's contiguous slice of the batch every rank drew and augmented; with
+        ``whole``, ``x`` already is this replica's slice of a batch of that many examples
+        (a streamed batch, of which each replica decodes only its share)."""
         if self.replicas == 1:
+            return x, y
+        if whole is not None:
+            self.batch_share = len(x) / whole
             return x, y
         x_part = x.tensor_split(self.replicas)[self.replica]
         self.batch_share = len(x_part) / len(x)

@@ -33,14 +33,8 @@ from generalist.attacks.threat import ThreatModel
 from generalist.checkpoint import CheckpointStore, save_model
 from generalist.compiling import compile_in_place
 from generalist.config import Config, validate
-from generalist.data import (
-    BatchAugment,
-    DataSplits,
-    EpochBatches,
-    ImageDataset,
-    load_splits,
-    to_float,
-)
+from generalist.data import DataSplits, EpochBatches, ImageDataset, load_splits
+from generalist.data.streaming import StreamingBatches, TrainBatch
 from generalist.devices import resolve_device, resolve_precision, training_autocast
 from generalist.errors import TrainingError
 from generalist.evaluation.accuracy import summed_accuracies
@@ -50,6 +44,7 @@ from generalist.rundir import RunDir
 from generalist.schedules import build_schedule
 from generalist.tensorboard import metrics_sinks
 from generalist.threads import apply_threads
+from generalist.training.batch_source import MemoryBatches, folder_options, training_batches
 from generalist.training.distributed import SingleProcess, processes
 from generalist.training.generalist import (
     EpochPlan,
@@ -215,25 +210,25 @@ class Session:
     batches: EpochBatches
     checkpoints: Checkpointer
     echo: Any
-    augment: BatchAugment = field(init=False)
-    train_x: torch.Tensor = field(init=False)
-    """The whole training split on the device, uint8: a batch is an index."""
-    train_y: torch.Tensor = field(init=False)
+    source: MemoryBatches | StreamingBatches = field(init=False)
+    """The training batches: indexed out of the split on the device, or streamed from disk."""
     threats: list[ThreatModel] = field(init=False)
 
     def __post_init__(self) -> None:
-        info, data, device = self.splits.info, self.config.data, self.parallel.device
-        padding = info.default_crop_padding if data.crop_padding is None else data.crop_padding
-        self.augment = BatchAugment(padding, info.default_flip if data.flip is None else data.flip)
-        self.train_x = self.splits.train.images.to(device)
-        self.train_y = self.splits.train.labels.to(device)
+        self.source = training_batches(
+            self.config,
+            self.splits,
+            self.batches,
+            self.state.augment_generator,
+            self.parallel,
+            self.echo,
+        )
         self.threats = self.config.eval_threats()
 
-    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The augmented batch ``index`` (this replica's slice of it, data-parallel)."""
-        x = self.augment(to_float(self.train_x[index]), self.state.augment_generator)
-        x = x.contiguous(memory_format=_memory_format(self.config))
-        return self.parallel.shard_batch(x, self.train_y[index])
+    def batch(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented ``batch`` (this replica's slice of it, data-parallel)."""
+        x = batch.x.contiguous(memory_format=_memory_format(self.config))
+        return self.parallel.shard_batch(x, batch.y, batch.whole if batch.shared else None)
 
     def settle_losses(self, losses: torch.Tensor) -> torch.Tensor:
         """Every learner's loss; stops (or skips the batch) at a NaN/inf one."""
@@ -257,6 +252,8 @@ def _setup(
         split_seed=config.data.split_seed,
         train_limit=config.data.train_limit,
         test_limit=config.data.test_limit,
+        folder=folder_options(config),
+        echo=echo,
     )
     spec = model_spec(config, splits)
     learners, global_model = build_learners(config, spec, device)
@@ -337,7 +334,7 @@ def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> N
     epoch_started = time.perf_counter()
     plan = epoch_plan(config, s.learners, epoch)
     bar = tqdm(
-        s.batches.indices(epoch, start_batch=state.batch, device=parallel.device),
+        s.source.epoch(epoch, start_batch=state.batch),
         initial=state.batch,
         total=len(s.batches),
         desc=f"epoch {epoch}/{config.epochs}",
@@ -345,8 +342,8 @@ def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> N
         disable=not progress,
         unit="batch",
     )
-    for index in bar:
-        x, y = s.batch(index)
+    for batch in bar:
+        x, y = s.batch(batch)
         losses = generalist_step(
             s.here,
             s.merge,
