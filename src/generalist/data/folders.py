@@ -10,6 +10,7 @@ attacks work on a folder too big for memory without knowing it. Training batches
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -43,6 +44,12 @@ class FolderOptions:
     """Loader processes that decode training batches when streaming (0: in the main process)."""
     bad_files: str = "error"
     """``error``: stop at the first unreadable file, naming it; ``skip``: leave it out, counted."""
+
+    @classmethod
+    def from_settings(cls, settings: object, **overrides: object) -> FolderOptions:
+        """The options from a config's ``data`` section, which has keys of the same names."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{**{name: getattr(settings, name) for name in names}, **overrides})
 
 
 @dataclass

@@ -285,6 +285,7 @@ def _out_dir(args: argparse.Namespace, run_dir: Path) -> Path:
 def _evaluation_data(args: argparse.Namespace, config: Any, spec: dict[str, Any]) -> tuple:
     """The evaluated subset (the first ``--n-examples`` of the split) and its description."""
     from generalist.data import load_splits
+    from generalist.data.folders import FolderOptions
 
     name = args.dataset or (config.data.dataset if config else None) or spec.get("dataset")
     if not name:
@@ -301,7 +302,9 @@ def _evaluation_data(args: argparse.Namespace, config: Any, spec: dict[str, Any]
         if config
         else {}
     )
-    splits = load_splits(name, data_dir, **split_settings)
+    size = spec.get("model", {}).get("image_size") or 224
+    folder = FolderOptions.from_settings(config.data) if config else FolderOptions(image_size=size)
+    splits = load_splits(name, data_dir, folder=folder, **split_settings)
     data = splits.test if args.split == "test" else splits.val
     if args.n_examples is not None:
         if not 1 <= args.n_examples <= len(data):

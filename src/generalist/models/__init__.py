@@ -6,7 +6,12 @@ its own input normalisation when given ``mean``/``std``.
 
 from __future__ import annotations
 
-from generalist.models import cnn, resnet, wide_resnet  # noqa: F401  (registers the families)
+from generalist.models import (  # noqa: F401  (registers the families)
+    cnn,
+    imagenet_resnet,
+    resnet,
+    wide_resnet,
+)
 from generalist.models.normalization import InputNormalization, NormalizedModel
 from generalist.models.registry import (
     count_parameters,

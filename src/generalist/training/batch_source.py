@@ -15,21 +15,9 @@ import torch.distributed as dist
 
 from generalist.config import Config
 from generalist.data import BatchAugment, DataSplits, EpochBatches, to_float
-from generalist.data.folders import FileImages, FolderOptions
+from generalist.data.folders import FileImages
 from generalist.data.streaming import BatchShare, StreamingBatches, TrainBatch
 from generalist.training.distributed import LearnerParallel, SingleProcess
-
-
-def folder_options(config: Config) -> FolderOptions:
-    """The ``data.*`` keys that say how an image folder is read."""
-    data = config.data
-    return FolderOptions(
-        image_size=data.image_size,
-        storage=data.storage,
-        memory_budget_gb=data.memory_budget_gb,
-        workers=data.workers,
-        bad_files=data.bad_files,
-    )
 
 
 class MemoryBatches:

@@ -34,6 +34,7 @@ from generalist.checkpoint import CheckpointStore, save_model
 from generalist.compiling import compile_in_place
 from generalist.config import Config, validate
 from generalist.data import DataSplits, EpochBatches, ImageDataset, load_splits
+from generalist.data.folders import FolderOptions
 from generalist.data.streaming import StreamingBatches, TrainBatch
 from generalist.devices import resolve_device, resolve_precision, training_autocast
 from generalist.errors import TrainingError
@@ -44,7 +45,7 @@ from generalist.rundir import RunDir
 from generalist.schedules import build_schedule
 from generalist.tensorboard import metrics_sinks
 from generalist.threads import apply_threads
-from generalist.training.batch_source import MemoryBatches, folder_options, training_batches
+from generalist.training.batch_source import MemoryBatches, training_batches
 from generalist.training.distributed import SingleProcess, processes
 from generalist.training.generalist import (
     EpochPlan,
@@ -252,7 +253,7 @@ def _setup(
         split_seed=config.data.split_seed,
         train_limit=config.data.train_limit,
         test_limit=config.data.test_limit,
-        folder=folder_options(config),
+        folder=FolderOptions.from_settings(config.data),
         echo=echo,
     )
     spec = model_spec(config, splits)
