@@ -1,4 +1,4 @@
-"""``generalist train | eval | report | compare | demo | presets``: the library's command line.
+"""``generalist train | eval | report | compare | demo | presets | data``: the command line.
 
 Every user-facing failure is a ``GeneralistError`` and is printed as one ``error:`` line with
 exit status 2; a traceback means a bug in generalist, not in the user's input.
@@ -159,6 +159,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from generalist.data.cli_data import add_data_parser
     from generalist.evaluation.cli_eval import add_eval_parser
     from generalist.reporting.cli_report import add_compare_parser, add_report_parser
 
@@ -194,6 +195,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_report_parser(sub)
     add_compare_parser(sub)
+    add_data_parser(sub)
 
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(func=cmd_presets)
