@@ -10,15 +10,12 @@ ranks, to spare each process the seconds torchrun's fresh interpreters spend imp
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import signal
-import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from forked_ranks import cli_rank, fork_two
 from safetensors.torch import load_file
 from training_runs import (
     STEPS_PER_EPOCH,
@@ -26,7 +23,6 @@ from training_runs import (
     checkpoint_steps,
     comparable_metrics,
     only_run,
-    sigterm_at_step,
     tiny_cli,
     train_tiny,
 )
@@ -49,35 +45,8 @@ STOP_AT = STEPS_PER_EPOCH + 3
 
 
 def _fork_two_ranks(args: list[str], stop_at: int | None = None) -> list[int | None]:
-    """``generalist ARGS`` as ranks 0 and 1 of a gloo group, in forked copies of this process:
-    what torchrun starts, without its seconds of imports per process. With ``stop_at``, rank
-    0 gets SIGTERM at that step, as from a preempting scheduler. Returns the exit statuses."""
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    fork = multiprocessing.get_context("fork")
-    ranks = [fork.Process(target=_rank, args=(rank, port, args, stop_at)) for rank in (0, 1)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=120)
-        if process.is_alive():  # a hang fails the test, it does not stall the suite
-            process.kill()
-    return [process.exitcode for process in ranks]
-
-
-def _rank(rank: int, port: int, args: list[str], stop_at: int | None) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    if rank == 0 and stop_at is not None:
-        with sigterm_at_step(stop_at):
-            sys.exit(main(args))
-    sys.exit(main(args))
+    """``generalist ARGS`` as ranks 0 and 1 (rank 0 stopped by SIGTERM at step ``stop_at``)."""
+    return fork_two(cli_rank, args, stop_at)
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,7 @@ The folder is real JPEGs (CIFAR-10 subset images upscaled to 56 x 48) in a temp 
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import signal
-import socket
-import sys
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -18,9 +14,10 @@ from typing import ClassVar
 import pytest
 import torch
 import torch.distributed as dist
+from forked_ranks import cli_rank, fork_two
 from image_folders import CLASSES, write_jpeg_folder
 from safetensors.torch import load_file
-from training_runs import assert_same_result, checkpoint_steps, only_run, sigterm_at_step, spawn_cli
+from training_runs import assert_same_result, checkpoint_steps, only_run, spawn_cli
 
 from generalist.cli import main
 from generalist.data import EpochBatches, load_splits
@@ -176,36 +173,6 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(folder, stream_reference
 # --- two processes ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        return free.getsockname()[1]
-
-
-def _fork_two(target, *args) -> list[int | None]:
-    port = _free_port()
-    fork = multiprocessing.get_context("fork")
-    ranks = [fork.Process(target=_as_rank, args=(rank, port, target, args)) for rank in (0, 1)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=120)
-        if process.is_alive():  # a hang fails the test, it does not stall the suite
-            process.kill()
-    return [process.exitcode for process in ranks]
-
-
-def _as_rank(rank: int, port: int, target, args) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    sys.exit(target(*args))
-
-
 class _Recording(FileImages):
     """Records which samples this process decoded."""
 
@@ -241,7 +208,7 @@ def _decode_shares(folder: Path, out: Path) -> int:
 def test_two_processes_decode_disjoint_shares_that_make_up_the_batches(folder, tmp_path):
     """Data-parallel replicas each decode and train on their slice; learners' processes each
     decode half of a slice and all-gather it, so both end with the single-process batch."""
-    assert _fork_two(_decode_shares, folder, tmp_path) == [0, 0]
+    assert fork_two(_decode_shares, folder, tmp_path) == [0, 0]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     single = _epoch(_splits(folder).train, 1)
     for kind in ("replica_decoded", "peer_decoded"):
@@ -256,20 +223,13 @@ def test_two_processes_decode_disjoint_shares_that_make_up_the_batches(folder, t
             assert torch.equal(x, b.x) and torch.equal(y, b.y)
 
 
-def _train_as_rank(args: list[str], stop_at: int | None) -> int:
-    if stop_at is not None and os.environ["RANK"] == "0":
-        with sigterm_at_step(stop_at):
-            return main(args)
-    return main(args)
-
-
 def test_a_stopped_two_process_streaming_run_resumes_on_one_process(
     folder, stream_reference, tmp_path
 ):
     """Learner-parallel on two processes (each decodes half of every batch), stopped mid-epoch
     by SIGTERM, finished by one process: the single-process run's weights, to rounding."""
     out = tmp_path / "two"
-    statuses = _fork_two(_train_as_rank, _stream_cli(folder, out), 7)
+    statuses = fork_two(cli_rank, _stream_cli(folder, out), 7)
     assert statuses == [128 + signal.SIGTERM] * 2
     run = only_run(out)
     assert checkpoint_steps(run)[-1] == 7

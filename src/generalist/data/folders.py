@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from generalist.data.dataset import ImageDataset
 from generalist.data.images import BadImage, decode
@@ -185,11 +186,16 @@ class FileImages:
             arrays = [_try_decode(path, size, seed) for path, seed in jobs]
         kept = [p for p, array in enumerate(arrays) if not isinstance(array, BadImage)]
         bad = [array for array in arrays if isinstance(array, BadImage)]
-        images = np.zeros((len(kept), size, size, 3), dtype=np.uint8)
+        images = torch.empty((len(kept), 3, size, size), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            # In a loader worker, decode straight into the shared memory the batch travels
+            # in: no per-batch heap buffer, whose reuse let glibc's heap grow over an epoch.
+            images.share_memory_()
+        pixels = images.numpy()  # a view: filled in place, HWC arrays into CHW rows
         for row, position in enumerate(kept):
-            images[row] = arrays[position]
+            pixels[row] = arrays[position].transpose(2, 0, 1)
         labels = self.labels[torch.as_tensor([indices[p] for p in kept], dtype=torch.int64)]
-        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, bad
+        return images, labels, bad
 
     def readable(self, echo: Callable[[str], None]) -> FileImages:
         """Without its unreadable files, found by decoding each once, under ``bad_files:

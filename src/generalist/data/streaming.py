@@ -16,6 +16,9 @@ uint8 pixels, so every image is decoded once per epoch over the whole job.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -72,6 +75,8 @@ class StreamingBatches:
         self.device = device
         self.share = share
         self.echo = echo
+        if device.type == "cpu":
+            _fix_glibc_mmap_threshold()
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -106,6 +111,26 @@ class StreamingBatches:
                 f"data: skipped {skipped} unreadable training images in epoch {epoch} "
                 f"({len(self.data.skipped)} so far, e.g. {min(self.data.skipped)})"
             )
+
+
+def _fix_glibc_mmap_threshold() -> None:
+    """Keep glibc from moving big allocations into its heap (Linux/glibc only).
+
+    On the CPU every streamed step allocates a fresh float batch (12.6 MB for 256 images of
+    64 px). glibc raises its mmap threshold to the size of each such block freed, after which
+    the blocks come from the heap, which fragmented and grew by ~12 MB per batch in our
+    benchmark (BENCHMARKS.md) instead of returning them. A fixed threshold (glibc's default
+    128 KiB) turns the dynamic adjustment off, and memory stays flat. GPU batches live in
+    PyTorch's caching allocator and are unaffected.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
+M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameter number for the mmap threshold (malloc.h)."""
 
 
 class _DecodeJobs(Dataset):
