@@ -302,13 +302,19 @@ def _in_val(splits) -> bool:
             r"train/cat/notes\.txt is not an image",
         ),
         (lambda r: (r / "train" / "frog").mkdir(), r"class folder .*train/frog holds no images"),
+        (  # found when the folder is read, not when the final test meets it
+            lambda r: (r / "val" / "cat" / "0003.jpg").write_bytes(b"GIF89a, but no image"),
+            r"cannot decode .*val/cat/0003\.jpg \(cannot identify image file",
+        ),
         (
             lambda r: (r / "val" / "bird").rename(r / "val" / "birds"),
             r"train and val have different class folders \(e\.g\. 'bird' is in only one",
         ),
     ],
 )
-def test_folder_layout_errors_name_the_culprit(damaged, damage, message):
+def test_folder_layout_errors_name_the_culprit(folder, damaged, damage, message):
+    bird = Path("train", "bird", "0000.jpg")  # undo the fixture's damage: one fault at a time
+    (damaged / bird).write_bytes((folder / bird).read_bytes())
     damage(damaged)
     with pytest.raises(DataError, match=message):
         _splits(damaged)

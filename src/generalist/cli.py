@@ -19,7 +19,9 @@ DEMO_PRESETS = ("standard", "pgd-at", "generalist-d")
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="method preset (see `generalist presets`)")
-    parser.add_argument("--dataset", help="digits, mnist, cifar10, cifar100, npz, imagefolder")
+    parser.add_argument(
+        "--dataset", help="digits, mnist, cifar10, cifar100, npz, imagefolder, imagenet"
+    )
     parser.add_argument("--data-dir", help="folder (or .npz file) holding the dataset")
     parser.add_argument("--config", help="a YAML file layered over the preset")
     parser.add_argument(

@@ -197,24 +197,24 @@ class FileImages:
         labels = self.labels[torch.as_tensor([indices[p] for p in kept], dtype=torch.int64)]
         return images, labels, bad
 
-    def readable(self, echo: Callable[[str], None]) -> FileImages:
-        """Without its unreadable files, found by decoding each once, under ``bad_files:
-        skip`` (as is otherwise): evaluation slices images and labels separately, so an
-        evaluated split cannot drop a file when it meets it, as training batches do."""
-        if self.options.bad_files != "skip" or not len(self):
-            return self
+    def checked(self, echo: Callable[[str], None]) -> FileImages:
+        """This evaluated split with every file decoded once, now rather than at the end of
+        training: an unreadable one stops the run naming it, or with ``bad_files: skip`` is
+        left out here. (Evaluation slices images and labels separately, so it cannot drop a
+        file when it meets it, as training batches do.)"""
         keep = []
         for start in range(0, len(self), 256):
             chunk = range(start, min(start + 256, len(self)))
             _, _, bad = self.decode_some(chunk)
+            self.apply_bad_files_policy(bad)
             unreadable = {b.path for b in bad}
             keep += [i for i in chunk if self.files[i] not in unreadable]
-            self.skipped |= unreadable
-        if len(keep) < len(self):
-            echo(
-                f"data: skipped {len(self) - len(keep)} unreadable images of an evaluation "
-                f"split, e.g. {min(self.skipped)}"
-            )
+        if len(keep) == len(self):
+            return self
+        echo(
+            f"data: skipped {len(self) - len(keep)} unreadable images of an evaluation split, "
+            f"e.g. {min(self.skipped)}"
+        )
         return self.subset(torch.tensor(keep, dtype=torch.int64))
 
     def apply_bad_files_policy(self, bad: Sequence[BadImage]) -> None:

@@ -51,7 +51,7 @@ def load_splits(
     val = train_all.subset(order[:n_val].sort().values)
     train = train_all.subset(_limited(order[n_val:], train_limit, "train_limit"))
     test = test.subset(_limited(_permutation(len(test), split_seed), test_limit, "test_limit"))
-    val, test = (_readable(part, echo) for part in (val, test))
+    val, test = (_checked(part, echo) for part in (val, test))
     if len(train) == 0:
         raise DataError(
             f"{name} leaves no training examples after a validation split of {n_val}; "
@@ -60,8 +60,8 @@ def load_splits(
     return DataSplits(train, val, test, info)
 
 
-def _readable(part: ImageDataset | FileImages, echo: Callable[[str], None]):
-    return part.readable(echo) if isinstance(part, FileImages) else part
+def _checked(part: ImageDataset | FileImages, echo: Callable[[str], None]):
+    return part.checked(echo) if isinstance(part, FileImages) else part
 
 
 def _permutation(n: int, seed: int) -> torch.Tensor:
