@@ -242,6 +242,28 @@ def test_a_stopped_two_process_streaming_run_resumes_on_one_process(
     )
 
 
+def test_data_parallel_replicas_each_stream_their_slice_and_train_the_one_process_model(
+    folder, tmp_path
+):
+    """Standard training (one learner, a model without BatchNorm) on two processes: each
+    decodes and trains on half of every streamed batch, gradients averaged by their share."""
+    extra = ("model.name=small-cnn", "data.image_size=28", "epochs=1")
+    both = tmp_path / "two"
+    args = _stream_cli(folder, both, *extra)
+    args[args.index("quickstart")] = "standard"
+    assert fork_two(cli_rank, args) == [0, 0]
+    single = tmp_path / "one"
+    args = _stream_cli(folder, single, *extra)
+    args[args.index("quickstart")] = "standard"
+    assert main(args) == 0
+    torch.testing.assert_close(
+        load_file(only_run(both) / "model.safetensors"),
+        load_file(only_run(single) / "model.safetensors"),
+        atol=1e-6,  # the halves' gradients summed instead of one batch's (test_distributed)
+        rtol=0,
+    )
+
+
 # --- bad files ------------------------------------------------------------------------------------
 
 
