@@ -1,7 +1,8 @@
 """The training loop: setup, then one epoch at a time, then the test and the saved model.
 
 The whole training split lives on the device as one uint8 tensor (airbench-style): a batch is
-an index, a cast and a device-side augmentation, with no loader processes in between. The
+an index, a cast and a device-side augmentation, with no loader processes in between. Only an
+image folder over the memory budget streams from disk instead (``batch_source``). The
 Generalist update of one step is :func:`~generalist.training.generalist.generalist_step`; this
 file only feeds it batches and keeps the run safe (signals, NaNs, checkpoints, validation).
 
