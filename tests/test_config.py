@@ -8,7 +8,7 @@ from generalist.config import build_config
 from generalist.errors import ConfigError
 from generalist.presets import list_presets
 from generalist.schedules import build_schedule
-from generalist.training.generalist import gamma_schedules, redistributes_in
+from generalist.training.generalist import ema_decay_cap, gamma_schedules, redistributes_in
 
 
 def test_paper_defaults_resolve_to_the_official_recipe():
@@ -31,14 +31,15 @@ def test_paper_defaults_resolve_to_the_official_recipe():
     nat_gamma, adv_gamma = gamma_schedules(config)
     assert [adv_gamma(e) for e in (1, 40, 80, 100, 120)] == pytest.approx([1, 1, 1, 0.7, 0.4])
     assert [nat_gamma(e) for e in (1, 80, 100, 120)] == pytest.approx([0, 0, 0.3, 0.6])
-    assert config.merge.ema_decay == 0.999 and config.merge.init == "same"
+    assert config.schedule_granularity == "epoch"
+    assert ema_decay_cap(config, 120 * 391) == 0.999 and config.merge.init == "same"
     assert config.merge.redistribute.policy == "per_step_in_epoch"
     assert [e for e in range(1, 121) if redistributes_in(config, e)] == list(range(75, 121, 5))
 
 
 def test_schedules_scale_with_the_number_of_epochs():
     config = build_config("generalist-d", dataset="cifar10", overrides=["epochs=16"])
-    assert [e for e in range(1, 17) if redistributes_in(config, e)] == [10, 15]
+    assert [e for e in range(1, 17) if redistributes_in(config, e)] == list(range(10, 17))
     _, adv_gamma = gamma_schedules(config)
     assert adv_gamma(16) == pytest.approx(0.4)
     once = build_config(
@@ -46,6 +47,7 @@ def test_schedules_scale_with_the_number_of_epochs():
         dataset="cifar10",
         overrides=[
             "merge.redistribute.policy=once_per_c_epochs",
+            "merge.redistribute.unit=epoch",
             "merge.redistribute.start=3",
             "merge.redistribute.every=2",
             "epochs=8",
@@ -116,6 +118,15 @@ def test_user_yaml_layers_over_the_preset_and_can_remove_a_learner(tmp_path):
         (["learners.adv_linf.gamma=1.5"], r"gamma.*out of range"),
         (["epochs=ten"], "whole number"),
         (["merge.ema_decay=1.0"], r"ema_decay"),
+        (["merge.ema_decay=often"], r"merge\.ema_decay"),
+        (["merge.ema_horizon=2"], r"merge\.ema_horizon.*1000/46920"),
+        (["merge.redistribute.every=5"], r"merge\.redistribute.*unit=epoch"),
+        (["merge.redistribute.unit=epoch", "merge.redistribute.every=1/2"], r"whole number"),
+        (["merge.redistribute.unit=steps"], r"merge\.redistribute\.unit"),
+        (["schedule_granularity=batch"], r"schedule_granularity"),
+        (["eval.select=best"], r"eval\.select"),
+        (["eval.select=clean_gated_robust"], r"eval\.select_min_clean.*88"),
+        (["eval.select_min_clean=88"], r"eval\.select_min_clean.*remove"),
         (["seed"], "key=value"),
     ],
 )

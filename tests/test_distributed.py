@@ -33,6 +33,7 @@ EXTRA = (
     "epochs=2",
     "learners.natural.optimizer.lr=0.05",
     "learners.adv_linf.optimizer.lr=0.05",
+    "merge.redistribute.unit=epoch",
     "merge.redistribute.start=2",
     "merge.redistribute.every=1",
 )

@@ -29,14 +29,14 @@ from generalist.tensorboard import MISSING
 from generalist.training import loop
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-REDISTRIBUTE_IN_EPOCH_2 = "merge.redistribute.every=2"  # t' = 0.625·3 epochs: only epoch 2
+REDISTRIBUTE_IN_EPOCH_2 = ("merge.redistribute.unit=epoch", "merge.redistribute.every=2")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("runs")
-    duo = train_tiny(out, REDISTRIBUTE_IN_EPOCH_2)
-    trio = train_tiny(out, REDISTRIBUTE_IN_EPOCH_2, "eval.learners=false", preset="generalist-t")
+    duo = train_tiny(out, *REDISTRIBUTE_IN_EPOCH_2)
+    trio = train_tiny(out, *REDISTRIBUTE_IN_EPOCH_2, "eval.learners=false", preset="generalist-t")
     evaluate = ["eval", str(trio), "--attacks", "pgd-5", "--n-examples", "40", "--no-progress"]
     assert main(evaluate) == 0
     return duo, trio
@@ -127,9 +127,10 @@ def test_compare_prints_one_row_per_run_naming_where_numbers_come_from(runs, tmp
     (threat,) = [k for k in json.loads((duo / "summary.json").read_text())["test"] if k != "clean"]
     assert f"{threat} PGD-3 (summary)" in header and "union" in header
     eval_record = json.loads(next(trio.glob("eval-*/eval.json")).read_text())
-    assert first.startswith("quickstart ") and "(training summary)" in first
+    assert first.startswith("quickstart ") and "(training summary, last model)" in first
     assert (
-        second.startswith("generalist-t ") and "pgd-5, 40 test points (generalist eval)" in second
+        second.startswith("generalist-t ")
+        and "pgd-5, 40 test points (generalist eval, last model)" in second
     )
     assert f"{eval_record['union']['accuracy']:.2f}" in second.split()
     table = markdown.read_text().splitlines()

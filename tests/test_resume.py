@@ -96,6 +96,7 @@ def test_sigterm_saves_the_current_step_and_says_how_to_resume(tmp_path, referen
                 "learners.natural.optimizer.lr=0.001",
                 "data.crop_padding=1",  # the augmentation generator matters
                 "data.flip=true",
+                "merge.redistribute.unit=epoch",
                 "merge.redistribute.start=1",  # redistribution in every epoch
                 "merge.redistribute.every=1",
             ),
@@ -106,6 +107,7 @@ def test_sigterm_saves_the_current_step_and_says_how_to_resume(tmp_path, referen
             "quickstart",
             (
                 "merge.redistribute.policy=once_per_c_epochs",
+                "merge.redistribute.unit=epoch",
                 "merge.redistribute.start=2",
                 "merge.redistribute.every=2",
             ),

@@ -86,6 +86,7 @@ def test_redistribution_happens_exactly_when_configured(
         extra=[
             "epochs=3",
             f"merge.redistribute.policy={policy}",
+            "merge.redistribute.unit=epoch",
             "merge.redistribute.start=2",
             "merge.redistribute.every=2",
             "eval.learners=false",

@@ -79,12 +79,13 @@ def comparable_metrics(run: Path) -> list[dict[str, Any]]:
 
 
 def assert_same_result(run: Path, reference: Path) -> None:
-    """Bit-identical final weights, identical metrics and test accuracies."""
-    weights = (run / "model.safetensors").read_bytes()
-    assert weights == (reference / "model.safetensors").read_bytes()
+    """Bit-identical final and best weights, identical metrics, selection and test accuracies."""
+    for weights in ("model.safetensors", "model-best.safetensors", "model-best.json"):
+        assert (run / weights).read_bytes() == (reference / weights).read_bytes(), weights
     assert comparable_metrics(run) == comparable_metrics(reference)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["test"] == json.loads((reference / "summary.json").read_text())["test"]
+    expected = json.loads((reference / "summary.json").read_text())
+    assert (summary["test"], summary["best"]) == (expected["test"], expected["best"])
 
 
 @contextmanager

@@ -38,6 +38,8 @@ from generalist.models import create_model
 WEIGHTS_FORMAT = "generalist-weights/1"
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
+BEST_STEM = "model-best"
+"""``model-best.safetensors`` + ``model-best.json``: the global model selected on validation."""
 CHECKPOINT_FORMAT = "generalist-checkpoint/1"
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)-epoch-(\d+)\.json")
 
@@ -134,20 +136,29 @@ def _refusal(exc: Exception) -> str:
 # --------------------------------------------------------------------------- model weights
 
 
-def save_model(model: nn.Module, directory: Path, spec: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` and ``model.json`` durably into ``directory``.
+def save_model(
+    model: nn.Module, directory: Path, spec: dict[str, Any], *, stem: str = "model"
+) -> Path:
+    """Write ``<stem>.safetensors`` and ``<stem>.json`` durably into ``directory``.
 
     ``spec`` must hold ``model`` (the keyword arguments of ``create_model``); anything else
     (dataset, preset, metrics) is kept for reports.
     """
     directory = Path(directory)
-    weights = directory / WEIGHTS_FILE
+    weights = directory / f"{stem}.safetensors"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     data = safetensors.torch.save(state, metadata={"format": WEIGHTS_FORMAT})
     write_durably(weights, data)
     record = {"format": WEIGHTS_FORMAT, **spec, "sha256": hashlib.sha256(data).hexdigest()}
-    write_durably(directory / SPEC_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    write_durably(weights.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode())
     return weights
+
+
+def spec_path_of(weights: Path) -> Path:
+    """The spec beside ``weights``: ``<stem>.json`` when there is one (``model-best.json``),
+    else ``model.json`` (a ``.pt`` a user brings next to the spec of its architecture)."""
+    own = weights.with_suffix(".json")
+    return own if own.is_file() else weights.with_name(SPEC_FILE)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -155,7 +166,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     dict with a ``model.json`` beside it."""
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
-    spec_path = weights.with_name(SPEC_FILE)
+    spec_path = spec_path_of(weights)
     if not weights.is_file():
         raise CheckpointError(
             f"no weights at {weights}; pass a run directory or a .safetensors file"

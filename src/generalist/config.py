@@ -19,6 +19,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,15 @@ import yaml
 from generalist.attacks.threat import NORMS, ThreatModel, parse_eps, parse_norm
 from generalist.devices import PRECISIONS
 from generalist.errors import ConfigError
-from generalist.schedules import REMAINDER, build_schedule, mixing_weights, parse_number
+from generalist.schedules import (
+    REMAINDER,
+    SCHEDULE_GRANULARITIES,
+    SCHEDULE_UNITS,
+    build_schedule,
+    mixing_weights,
+    parse_exact,
+    parse_number,
+)
 
 TASK_TYPES = ("natural", "adversarial", "trades", "mart", "fat", "cure")
 CURE_DEFAULTS = {
@@ -44,6 +53,7 @@ CURE starts from a naturally trained model (the official code trains one first),
 the first 10 % of the epochs are natural training; ``model.init_from`` skips that warm-up."""
 OPTIMIZERS = ("sgd", "adam", "adamw")
 REDISTRIBUTE_POLICIES = ("per_step_in_epoch", "once_per_c_epochs", "never")
+SELECTION_CRITERIA = ("clean+robust", "robust", "clean_gated_robust", "none")
 INIT_POLICIES = ("same", "independent")
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -153,17 +163,27 @@ class LearnerConfig:
 
 @dataclass
 class RedistributeConfig:
+    """When the global learner is copied back into the base learners (docs/algorithm.md)."""
+
     policy: str = "per_step_in_epoch"
+    unit: str = "fraction"
+    """``fraction``: ``start`` and ``every`` are fractions of the run, laid on E epochs like
+    every other schedule; ``epoch``: whole epochs, the official rule e >= t' and e mod c == 0."""
     start: str = "0.625"
-    """First epoch t' allowed to redistribute: a fraction of E (<= 1) or, if > 1, an epoch."""
-    every: int = 5
-    """c: redistribute in the epochs e >= t' with e mod c == 0."""
+    """t': the first redistribution (official: epoch 75 of 120 = 0.625)."""
+    every: str = "1/24"
+    """c: the spacing (official: 5 of 120 epochs = 1/24); with ``fraction`` the grid is anchored
+    at the end of the run, so the last epoch always redistributes."""
 
 
 @dataclass
 class MergeConfig:
-    ema_decay: float = 0.999
-    """Upper bound of d_t = min(ema_decay, (t+1)/(t+10))."""
+    ema_decay: Any = "auto"
+    """d_max in d_t = min(d_max, (t+1)/(t+10)): a number in [0, 1), or ``auto`` for
+    1 − 1/(ema_horizon · total steps), which is exactly 0.999 in the official run."""
+    ema_horizon: str = "1000/46920"
+    """With ``ema_decay: auto``: the EMA's averaging horizon 1/(1 − d_max) as a fraction of the
+    run's steps (official: 1000 of 46,920 steps)."""
     warmup: bool = True
     init: str = "same"
     redistribute: RedistributeConfig = field(default_factory=RedistributeConfig)
@@ -179,6 +199,13 @@ class EvalConfig:
     learners: bool = True
     """Also validate every base learner each epoch, not only the global model."""
     test_examples: int | None = None
+    select: str = "clean+robust"
+    """Which validated global model is kept as ``model-best.safetensors``: the highest
+    ``clean+robust`` (the official criterion), ``robust``, ``clean_gated_robust`` (the most
+    robust among those with clean >= ``select_min_clean``) or ``none``. Robust = the weakest
+    validated threat. The test split never takes part."""
+    select_min_clean: float | None = None
+    """The clean-accuracy gate (%) of ``clean_gated_robust``."""
 
 
 @dataclass
@@ -215,6 +242,9 @@ class Config:
     description: str = ""
     seed: int = 0
     epochs: int = 120
+    schedule_granularity: str = "epoch"
+    """``epoch``: learning rates, γ and the tasks' schedules hold their value of epoch e for
+    the whole epoch (the official code); ``step``: lr and task schedules move every step."""
     device: str = "auto"
     precision: str = "fp32"
     deterministic: bool = False
@@ -444,6 +474,7 @@ def validate(config: Config) -> None:
     _at_least(config.epochs, 1, "epochs")
     if config.threads is not None:
         _at_least(config.threads, 1, "threads")
+    _choice(config.schedule_granularity, SCHEDULE_GRANULARITIES, "schedule_granularity")
     _choice(config.precision, PRECISIONS, "precision")
     _choice(config.data.dataset, list_datasets(), "data.dataset")
     if not is_known_model(config.model.name):
@@ -474,12 +505,10 @@ def validate(config: Config) -> None:
         _validate_learner(config, name, learner)
     validate_gammas(config)
     merge = config.merge
-    if not 0 <= merge.ema_decay < 1:
-        raise ConfigError(f"merge.ema_decay: {merge.ema_decay:g} must be in [0, 1)")
+    _validate_ema(merge)
     _choice(merge.init, INIT_POLICIES, "merge.init")
     _choice(merge.redistribute.policy, REDISTRIBUTE_POLICIES, "merge.redistribute.policy")
-    _at_least(merge.redistribute.every, 1, "merge.redistribute.every")
-    redistribute_start_epoch(config)
+    redistribute_rule(config)
     if config.model.init_from is not None:
         if not Path(config.model.init_from).exists():
             raise ConfigError(
@@ -491,6 +520,7 @@ def validate(config: Config) -> None:
     _at_least(config.eval.val_steps, 0, "eval.val_steps")
     _at_least(config.eval.test_steps, 0, "eval.test_steps")
     _at_least(config.eval.every, 1, "eval.every")
+    _validate_selection(config.eval)
     config.eval_threats()
     _validate_checkpoint(config.checkpoint)
     if config.logging.tensorboard:
@@ -592,11 +622,59 @@ def validate_gammas(config: Config) -> None:
             )
 
 
-def redistribute_start_epoch(config: Config) -> float:
-    start = parse_number(config.merge.redistribute.start, "merge.redistribute.start")
+def _validate_ema(merge: MergeConfig) -> None:
+    if merge.ema_decay != "auto":
+        decay = parse_number(merge.ema_decay, "merge.ema_decay")
+        if not 0 <= decay < 1:
+            raise ConfigError(
+                f"merge.ema_decay: {decay:g} must be in [0, 1), or auto to scale with the run"
+            )
+    horizon = parse_exact(merge.ema_horizon, "merge.ema_horizon")
+    if not 0 < horizon <= 1:
+        raise ConfigError(
+            f"merge.ema_horizon: {float(horizon):g} must be a fraction of the run's steps in "
+            "(0, 1], e.g. 1000/46920 (the official run)"
+        )
+
+
+def _validate_selection(evaluation: EvalConfig) -> None:
+    _choice(evaluation.select, SELECTION_CRITERIA, "eval.select")
+    gate = evaluation.select_min_clean
+    if evaluation.select == "clean_gated_robust":
+        if gate is None or not 0 <= gate <= 100:
+            raise ConfigError(
+                "eval.select_min_clean: clean_gated_robust needs a clean-accuracy gate in "
+                "[0, 100] %, e.g. --set eval.select_min_clean=88"
+            )
+    elif gate is not None:
+        raise ConfigError(
+            f"eval.select_min_clean: only eval.select=clean_gated_robust uses it (here "
+            f"{evaluation.select}); remove it"
+        )
+
+
+def redistribute_rule(config: Config) -> tuple[str, Fraction, Fraction]:
+    """``(unit, t', c)`` of ``merge.redistribute``, checked and exact (see
+    :func:`generalist.training.generalist.redistribution_epochs`)."""
+    rule = config.merge.redistribute
+    _choice(rule.unit, SCHEDULE_UNITS, "merge.redistribute.unit")
+    start = parse_exact(rule.start, "merge.redistribute.start")
+    every = parse_exact(rule.every, "merge.redistribute.every")
     if start < 0:
-        raise ConfigError(f"merge.redistribute.start: must be >= 0, got {start:g}")
-    return start * config.epochs if start <= 1 else start
+        raise ConfigError(f"merge.redistribute.start: must be >= 0, got {float(start):g}")
+    if rule.unit == "epoch":
+        if every < 1 or every.denominator != 1:
+            raise ConfigError(
+                f"merge.redistribute.every: {float(every):g} is not a whole number of epochs "
+                "(unit: epoch); write e.g. 5"
+            )
+    elif not 0 < every <= 1 or start > 1:
+        raise ConfigError(
+            f"merge.redistribute: start {float(start):g} and every {float(every):g} must be "
+            "fractions of the run in [0, 1] (unit: fraction; official 0.625 and 1/24), or set "
+            "merge.redistribute.unit=epoch to give whole epochs (official 75 and 5)"
+        )
+    return rule.unit, start, every
 
 
 def _at_least(value: int, low: int, key: str) -> None:

@@ -18,26 +18,43 @@ from typing import Any
 from generalist.errors import ConfigError
 
 SCHEDULE_UNITS = ("fraction", "epoch")
+SCHEDULE_GRANULARITIES = ("epoch", "step")
+"""``epoch``: every curve is read once per epoch e, at x = e (the official code); ``step``:
+at every step, at the fractional epoch e − 1 + (batches done)/(batches per epoch)."""
 
 
 def parse_number(value: Any, key: str) -> float:
     """Read ``0.01``, ``1e-3`` or a fraction such as ``"2/3"`` without ever calling eval."""
-    if isinstance(value, bool):
+    return float(parse_exact(value, key))
+
+
+def parse_exact(value: Any, key: str) -> Fraction:
+    """:func:`parse_number` as an exact rational, for rules that must land on whole epochs or
+    steps without float rounding (``1/24`` of 120 epochs is exactly 5)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if isinstance(value, int | float):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(Fraction(value.strip().replace(" ", "")))
-        except (ValueError, ZeroDivisionError):
-            raise ConfigError(
-                f"{key}: {value!r} is not a number; write it like 0.01, 1e-3 or 2/3"
-            ) from None
-    else:
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if not math.isfinite(number):
+    if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    return number
+    text = value.strip().replace(" ", "") if isinstance(value, str) else repr(value)
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(
+            f"{key}: {value!r} is not a number; write it like 0.01, 1e-3 or 2/3"
+        ) from None
+
+
+def schedule_position(
+    granularity: str, epoch: int, batches_done: int, batches_per_epoch: int
+) -> float:
+    """Where on the epoch axis a step reads its schedules (see :data:`SCHEDULE_GRANULARITIES`).
+
+    ``batches_done`` counts the step being taken, so the last step of epoch e reads x = e in
+    both granularities: ``epoch`` holds that value for the whole epoch (docs/algorithm.md).
+    """
+    if granularity == "epoch":
+        return float(epoch)
+    return epoch - 1 + batches_done / batches_per_epoch
 
 
 @dataclass(frozen=True)

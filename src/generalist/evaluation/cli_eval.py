@@ -32,6 +32,7 @@ STATE_FILE = "state.json"
 RECORD_FILE = "eval.json"
 TABLES_FILE = "results.md"
 DEFAULT_BATCH = 500
+MODEL_CHOICES = ("last", "best")
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -44,6 +45,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "target",
         metavar="RUN_DIR_OR_WEIGHTS",
         help="a run directory from `generalist train` or a model.safetensors file",
+    )
+    parser.add_argument(
+        "--model",
+        choices=MODEL_CHOICES,
+        help="which model of a run directory: last (default; the final global model, "
+        "model.safetensors) or best (model-best.safetensors, selected on the validation split)",
     )
     parser.add_argument(
         "--attacks",
@@ -133,6 +140,7 @@ def run_eval(
             f"{target} does not exist; pass a run directory from `generalist train` "
             "or a model.safetensors file"
         )
+    weights, which = _weights_of(target, getattr(args, "model", None))
     run_dir = target if target.is_dir() else target.parent
     config = _run_config(run_dir)
     suite = EvaluationSuite(
@@ -146,10 +154,9 @@ def run_eval(
     out = _out_dir(args, run_dir)
     device = resolve_device(args.device, "--device")
     apply_threads(args.threads)
-    model, spec = load_model(target, device)
+    model, spec = load_model(weights, device)
     if args.compile:
         compile_in_place(model)  # in place: the model's names and hash are unchanged
-    weights = target / "model.safetensors" if target.is_dir() else target
     model_hash = sha256_file(weights)
     data, data_meta = _evaluation_data(args, config, spec)
     _check_fits(spec, data_meta, target)
@@ -177,6 +184,8 @@ def run_eval(
         started,
         model={
             "path": str(weights),
+            "which": which,
+            "selected": spec.get("selected"),
             "sha256": model_hash,
             "architecture": spec["model"]["name"],
             "spec": spec["model"],
@@ -228,6 +237,29 @@ def _write_outputs(
     write_text_durably(out / TABLES_FILE, render_markdown(record))
     write_text_durably(out / RECORD_FILE, json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _weights_of(target: Path, which: str | None) -> tuple[Path, str | None]:
+    """The weights file ``--model`` names in a run directory, and ``last``/``best`` (None for
+    a weights file given directly)."""
+    from generalist.checkpoint import BEST_STEM, WEIGHTS_FILE
+
+    if not target.is_dir():
+        if which is not None:
+            raise ConfigError(
+                f"--model {which} picks a model inside a run directory; pass the run directory "
+                f"instead of {target}"
+            )
+        return target, None
+    which = which or "last"
+    weights = target / (WEIGHTS_FILE if which == "last" else f"{BEST_STEM}.safetensors")
+    if which == "best" and not weights.is_file():
+        raise CheckpointError(
+            f"{target} has no {weights.name}: no validated model was selected (eval.select: "
+            "none, no epoch passed the clean gate, or training has not validated yet); "
+            "evaluate --model last"
+        )
+    return weights, which
 
 
 def _is_plain(value: Any) -> bool:

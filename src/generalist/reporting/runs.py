@@ -69,6 +69,9 @@ class FinalResults:
     threats: list[ThreatResult]
     union: float | None
     """Robust to every threat at once; only an evaluation's per-point results give it."""
+    model: str = "last"
+    """Which of the run's models: ``last`` (``model.safetensors``), ``best`` (selected on
+    validation, ``model-best.safetensors``) or ``file`` (weights evaluated from elsewhere)."""
 
     @property
     def is_autoattack(self) -> bool:
@@ -80,7 +83,7 @@ class FinalResults:
 
     def describe(self) -> str:
         origin = "generalist eval" if self.source == "eval" else "training summary"
-        return f"{self.robust_by}, {self.n_examples} test points ({origin})"
+        return f"{self.robust_by}, {self.n_examples} test points ({origin}, {self.model} model)"
 
 
 @dataclass
@@ -155,7 +158,16 @@ def _from_evaluation(evaluation: Evaluation) -> FinalResults:
         clean=record["clean"]["accuracy"],
         threats=threats,
         union=record["union"]["accuracy"] if len(threats) > 1 else None,
+        model=_which_model(record["model"]),
     )
+
+
+def _which_model(model: dict[str, Any]) -> str:
+    """``last``/``best`` as the record says; records written before ``--model`` existed
+    evaluated ``model.safetensors`` of a run, or a file given directly."""
+    if model.get("which"):
+        return str(model["which"])
+    return "last" if Path(str(model.get("path", ""))).name == "model.safetensors" else "file"
 
 
 def _from_summary(summary: dict[str, Any]) -> FinalResults:

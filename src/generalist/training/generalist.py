@@ -1,10 +1,12 @@
-"""The Generalist update, in the order it happens (DESIGN §1). Everything that makes the
-method differ from plain adversarial training is in this file.
+"""The Generalist update, in the order it happens (docs/algorithm.md states it in full, with
+the official defaults and every departure). Everything that makes the method differ from plain
+adversarial training is in this file.
 
 Per epoch e (1-based, of E):
 
 * the mixing weights γ_i(e), read once per epoch, summing to 1 (:func:`gamma_schedules`);
-* whether e redistributes: e ≥ t' and e mod c = 0 (:func:`redistributes_in`).
+* whether e redistributes (:func:`redistribution_epochs`: the official e ≥ t', e mod c = 0,
+  laid on E epochs).
 
 Per training step t (counted from 0 over the whole run, :func:`generalist_step`):
 
@@ -13,7 +15,8 @@ Per training step t (counted from 0 over the whole run, :func:`generalist_step`)
 3. the global learner θ_g ← d_t·θ_g + (1−d_t)·Σ_i γ_i(e)·θ̄_i,
 4. in a redistributing epoch, every θ_i ← θ_g,
 
-with d_t = min(d_max, (t+1)/(t+10)). "Parameters" here means every floating-point tensor of the
+with d_t = min(d_max, (t+1)/(t+10)) and d_max scaled to the run's length
+(:func:`ema_decay_cap`). "Parameters" here means every floating-point tensor of the
 state dict, so BatchNorm running means and variances are averaged like weights; integer buffers
 (``num_batches_tracked``) are counters and are copied, never averaged. Redistribution copies the
 whole global state into every base learner; their optimizers keep their momentum.
@@ -27,15 +30,17 @@ difference is that Σ_i γ_i·θ̄_i is summed over the processes instead of ove
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from generalist.config import Config, redistribute_start_epoch
-from generalist.schedules import PiecewiseLinear, mixing_weights
+from generalist.config import Config, redistribute_rule
+from generalist.schedules import PiecewiseLinear, mixing_weights, parse_exact, parse_number
 
 if TYPE_CHECKING:
     from generalist.training.learner import Learner
@@ -57,12 +62,38 @@ def gamma_schedules(config: Config) -> list[PiecewiseLinear]:
     return list(curves.values())
 
 
+def redistribution_epochs(config: Config) -> list[int]:
+    """The epochs that redistribute, in order.
+
+    ``unit: epoch`` is the official rule as written: e ≥ t' and e mod c = 0. ``unit: fraction``
+    lays the same rule on E epochs: the points 1, 1 − c, 1 − 2c, … ≥ t' of the run (anchored
+    at its end, as the official 120 mod 5 = 0 is), each at its nearest epoch (halves up). At
+    E = 120, t' = 0.625, c = 1/24 that is exactly 75, 80, …, 120; shorter runs keep the last
+    epoch and as many of the ten as the integer grid holds (docs/algorithm.md).
+    """
+    if config.merge.redistribute.policy == "never":
+        return []
+    unit, start, every = redistribute_rule(config)
+    epochs = config.epochs
+    if unit == "epoch":
+        return [e for e in range(1, epochs + 1) if e >= start and e % every == 0]
+    points = (1 - k * every for k in range(math.floor((1 - start) / every) + 1))
+    return sorted({min(epochs, max(1, math.floor(p * epochs + Fraction(1, 2)))) for p in points})
+
+
 def redistributes_in(config: Config, epoch: int) -> bool:
-    """Redistribute in the epochs e ≥ t' with e mod c = 0 (t' a fraction of E or an epoch)."""
-    policy = config.merge.redistribute
-    if policy.policy == "never":
-        return False
-    return epoch >= redistribute_start_epoch(config) and epoch % policy.every == 0
+    return epoch in redistribution_epochs(config)
+
+
+def ema_decay_cap(config: Config, total_steps: int) -> float:
+    """d_max: ``merge.ema_decay`` as given, or for ``auto`` 1 − 1/(h·T) with h =
+    ``merge.ema_horizon`` and T the run's steps, so the EMA averages over the same share of
+    every run: the official h = 1000/46,920 at T = 120·391 gives exactly 0.999."""
+    merge = config.merge
+    if merge.ema_decay != "auto":
+        return parse_number(merge.ema_decay, "merge.ema_decay")
+    horizon = parse_exact(merge.ema_horizon, "merge.ema_horizon") * total_steps
+    return float(max(Fraction(0), 1 - 1 / horizon))
 
 
 @dataclass(frozen=True)

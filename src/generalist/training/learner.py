@@ -64,8 +64,9 @@ class Learner:
         y: torch.Tensor,
         position: float,
     ) -> torch.Tensor:
-        """One optimizer step at ``position`` (fractional epoch: epoch − 1 + batches done / batches
-        per epoch, after this one); returns the detached loss.
+        """One optimizer step at ``position`` on the epoch axis (the epoch e itself, or per step
+        e − 1 + batches done / batches per epoch: ``schedules.schedule_position``); returns the
+        detached loss.
 
         The loss stays on the device (no ``.item()``); the loop checks all learners' losses
         for finiteness at once, with a single host sync per step. A task that edits the

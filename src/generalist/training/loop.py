@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from generalist import backends
 from generalist.attacks.threat import ThreatModel
-from generalist.checkpoint import CheckpointStore, save_model
+from generalist.checkpoint import BEST_STEM, CheckpointStore, save_model
 from generalist.compiling import compile_in_place
 from generalist.config import Config, validate
 from generalist.data import DataSplits, EpochBatches, ImageDataset, load_splits
@@ -40,10 +40,11 @@ from generalist.data.streaming import StreamingBatches, TrainBatch
 from generalist.devices import resolve_device, resolve_precision, training_autocast
 from generalist.errors import TrainingError
 from generalist.evaluation.accuracy import summed_accuracies
+from generalist.evaluation.selection import selection_score
 from generalist.manifest import build_manifest, data_fingerprints, note_resume, write_manifest
 from generalist.models import create_model
 from generalist.rundir import RunDir
-from generalist.schedules import build_schedule
+from generalist.schedules import build_schedule, schedule_position
 from generalist.tensorboard import metrics_sinks
 from generalist.threads import apply_threads
 from generalist.training.batch_source import MemoryBatches, training_batches
@@ -51,6 +52,7 @@ from generalist.training.distributed import SingleProcess, processes
 from generalist.training.generalist import (
     EpochPlan,
     GeneralistMerge,
+    ema_decay_cap,
     epoch_plan,
     gamma_schedules,
     generalist_step,
@@ -153,6 +155,8 @@ class TrainResult:
     test: dict[str, float]
     val: dict[str, dict[str, float]]
     seconds: float
+    best_test: dict[str, float] | None = None
+    """The test accuracies of the model selected on validation (None: nothing selected)."""
 
 
 def train(
@@ -264,7 +268,10 @@ def _setup(
     if run is None:
         run = RunDir(parallel.on_main(lambda: RunDir.create(config.out_dir, config.name).path))
     merge = parallel.merge(
-        learners, global_model, decay_max=config.merge.ema_decay, warmup=config.merge.warmup
+        learners,
+        global_model,
+        decay_max=ema_decay_cap(config, config.epochs * len(batches)),
+        warmup=config.merge.warmup,
     )
     if config.model.compile:  # after the teachers' deep copies; in place, so no key changes
         compile_in_place(*(learner.model for learner in learners), global_model)
@@ -327,6 +334,10 @@ def _setup(
             f"resuming at epoch {state.epoch}, batch {state.batch}/{len(batches)} "
             f"(step {state.step}) from {checkpoints.latest}"
         )
+    if resume and state.best is not None and parallel.is_main:
+        # The files may be newer than the checkpoint (killed between the two writes), or torn:
+        # the checkpoint's copy is the one this run continues from.
+        _save_best(session)
     return session
 
 
@@ -351,7 +362,9 @@ def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> N
             s.merge,
             x,
             y,
-            position=epoch - 1 + (state.batch + 1) / len(s.batches),
+            position=schedule_position(
+                config.schedule_granularity, epoch, state.batch + 1, len(s.batches)
+            ),
             step=state.step,
             plan=plan,
             settle_losses=s.settle_losses,
@@ -367,9 +380,11 @@ def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> N
             checkpoints.save("schedule")
     if plan.redistribute and not plan.every_step:  # once_per_c_epochs: at the epoch's end
         s.merge.redistribute()
-    record = _epoch_record(state, epoch, plan, epoch_started)
+    record = _epoch_record(state, epoch, plan, epoch_started, config.schedule_granularity)
     if epoch % config.eval.every == 0 or epoch == config.epochs:
         state.val = record["val"] = _validate(s)
+        if _select(s, epoch):
+            record["selected"] = True
     state.finish_epoch(record)
     if parallel.is_main:
         s.run.append_metrics(record)
@@ -380,33 +395,82 @@ def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> N
         raise _interrupted(saved, signum, state, len(s.batches), s.run.path)
 
 
+def _select(s: Session, epoch: int) -> bool:
+    """Keep the validated global model as ``model-best`` if it beats the best so far
+    (``eval.select``); True if it did. Every rank decides alike (same validation sums)."""
+    evaluation = s.config.eval
+    val = s.state.val[GLOBAL]
+    score = selection_score(evaluation.select, val, evaluation.select_min_clean)
+    if not s.state.offer_best(epoch, score, val):
+        return False
+    if s.parallel.is_main:
+        _save_best(s)
+    return True
+
+
+def _best_model(s: Session) -> nn.Module:
+    """The global architecture holding the best weights (a copy: the live model trains on)."""
+    model = copy.deepcopy(s.global_model)
+    model.load_state_dict(s.state.best.weights)
+    return model
+
+
+def _save_best(s: Session) -> None:
+    best = s.state.best
+    save_model(
+        _best_model(s),
+        s.run.path,
+        {
+            **_weights_spec(s),
+            "selected": {"criterion": s.config.eval.select, "split": "val", **best.describe()},
+        },
+        stem=BEST_STEM,
+    )
+
+
+def _weights_spec(s: Session) -> dict[str, Any]:
+    return {"model": s.spec, "dataset": s.splits.info.name, "preset": s.config.preset}
+
+
 def _finish(s: Session, started: float) -> TrainResult:
-    """Test the global learner, save it and the summary."""
+    """Test the last global model (and the best one), save it and the summary."""
     config, splits = s.config, s.splits
-    test = _test(s)
+    test = _test(s, s.global_model)
+    best = s.state.best
+    best_test = None if best is None else _test(s, _best_model(s))
     seconds = time.perf_counter() - started
     if s.parallel.is_main:
-        save_model(
-            s.global_model,
-            s.run.path,
-            {"model": s.spec, "dataset": splits.info.name, "preset": config.preset},
-        )
+        save_model(s.global_model, s.run.path, _weights_spec(s))
         test_examples = min(len(splits.test), config.eval.test_examples or len(splits.test))
         s.run.write_json(
             "summary.json",
             {
                 "name": config.name,
                 "preset": config.preset,
+                "model": "last",
                 "test": test,
                 "val": s.state.val,
+                "best": None
+                if best is None
+                else {
+                    "criterion": config.eval.select,
+                    "file": f"{BEST_STEM}.safetensors",
+                    **best.describe(),
+                    "test": best_test,
+                },
                 "test_examples": test_examples,
                 "test_pgd_steps": config.eval.test_steps,
                 "seconds": seconds,
             },
         )
-    s.echo(f"test ({config.eval.test_steps}-step PGD): " + _format_accuracies(test))
+    s.echo(f"test ({config.eval.test_steps}-step PGD), last: " + _format_accuracies(test))
+    if best is not None:
+        s.echo(
+            f"test, best on validation (epoch {best.epoch}, {config.eval.select}): "
+            + _format_accuracies(best_test)
+        )
     s.echo(f"saved {s.run.weights_path} in {seconds:.0f} s")
-    return TrainResult(s.run, test, s.state.val, seconds)
+    return TrainResult(s.run, test, s.state.val, seconds, best_test)
 
 
 def _epoch_record(
@@ -414,16 +478,29 @@ def _epoch_record(
     epoch: int,
     plan: EpochPlan,
     epoch_started: float,
+    granularity: str,
 ) -> dict[str, Any]:
-    """The epoch's metrics line; a learner's loss is the mean over the batches it trained on."""
+    """The epoch's metrics line; a learner's loss is the mean over the batches it trained on.
+
+    ``lr`` is the value the epoch's last step used, which with ``schedule_granularity: epoch``
+    is the one every step of it used; per step, ``lr_first`` adds the first step's value.
+    """
     finite = torch.isfinite(state.epoch_losses)
     trained = finite.sum(dim=0)
     losses = (torch.where(finite, state.epoch_losses, 0).sum(dim=0) / trained).tolist()
     names = [learner.name for learner in state.learners]
+    batches = len(state.epoch_losses)
+    first, last = (schedule_position(granularity, epoch, n, batches) for n in (1, batches))
     record: dict[str, Any] = {
         "epoch": epoch,
         "step": state.step,
-        "lr": {learner.name: learner.lr_schedule(epoch) for learner in state.learners},
+        "lr": {learner.name: learner.lr_schedule(last) for learner in state.learners},
+    }
+    if granularity == "step":
+        record["lr_first"] = {
+            learner.name: learner.lr_schedule(first) for learner in state.learners
+        }
+    record |= {
         "gamma": dict(zip(names, plan.gammas, strict=True)),
         "redistributed": plan.redistribute,
         "train_loss": dict(zip(names, losses, strict=True)),
@@ -503,12 +580,12 @@ def _validate(s: Session) -> dict[str, dict[str, float]]:
     return _accuracies(s, models, s.splits.val, s.config.eval.val_steps)
 
 
-def _test(s: Session) -> dict[str, float]:
-    """The global learner on the test split (its first ``eval.test_examples`` points)."""
+def _test(s: Session, model: nn.Module) -> dict[str, float]:
+    """A global model on the test split (its first ``eval.test_examples`` points)."""
     test = s.splits.test
     if s.config.eval.test_examples is not None:
         test = test.subset(torch.arange(min(s.config.eval.test_examples, len(test))))
-    return _accuracies(s, {GLOBAL: s.global_model}, test, s.config.eval.test_steps)[GLOBAL]
+    return _accuracies(s, {GLOBAL: model}, test, s.config.eval.test_steps)[GLOBAL]
 
 
 def _accuracies(
@@ -538,4 +615,5 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
     if GLOBAL in record.get("val", {}):
         line += f" | val {GLOBAL} " + _format_accuracies(record["val"][GLOBAL])
     line += f" | {record['train_seconds']:.1f} s"
-    return line + (" | redistributed" if record["redistributed"] else "")
+    line += " | redistributed" if record["redistributed"] else ""
+    return line + (" | best so far" if record.get("selected") else "")

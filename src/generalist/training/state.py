@@ -7,6 +7,8 @@
 - the merge: the EMA teachers and the global learner;
 - the position: epoch, batches of it done, global step (the merge's t), the epoch's losses so
   far, the finished epochs' metric records and the latest validation;
+- the model selected on validation so far (:class:`BestModel`), weights included, so a resumed
+  run compares against, and ends with, exactly the best model the uninterrupted run would;
 - randomness: the augmentation generator and the global RNGs (torch CPU, the run's own GPU
   on a CUDA run, numpy, python), which nothing in the loop draws from today but a model or task may.
 
@@ -42,6 +44,26 @@ class StatefulTask(Protocol):
 
 
 @dataclass
+class BestModel:
+    """The global model that scored highest on validation so far (``eval.select``)."""
+
+    epoch: int
+    score: float
+    val: dict[str, float]
+    """Its validation accuracies (%), as in metrics.jsonl."""
+    weights: dict[str, torch.Tensor]
+    """A copy of the global model's state dict at that epoch."""
+
+    @classmethod
+    def of(cls, model: nn.Module, epoch: int, score: float, val: dict[str, float]) -> BestModel:
+        weights = {key: tensor.detach().clone() for key, tensor in model.state_dict().items()}
+        return cls(epoch, score, dict(val), weights)
+
+    def describe(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "score": self.score, "val": self.val}
+
+
+@dataclass
 class TrainingState:
     learners: list[Learner]
     merge: GeneralistMerge
@@ -58,6 +80,15 @@ class TrainingState:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     """One record per finished epoch, exactly as written to metrics.jsonl."""
     val: dict[str, dict[str, float]] = field(default_factory=dict)
+    best: BestModel | None = None
+
+    def offer_best(self, epoch: int, score: float | None, val: dict[str, float]) -> bool:
+        """Keep the global model as the best if ``score`` beats the best so far (ties keep the
+        earlier one); True if it was kept."""
+        if score is None or (self.best is not None and score <= self.best.score):
+            return False
+        self.best = BestModel.of(self.merge.global_model, epoch, score, val)
+        return True
 
     def record_step(self, losses: torch.Tensor) -> None:
         self.epoch_losses[self.batch] = losses
@@ -80,6 +111,8 @@ def capture(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, An
         tensors.update(learner_tensors)
         learners.append(entry)
     tensors.update(_prefixed("global", state.merge.global_model.state_dict()))
+    if state.best is not None:
+        tensors.update(_prefixed("best", state.best.weights))
     tensors["augment/generator"] = state.augment_generator.get_state()
     tensors["epoch/losses"] = state.epoch_losses
     tensors["rng/torch"] = torch.get_rng_state()
@@ -93,6 +126,7 @@ def capture(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, An
         "generator_device": state.augment_generator.device.type,
         "metrics": state.metrics,
         "val": state.val,
+        "best": None if state.best is None else state.best.describe(),
         "rng": {
             "python": random.getstate(),
             "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
@@ -129,6 +163,13 @@ def restore(
         if only is None or i in only:
             restore_learner(state, i, remaining, entry)
     _load_module(state.merge.global_model, _take(remaining, "global"), "global model")
+    best = meta.get("best")  # absent in checkpoints written before model selection
+    best_weights = _take(remaining, "best")
+    state.best = (
+        None
+        if best is None
+        else BestModel(best["epoch"], best["score"], best["val"], _like(best_weights, state))
+    )
     state.augment_generator.set_state(_pop(remaining, "augment/generator"))
     losses = _pop(remaining, "epoch/losses")
     if losses.shape != state.epoch_losses.shape:
@@ -200,6 +241,14 @@ def restore_learner(
     learner.generator.set_state(_pop(tensors, f"{prefix}/generator"))
     if isinstance(learner.task, StatefulTask):
         learner.task.load_state_dict(_take(tensors, f"{prefix}/task"))
+
+
+def _like(tensors: dict[str, torch.Tensor], state: TrainingState) -> dict[str, torch.Tensor]:
+    """``tensors`` on the global model's device, where the live best copy is kept."""
+    live = state.merge.global_model.state_dict()
+    if set(tensors) != set(live):
+        raise CheckpointError("the checkpoint's best model does not fit this run's global model")
+    return {key: tensor.to(live[key].device) for key, tensor in tensors.items()}
 
 
 def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

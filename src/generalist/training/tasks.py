@@ -5,9 +5,10 @@ TRADES, MART, FAT or CURE learner; optimizers, schedules and the merge are share
 Attacks are crafted with the learner's *own* current weights in eval mode (BatchNorm uses its
 running statistics, as in the official code), then the loss is taken in train mode.
 
-A task sees the training position (fractional epoch) so that it can follow a schedule (FAT's
-τ, CURE's warm-up). A task that must act on the gradients or after the update (CURE) also
-implements :class:`AppliesGradients`; the learner then hands it the optimizer step.
+A task sees the training position on the epoch axis (the epoch e, or per step the fractional
+epoch: ``schedule_granularity``) so that it can follow a schedule (FAT's τ, CURE's warm-up). A
+task that must act on the gradients or after the update (CURE) also implements
+:class:`AppliesGradients`; the learner then hands it the optimizer step.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Task(Protocol):
         generator: torch.Generator,
         position: float,
     ) -> torch.Tensor:
-        """Scalar training loss at ``position`` (the fractional epoch: epoch − 1 + the share of
+        """Scalar training loss at ``position`` (the epoch e, or per step e − 1 + the share of
         its batches done); ``model`` is in train mode on entry and on exit."""
         ...
 
