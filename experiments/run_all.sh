@@ -14,8 +14,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
-# The usual CLI plus the mnist-bn-cnn model (experiments/generalist_cli.py says why).
-GENERALIST=("$PYTHON" "$ROOT/experiments/generalist_cli.py")
+GENERALIST=("$PYTHON" -m generalist)  # mnist-bn-cnn is in the model registry (models/cnn.py)
 RUNS=${RUNS:-$ROOT/experiments/runs}
 MNIST_DIR=${MNIST_DIR:-/work/shared/data/mnist}
 CIFAR_DIR=${CIFAR_DIR:-/work/shared/data/cifar10-subset/cifar-10-batches-py}
@@ -123,12 +122,12 @@ for stage in $STAGES; do
     for seed in $SEEDS_KEY; do
       for method in $KEY_METHODS; do train_and_eval mnist "$method-s$seed" "$method" "$seed"; done
     done ;;
-  ablation)  # Generalist-D: redistribution policy x c; (per_step_in_epoch, 5) is generalist-d-s0
+  ablation)  # Generalist-D: redistribution policy x c epochs from 0.625·E (the previous rule)
     for policy in per_step_in_epoch once_per_c_epochs; do
       for c in 1 5; do
-        if [ "$policy" = per_step_in_epoch ] && [ "$c" = 5 ]; then continue; fi
         train_and_eval mnist "gd-$policy-c$c-s0" generalist-d 0 \
-          --set "merge.redistribute.policy=$policy" --set "merge.redistribute.every=$c"
+          --set "merge.redistribute.policy=$policy" --set "merge.redistribute.unit=epoch" \
+          --set "merge.redistribute.start=$((EPOCHS * 5))/8" --set "merge.redistribute.every=$c"
       done
     done ;;
   cifar)

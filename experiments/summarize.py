@@ -17,6 +17,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import yaml
@@ -41,7 +42,8 @@ class RunResult:
     train_seconds: float
     eval_seconds: float
     policy: str
-    every: int
+    every: str
+    """c as the config wrote it: epochs (``unit: epoch``) or a fraction of the run."""
     threats: dict[str, str]
     """The evaluated threat model of each norm, e.g. ``{"Linf": "Linf:0.3"}``, for the headers."""
 
@@ -71,7 +73,7 @@ def load(run: Path) -> RunResult | None:
         train_seconds=summary["seconds"],
         eval_seconds=sum(record["timings"]["attack_seconds"].values()),
         policy=redistribute["policy"],
-        every=int(redistribute["every"]),
+        every=str(redistribute["every"]),
         threats={t["norm"]: t["threat"] for t in record["threats"]},
     )
 
@@ -125,7 +127,7 @@ def ablation_table(results: Sequence[RunResult]) -> str:
         "| PGD-20 ℓ∞ | train s |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in sorted(results, key=lambda r: (r.policy, r.every)):
+    for r in sorted(results, key=lambda r: (r.policy, float(Fraction(r.every)))):
         lines.append(
             f"| {r.policy} | {r.every} | {r.path.name} | {r.clean:.1f} | {r.linf:.1f} "
             f"| {r.l2:.1f} | {r.union:.1f} | {_pgd(r, 'Linf'):.1f} | {r.train_seconds:.0f} |"
@@ -155,7 +157,6 @@ def build(runs_dir: Path) -> str:
         groups[r.group].append(r)
     methods = [g for g in groups if not ABLATION_GROUP.match(g)]
     ablation = [r for g in groups if ABLATION_GROUP.match(g) for r in groups[g]]
-    ablation += [r for r in groups.get("generalist-d", []) if r.seed == 0]
     n = sorted({r.n_examples for r in results})
     parts = [
         f"AutoAttack (standard) on the first {', '.join(map(str, n))} test points; accuracy in %.",

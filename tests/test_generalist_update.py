@@ -1,4 +1,4 @@
-"""The Generalist merge math, checked against the DESIGN §1 formulas computed by hand."""
+"""The Generalist merge math, checked against the formulas of docs/algorithm.md computed by hand."""
 
 from __future__ import annotations
 

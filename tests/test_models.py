@@ -61,6 +61,15 @@ def test_parameter_counts_match_the_literature(name, expected):
     assert count_parameters(create_model(name, num_classes=10)) == expected
 
 
+def test_madry_mnist_cnn_is_the_mnist_challenge_network():
+    # conv32 5x5 (832) + conv64 5x5 (51,264) + fc 7*7*64 -> 1024 (3,212,288) + fc 10 (10,250)
+    model = create_model("madry-mnist-cnn", num_classes=10, in_channels=1, image_size=28)
+    assert count_parameters(model) == 3_274_634
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size) for c in convs] == [(32, (5, 5)), (64, (5, 5))]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
 def test_small_cnn_matches_trades_on_mnist_and_adapts_to_digits():
     # TRADES' SmallCNN on 1x28x28 has 312,202 parameters (64*4*4 features into fc200).
     assert (

@@ -138,13 +138,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\n== {preset} ==")
         results.append((preset, train(config, progress=not args.no_progress)))
     columns = list(results[0][1].test)
-    print(f"\nTest accuracy (%) on {args.dataset}, global model, PGD-{config.eval.test_steps}:")
-    header = f"| {'preset':<14} | " + " | ".join(f"{c:>14}" for c in columns) + " | run |"
+    print(
+        f"\nTest accuracy (%) on {args.dataset}, global model, PGD-{config.eval.test_steps}; "
+        f"last: the final model, best: selected on validation ({config.eval.select}):"
+    )
+    header = (
+        f"| {'preset':<14} | {'model':<14} | "
+        + " | ".join(f"{c:>14}" for c in columns)
+        + " | run |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(part)) for part in header.split("|")[1:-1]) + "|")
     for preset, result in results:
-        cells = " | ".join(f"{result.test.get(c, float('nan')):>14.1f}" for c in columns)
-        print(f"| {preset:<14} | {cells} | {result.run.path} |")
+        rows = [("last", result.test)]
+        if result.best is not None:
+            rows.append((f"best (epoch {result.best['epoch']})", result.best["test"]))
+        for model, test in rows:
+            cells = " | ".join(f"{test.get(c, float('nan')):>14.1f}" for c in columns)
+            print(f"| {preset:<14} | {model:<14} | {cells} | {result.run.path} |")
     runs = load_runs([result.run.path for _, result in results])
     report = write_report(runs, results[0][1].run.path.parent / "demo-report")
     print(f"\nreport with figures: {report.path}")

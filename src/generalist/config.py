@@ -598,7 +598,7 @@ def _validate_method_fields(config: Config, key: str, task: TaskConfig) -> None:
 
 
 def validate_gammas(config: Config) -> None:
-    """γ_i(e) must lie in [0, 1] and sum to 1 at every epoch e = 1..E (DESIGN §1)."""
+    """γ_i(e) must lie in [0, 1] and sum to 1 at every epoch e = 1..E (docs/algorithm.md)."""
     remainders = [n for n, lc in config.learners.items() if lc.gamma == REMAINDER]
     if len(remainders) > 1:
         raise ConfigError(

@@ -3,7 +3,7 @@
 Everything not given on the command line comes from the run directory: the dataset and its
 split settings from ``config.yaml`` (else the dataset named in ``model.json``), the threat
 models from the config's adversarial learners. The test split is the default because model
-*selection* already used the validation split (DESIGN §2).
+*selection* already used the validation split (docs/algorithm.md, "Model selection").
 
 Outputs, in ``--out`` (default ``RUN_DIR/eval-<timestamp>``): ``eval.json`` (the record),
 ``results.md`` (tables), ``model_info.json`` (RobustBench format; one more file per further

@@ -6,7 +6,7 @@ process; N = m·K gives each learner m data-parallel replicas (ranks ``i·m .. i
 learner i: contiguous, so a learner's replicas share a node where they can). One learner
 (a baseline preset) makes all N ranks plain data-parallel.
 
-Why the distributed run equals the single-process one (DESIGN §1, same config):
+Why the distributed run equals the single-process one (docs/algorithm.md, same config):
 
 * every rank builds all K learners with the single-process seeds and keeps the others as
   placeholders, so the initialisation, each learner's attack generator and the augmentation

@@ -155,8 +155,9 @@ class TrainResult:
     test: dict[str, float]
     val: dict[str, dict[str, float]]
     seconds: float
-    best_test: dict[str, float] | None = None
-    """The test accuracies of the model selected on validation (None: nothing selected)."""
+    best: dict[str, Any] | None = None
+    """The model selected on validation, as in summary.json (epoch, criterion, val, test);
+    None when nothing was selected."""
 
 
 def train(
@@ -436,8 +437,14 @@ def _finish(s: Session, started: float) -> TrainResult:
     """Test the last global model (and the best one), save it and the summary."""
     config, splits = s.config, s.splits
     test = _test(s, s.global_model)
-    best = s.state.best
-    best_test = None if best is None else _test(s, _best_model(s))
+    best = None
+    if s.state.best is not None:
+        best = {
+            "criterion": config.eval.select,
+            "file": f"{BEST_STEM}.safetensors",
+            **s.state.best.describe(),
+            "test": _test(s, _best_model(s)),
+        }
     seconds = time.perf_counter() - started
     if s.parallel.is_main:
         save_model(s.global_model, s.run.path, _weights_spec(s))
@@ -450,14 +457,7 @@ def _finish(s: Session, started: float) -> TrainResult:
                 "model": "last",
                 "test": test,
                 "val": s.state.val,
-                "best": None
-                if best is None
-                else {
-                    "criterion": config.eval.select,
-                    "file": f"{BEST_STEM}.safetensors",
-                    **best.describe(),
-                    "test": best_test,
-                },
+                "best": best,
                 "test_examples": test_examples,
                 "test_pgd_steps": config.eval.test_steps,
                 "seconds": seconds,
@@ -466,11 +466,11 @@ def _finish(s: Session, started: float) -> TrainResult:
     s.echo(f"test ({config.eval.test_steps}-step PGD), last: " + _format_accuracies(test))
     if best is not None:
         s.echo(
-            f"test, best on validation (epoch {best.epoch}, {config.eval.select}): "
-            + _format_accuracies(best_test)
+            f"test, best on validation (epoch {best['epoch']}, {best['criterion']}): "
+            + _format_accuracies(best["test"])
         )
     s.echo(f"saved {s.run.weights_path} in {seconds:.0f} s")
-    return TrainResult(s.run, test, s.state.val, seconds, best_test)
+    return TrainResult(s.run, test, s.state.val, seconds, best)
 
 
 def _epoch_record(

@@ -270,7 +270,7 @@ class FriendlyAdversarialTask:
 
 @dataclass(frozen=True)
 class CureSettings:
-    """CURE's hyper-parameters (DESIGN §1; ResNet-18 defaults in ``presets/methods/cure.yaml``)."""
+    """CURE's hyper-parameters (ResNet-18 defaults in ``presets/methods/cure.yaml``)."""
 
     beta: float
     mask_fraction: float

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The ablation ladder of issue 17: from PGD-AT to Generalist-D one change at a time, so the
+# table says which change costs or buys what. Every rung gets the same data, model, epochs,
+# attack budget and seeds; each run is trained, then its best (selected on validation) and last
+# global models are evaluated with AutoAttack (standard) under ℓ∞ and ℓ2, and
+# experiments/ladder_summary.py prints mean ± std over the seeds.
+#
+#   rung 1  PGD-AT, its own lr schedule, the raw learner deployed (merge.ema_decay=0)
+#   rung 2  + the deployed EMA (the pgd-at preset as shipped: ema_decay auto)
+#   rung 3  + Generalist-D's lr schedule and weight decay (generalist-d's robust learner alone)
+#   rung 4  Generalist-D with γ_adv ≡ 1 (the natural learner trains, is redistributed into,
+#           and is never mixed)
+#   rung 5  Generalist-D as shipped
+#   rung 6  Generalist-D with a TRADES robust learner
+#
+# Usage (every value is an environment variable; finished runs and evaluations are skipped, so
+# the script can be stopped and started again):
+#   experiments/ladder.sh                        # CIFAR-10 subset, 3 seeds, 2 jobs at a time
+#   DATASET=mnist EPOCHS=8 experiments/ladder.sh # MNIST, the second testbed
+#   RUNGS="1 5" SEEDS=0 experiments/ladder.sh    # a subset
+#   STAGES=summary experiments/ladder.sh         # only the table
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+DATASET=${DATASET:-cifar10}
+RUNS=${RUNS:-$ROOT/experiments/runs/ladder-$DATASET}
+SEEDS=${SEEDS:-0 1 2}
+RUNGS=${RUNGS:-1 2 3 4 5 6}
+JOBS=${JOBS:-2}                    # runs in parallel, one thread each
+AA_N=${AA_N:-500}                  # AutoAttack test points (the CIFAR subset's test split has 932)
+STAGES=${STAGES:-train eval summary}
+case $DATASET in
+cifar10)
+  DATA_DIR=${DATA_DIR:-/work/shared/data/cifar10-subset/cifar-10-batches-py}
+  MODEL=${MODEL:-mnist-bn-cnn}
+  EPOCHS=${EPOCHS:-15}
+  TRAIN_LIMIT=${TRAIN_LIMIT:-null}
+  VAL_SIZE=${VAL_SIZE:-400}
+  LINF_EPS=${LINF_EPS:-8/255} LINF_STEP=${LINF_STEP:-2/255}
+  THREATS=${THREATS:-Linf:8/255 L2:0.5} ;;
+mnist)
+  DATA_DIR=${DATA_DIR:-/work/shared/data/mnist}
+  MODEL=${MODEL:-mnist-bn-cnn}
+  EPOCHS=${EPOCHS:-8}
+  TRAIN_LIMIT=${TRAIN_LIMIT:-6000}
+  VAL_SIZE=${VAL_SIZE:-300}
+  LINF_EPS=${LINF_EPS:-0.3} LINF_STEP=${LINF_STEP:-0.04}
+  THREATS=${THREATS:-Linf:0.3 L2:2.0} ;;
+*) echo "DATASET=$DATASET: use cifar10 or mnist" >&2; exit 2 ;;
+esac
+PGD_STEPS=${PGD_STEPS:-10}
+TEST_PGD_EXAMPLES=${TEST_PGD_EXAMPLES:-500}
+
+# Same data, model, epochs and ℓ∞ training budget for every rung (the presets differ in ε on
+# CIFAR-10: pgd-at uses 8/255, generalist-d the official 0.031).
+COMMON=(
+  --dataset "$DATASET" --data-dir "$DATA_DIR" --epochs "$EPOCHS"
+  --set "model.name=$MODEL" --set "data.train_limit=$TRAIN_LIMIT" --set "data.val_size=$VAL_SIZE"
+  --set "budgets.Linf.eps=$LINF_EPS" --set "budgets.Linf.steps=$PGD_STEPS"
+  --set "budgets.Linf.step_size=$LINF_STEP" --set "eval.test_examples=$TEST_PGD_EXAMPLES"
+  --no-progress
+)
+
+rung_args() {  # the preset and settings of rung $1
+  case $1 in
+  1) echo "--preset pgd-at --set merge.ema_decay=0" ;;
+  2) echo "--preset pgd-at" ;;
+  3) echo "--preset generalist-d --config $ROOT/experiments/ladder/rung3-pgd-at-generalist-schedule.yaml" ;;
+  4) echo "--preset generalist-d --set learners.adv_linf.gamma=1.0" ;;
+  5) echo "--preset generalist-d" ;;
+  6) echo "--preset generalist-d --config $ROOT/experiments/ladder/rung6-generalist-d-trades.yaml" ;;
+  *) echo "unknown rung $1 (1-6)" >&2; return 2 ;;
+  esac
+}
+
+run_dir() { ls -d "$RUNS/$1"-2* 2>/dev/null | tail -n 1 || true; }
+
+one_run() {  # one_run RUNG SEED: train (unless finished), then AutoAttack on best and last
+  local rung=$1 seed=$2 name="r$1-s$2" dir which threat threats=()
+  for threat in $THREATS; do threats+=(--threat "$threat"); done
+  export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+  dir=$(run_dir "$name")
+  if [[ " $STAGES " == *" train "* ]] && { [ -z "$dir" ] || [ ! -f "$dir/summary.json" ]; }; then
+    if [ -n "$dir" ]; then rm -rf "$dir"; fi  # unfinished earlier attempt: start again
+    # shellcheck disable=SC2046  # rung_args is a list of words on purpose
+    "$PYTHON" -m generalist train $(rung_args "$rung") "${COMMON[@]}" --set "seed=$seed" \
+      --out "$RUNS" --name "$name" >"$RUNS/$name.log" 2>&1
+    dir=$(run_dir "$name")
+  fi
+  if [[ " $STAGES " == *" eval "* ]] && [ -n "$dir" ] && [ -f "$dir/summary.json" ]; then
+    for which in best last; do
+      if [ ! -f "$dir/eval-aa-$which/eval.json" ]; then
+        rm -rf "$dir/eval-aa-$which"
+        "$PYTHON" -m generalist eval "$dir" --model "$which" --attacks autoattack \
+          "${threats[@]}" --n-examples "$AA_N" --split test --out "$dir/eval-aa-$which" \
+          --no-progress >>"$RUNS/$name.log" 2>&1
+      fi
+    done
+  fi
+  echo "$(date -u +%FT%TZ) done $name"
+}
+export -f one_run rung_args run_dir
+export ROOT PYTHON DATASET RUNS THREATS AA_N STAGES
+export COMMON_ARGS="${COMMON[*]}"
+
+mkdir -p "$RUNS"
+started=$(date +%s)
+if [[ " $STAGES " == *" train "* ]] || [[ " $STAGES " == *" eval "* ]]; then
+  # Seeds outermost, so an interrupted ladder has whole sets of rungs rather than whole rungs.
+  for seed in $SEEDS; do for rung in $RUNGS; do echo "$rung $seed"; done; done |
+    xargs -P "$JOBS" -L 1 bash -c 'COMMON=($COMMON_ARGS); one_run "$0" "$1"'
+  echo "wall time: $(($(date +%s) - started)) s for rungs $RUNGS, seeds $SEEDS, $JOBS jobs" |
+    tee -a "$RUNS/wall_time.txt"
+fi
+if [[ " $STAGES " == *" summary "* ]]; then
+  "$PYTHON" "$ROOT/experiments/ladder_summary.py" "$RUNS" --out "$RUNS/ladder.md"
+fi
