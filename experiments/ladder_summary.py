@@ -68,7 +68,7 @@ def build(runs_dir: Path) -> str:
     groups: dict[tuple[int, str], list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["rung"], row["model"])].append(row)
-    header = ["rung", "", "model", "seeds", "clean", *(f"AA {t}" for t in threats), "AA union"]
+    header = ["rung", "change", "model", "seeds", "clean", *(f"AA {t}" for t in threats), "AA union"]
     lines = [
         f"AutoAttack (standard) on the first {', '.join(map(str, sorted({r['n'] for r in rows})))}"
         " test points; accuracy in %, mean ± sample std over the seeds.",

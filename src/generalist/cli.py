@@ -142,20 +142,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"\nTest accuracy (%) on {args.dataset}, global model, PGD-{config.eval.test_steps}; "
         f"last: the final model, best: selected on validation ({config.eval.select}):"
     )
+    rows = []
+    for preset, result in results:
+        rows.append((preset, "last", result.test, result.run.path))
+        if result.best is not None:
+            best = f"best (epoch {result.best['epoch']})"
+            rows.append((preset, best, result.best["test"], result.run.path))
+    width = max(len("model"), *(len(model) for _, model, _, _ in rows))
     header = (
-        f"| {'preset':<14} | {'model':<14} | "
+        f"| {'preset':<14} | {'model':<{width}} | "
         + " | ".join(f"{c:>14}" for c in columns)
         + " | run |"
     )
     print(header)
     print("|" + "|".join("-" * (len(part)) for part in header.split("|")[1:-1]) + "|")
-    for preset, result in results:
-        rows = [("last", result.test)]
-        if result.best is not None:
-            rows.append((f"best (epoch {result.best['epoch']})", result.best["test"]))
-        for model, test in rows:
-            cells = " | ".join(f"{test.get(c, float('nan')):>14.1f}" for c in columns)
-            print(f"| {preset:<14} | {model:<14} | {cells} | {result.run.path} |")
+    for preset, model, test, path in rows:
+        cells = " | ".join(f"{test.get(c, float('nan')):>14.1f}" for c in columns)
+        print(f"| {preset:<14} | {model:<{width}} | {cells} | {path} |")
     runs = load_runs([result.run.path for _, result in results])
     report = write_report(runs, results[0][1].run.path.parent / "demo-report")
     print(f"\nreport with figures: {report.path}")
