@@ -10,14 +10,13 @@ Usage: python experiments/ladder_summary.py experiments/runs/ladder-cifar10 [--o
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from summarize import mean_std
+from summarize import mean_std, run
 
 RUN_NAME = re.compile(r"^r(?P<rung>\d)-s(?P<seed>\d+)-\d{8}-\d{6}$")
 RUNGS = {
@@ -68,7 +67,15 @@ def build(runs_dir: Path) -> str:
     groups: dict[tuple[int, str], list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["rung"], row["model"])].append(row)
-    header = ["rung", "change", "model", "seeds", "clean", *(f"AA {t}" for t in threats), "AA union"]
+    header = [
+        "rung",
+        "change",
+        "model",
+        "seeds",
+        "clean",
+        *(f"AA {t}" for t in threats),
+        "AA union",
+    ]
     lines = [
         f"AutoAttack (standard) on the first {', '.join(map(str, sorted({r['n'] for r in rows})))}"
         " test points; accuracy in %, mean ± sample std over the seeds.",
@@ -78,7 +85,8 @@ def build(runs_dir: Path) -> str:
     ]
     for (rung, model), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         cells = [
-            mean_std([r["threats"][t] for r in group]) if all(t in r["threats"] for r in group)
+            mean_std([r["threats"][t] for r in group])
+            if all(t in r["threats"] for r in group)
             else "—"
             for t in threats
         ]
@@ -104,16 +112,5 @@ def build(runs_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs_dir", type=Path, help="the ladder's folder of run directories")
-    parser.add_argument("--out", type=Path, help="also write the markdown here")
-    args = parser.parse_args()
-    text = build(args.runs_dir)
-    print(text, end="")
-    if args.out is not None:
-        args.out.write_text(text)
-
-
 if __name__ == "__main__":
-    main()
+    run(build, __doc__.split("\n\n")[0], "the ladder's folder of run directories")

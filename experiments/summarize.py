@@ -15,7 +15,7 @@ import json
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -174,16 +174,17 @@ def build(runs_dir: Path) -> str:
     return "\n".join(parts) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs_dir", type=Path, help="folder holding the run directories")
+def run(build_text: Callable[[Path], str], description: str, runs_help: str) -> None:
+    """The command line of a table script: RUNS_DIR [--out FILE], the table on stdout."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("runs_dir", type=Path, help=runs_help)
     parser.add_argument("--out", type=Path, help="also write the markdown here")
     args = parser.parse_args()
-    text = build(args.runs_dir)
+    text = build_text(args.runs_dir)
     print(text, end="")
     if args.out is not None:
         args.out.write_text(text)
 
 
 if __name__ == "__main__":
-    main()
+    run(build, __doc__.split("\n\n")[0], "folder holding the run directories")
