@@ -50,6 +50,13 @@ def test_the_explicit_epoch_rule_is_the_official_formula():
     assert redistribution_epochs(_config(8, "merge.redistribute.policy=never")) == []
 
 
+def test_a_config_from_before_the_unit_key_keeps_its_old_meaning():
+    """Runs trained before ``unit`` existed (``every: 5`` meant epochs) still load and evaluate."""
+    legacy = ["merge.redistribute.unit=null", "merge.redistribute.every=5"]
+    assert redistribution_epochs(_config(16, *legacy)) == [10, 15]  # e >= 0.625·16, e mod 5 = 0
+    assert redistribution_epochs(_config(16, "merge.redistribute.unit=null")) == list(range(10, 17))
+
+
 @pytest.mark.parametrize("epochs", sorted(PLAN))
 def test_the_ema_cap_averages_over_the_same_share_of_every_run(epochs):
     steps = epochs * OFFICIAL_STEPS_PER_EPOCH

@@ -166,9 +166,11 @@ class RedistributeConfig:
     """When the global learner is copied back into the base learners (docs/algorithm.md)."""
 
     policy: str = "per_step_in_epoch"
-    unit: str = "fraction"
+    unit: str | None = None
     """``fraction``: ``start`` and ``every`` are fractions of the run, laid on E epochs like
-    every other schedule; ``epoch``: whole epochs, the official rule e >= t' and e mod c == 0."""
+    every other schedule; ``epoch``: whole epochs, the official rule e >= t' and e mod c == 0.
+    Unset (configs written before this key existed): ``fraction``, unless ``every`` > 1, which
+    then counts epochs from ``start``·E as it used to."""
     start: str = "0.625"
     """t': the first redistribution (official: epoch 75 of 120 = 0.625)."""
     every: str = "1/24"
@@ -657,12 +659,16 @@ def redistribute_rule(config: Config) -> tuple[str, Fraction, Fraction]:
     """``(unit, t', c)`` of ``merge.redistribute``, checked and exact (see
     :func:`generalist.training.generalist.redistribution_epochs`)."""
     rule = config.merge.redistribute
-    _choice(rule.unit, SCHEDULE_UNITS, "merge.redistribute.unit")
     start = parse_exact(rule.start, "merge.redistribute.start")
     every = parse_exact(rule.every, "merge.redistribute.every")
     if start < 0:
         raise ConfigError(f"merge.redistribute.start: must be >= 0, got {float(start):g}")
-    if rule.unit == "epoch":
+    unit = rule.unit
+    if unit is None and every > 1:  # the rule before `unit` existed: t' a fraction, c epochs
+        unit, start = "epoch", start * config.epochs if start <= 1 else start
+    unit = unit or "fraction"
+    _choice(unit, SCHEDULE_UNITS, "merge.redistribute.unit")
+    if unit == "epoch":
         if every < 1 or every.denominator != 1:
             raise ConfigError(
                 f"merge.redistribute.every: {float(every):g} is not a whole number of epochs "
@@ -674,7 +680,7 @@ def redistribute_rule(config: Config) -> tuple[str, Fraction, Fraction]:
             "fractions of the run in [0, 1] (unit: fraction; official 0.625 and 1/24), or set "
             "merge.redistribute.unit=epoch to give whole epochs (official 75 and 5)"
         )
-    return rule.unit, start, every
+    return unit, start, every
 
 
 def _at_least(value: int, low: int, key: str) -> None:
