@@ -410,10 +410,12 @@ def _select(s: Session, epoch: int) -> bool:
 
 
 def _best_model(s: Session) -> nn.Module:
-    """The global architecture holding the best weights (a copy: the live model trains on)."""
-    model = copy.deepcopy(s.global_model)
+    """A fresh model of the run's architecture holding the best weights (not a deep copy of
+    the live global model, which may be compiled in place)."""
+    kwargs = dict(s.spec)
+    model = create_model(kwargs.pop("name"), **kwargs)
     model.load_state_dict(s.state.best.weights)
-    return model
+    return model.to(s.parallel.device, memory_format=_memory_format(s.config)).eval()
 
 
 def _save_best(s: Session) -> None:
