@@ -179,15 +179,15 @@ class _FullDisk:
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(
     tmp_path, monkeypatch, reference, failing
 ):
-    real_open = open
+    real_open = durable_module.open_new
 
-    def open_on_a_filling_disk(path, mode="r", *args, **kwargs):
-        handle = real_open(path, mode, *args, **kwargs)
+    def open_on_a_filling_disk(path):
+        handle = real_open(path)
         if Path(path).name == f".step-000000005-epoch-0001{failing}.tmp":
             return _FullDisk(handle)
         return handle
 
-    monkeypatch.setattr(durable_module, "open", open_on_a_filling_disk, raising=False)
+    monkeypatch.setattr(durable_module, "open_new", open_on_a_filling_disk)
     config = tiny_config(tmp_path / "out", "checkpoint.every_steps=1")
     with pytest.raises(CheckpointError) as failed:
         loop.train(config, progress=False, echo=quiet)

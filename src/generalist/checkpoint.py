@@ -21,7 +21,10 @@ import json
 import os
 import pickle
 import re
+import stat
+import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,11 @@ BEST_STEM = "model-best"
 """``model-best.safetensors`` + ``model-best.json``: the global model selected on validation."""
 CHECKPOINT_FORMAT = "generalist-checkpoint/1"
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)-epoch-(\d+)\.json")
+_TENSOR_NAME = re.compile(r"step-\d{9,}-epoch-\d{4,}\.safetensors")
+_TEMPORARY_NAME = re.compile(r"\.step-\d{9,}-epoch-\d{4,}\.(json|safetensors)\.tmp")
+"""The names :meth:`CheckpointStore.save` generates: the only ones its cleanup may remove."""
+_MAX_RECORD_BYTES = 256 << 20
+_MAX_HEADER_BYTES = 100 << 20
 
 
 def sha256_file(path: Path) -> str:
@@ -200,6 +208,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 # --------------------------------------------------------------------------- training checkpoints
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 class CorruptCheckpointError(CheckpointError):
     """One checkpoint cannot be read; an older one may still be good."""
 
@@ -231,9 +243,13 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 class CheckpointStore:
     """The checkpoints of one run: write, list newest first, read with integrity checks, prune."""
 
-    def __init__(self, directory: Path, keep: int = 2) -> None:
+    def __init__(
+        self, directory: Path, keep: int = 2, echo: Callable[[str], None] | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.keep = keep
+        self.echo = echo or _to_stderr
+        self._mentioned_strangers = False
 
     def records(self) -> list[Path]:
         """Complete checkpoints (those whose JSON exists), newest first."""
@@ -343,12 +359,74 @@ class CheckpointStore:
 
     def _prune(self) -> None:
         """Keep the newest ``keep`` checkpoints; drop their JSON first so a half-deleted one
-        is never listed, and clear leftovers of interrupted writes."""
+        is never listed, and clear leftovers of interrupted writes.
+
+        Only what this tool wrote is ever removed: a file whose name it generates and whose
+        content says it is one of its checkpoints (or the temporary of one). Anything else in
+        the folder (a user's ``best-model.safetensors``, the rest of a shared folder that
+        ``checkpoints/`` links to) stays, and is mentioned once."""
         for record in self.records()[self.keep :]:
-            record.unlink()
-            record.with_suffix(".safetensors").unlink(missing_ok=True)
-        committed = {p.with_suffix(".safetensors") for p in self.records()}
-        for path in self.directory.iterdir():
-            orphan = path.suffix == ".safetensors" and path not in committed
-            if orphan or (path.name.startswith(".") and path.name.endswith(".tmp")):
+            if _is_our_record(record):
+                record.unlink()
+                tensors = record.with_suffix(".safetensors")
+                if _is_our_tensor_file(tensors):
+                    tensors.unlink()
+        kept = set()
+        for record in self.records():
+            kept.update((record, record.with_suffix(".safetensors")))
+        strangers = []
+        for path in sorted(self.directory.iterdir()):
+            if path in kept or path.name.endswith(".corrupt"):
+                continue
+            if _is_our_leftover(path):
                 path.unlink(missing_ok=True)
+            else:
+                strangers.append(path.name)
+        if strangers and not self._mentioned_strangers:
+            self._mentioned_strangers = True
+            shown = ", ".join(strangers[:5]) + (", ..." if len(strangers) > 5 else "")
+            self.echo(
+                f"note: {self.directory} also holds files generalist did not write ({shown}); "
+                "they are left alone"
+            )
+
+
+def _is_regular(path: Path) -> bool:
+    """A plain file, not a link (whose target is none of this folder's business)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_our_leftover(path: Path) -> bool:
+    """A temporary of an interrupted save, or the tensors of a checkpoint whose JSON is gone."""
+    if _TEMPORARY_NAME.fullmatch(path.name):
+        return _is_regular(path)
+    return bool(_TENSOR_NAME.fullmatch(path.name)) and _is_our_tensor_file(path)
+
+
+def _is_our_record(path: Path) -> bool:
+    if not _is_regular(path) or path.stat().st_size > _MAX_RECORD_BYTES:
+        return False
+    try:
+        meta = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == CHECKPOINT_FORMAT
+
+
+def _is_our_tensor_file(path: Path) -> bool:
+    """A regular file whose safetensors header names this tool's checkpoint format."""
+    if not _is_regular(path):
+        return False
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 2 <= size <= _MAX_HEADER_BYTES:
+                return False
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError, RecursionError):
+        return False
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(metadata, dict) and metadata.get("format") == CHECKPOINT_FORMAT

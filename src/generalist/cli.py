@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from generalist import __version__
-from generalist.errors import GeneralistError
+from generalist.errors import GeneralistError, os_error_message
 
 DEMO_PRESETS = ("standard", "pgd-at", "generalist-d")
 
@@ -77,14 +77,15 @@ def _build(args: argparse.Namespace, preset: str | None) -> object:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from generalist.rundir import RunDir
+    from generalist.rundir import RunDir, discard_unstarted_runs
+    from generalist.runlock import release_folder
     from generalist.training.distributed import is_rank_zero
     from generalist.training.loop import train
     from generalist.training.signals import TrainingInterrupted
 
     run = None
     if args.resume:
-        config = _resume_config(args)
+        config = _resume_config(args)  # takes the run's lock: a second process stops here
         run = RunDir.open(args.resume)
     else:
         config = _build(args, args.preset)
@@ -95,6 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         replicas_per_learner(args.nproc, config, "--nproc asks for")
         check_gpus(args.nproc, resolve_device(config.device), "--nproc asks for")
         if not args.dry_run:
+            if run is not None:
+                release_folder(run.path)  # torchrun's rank 0 takes it
             return launch(args.nproc, args.argv)
     if args.dry_run:
         print(config.to_yaml(), end="")
@@ -105,6 +108,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if is_rank_zero():
             print(f"\n{stop}", file=sys.stderr)
         return stop.exit_status
+    except (GeneralistError, OSError):
+        for path in discard_unstarted_runs():  # a full disk at the start: no half run left
+            print(f"note: removed {path}, which it could not start", file=sys.stderr)
+        raise
     return 0
 
 
@@ -226,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GeneralistError as exc:
         if not getattr(exc, "quiet", False):  # rank 0 of a distributed run says it
             print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a folder the OS refuses (read-only, full): the user's to fix
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.command == "eval":

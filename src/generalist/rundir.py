@@ -11,7 +11,10 @@ runs/<name>-<YYYYmmdd-HHMMSS>/
   summary.json       final test-set accuracies and timings
   tensorboard/       the metrics as TensorBoard scalars, if ``logging.tensorboard`` is on
 ```
-Files are written atomically (temp file + rename), so a crash never leaves a half-written one.
+Files are written atomically (temp file + rename), so a crash never leaves a half-written one,
+and never through a symbolic link (:mod:`generalist.durable`). A process that writes into a run
+directory holds its lock (:mod:`generalist.runlock`) until it exits, so two processes never
+write one run.
 """
 
 from __future__ import annotations
@@ -23,8 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from generalist.config import Config
-from generalist.durable import write_text_durably
+from generalist.durable import append_text, write_text_durably
 from generalist.errors import CheckpointError
+from generalist.runlock import LOCK_FILE, lock_folder, release_folder
+
+RUN_ADVICE = "a separate run needs its own folder: generalist train without --resume"
+
+
+_created: list[Path] = []
+"""Run directories this process made, for :func:`discard_unstarted_runs`."""
 
 
 class RunDir:
@@ -43,11 +53,13 @@ class RunDir:
             n += 1
             path = base.with_name(f"{base.name}-{n}")
         path.mkdir(parents=True)
+        _created.append(path)
+        lock_folder(path, "run", RUN_ADVICE)
         return cls(path)
 
     @classmethod
-    def open(cls, path: str | Path) -> RunDir:
-        """An existing run directory, e.g. one to resume."""
+    def open(cls, path: str | Path, *, lock: bool = True) -> RunDir:
+        """An existing run directory, e.g. one to resume; ``lock=False`` only to read it."""
         run = cls(Path(path))
         if not run.path.exists():
             raise CheckpointError(
@@ -59,6 +71,8 @@ class RunDir:
                 f"{run.path} is not a run directory (it has no config.yaml); pass the folder "
                 "that `generalist train` printed after 'run'"
             )
+        if lock:
+            lock_folder(run.path, "run", RUN_ADVICE)
         return run
 
     @property
@@ -94,9 +108,7 @@ class RunDir:
         write_text_durably(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
+        append_text(self.metrics_path, json.dumps(record) + "\n")
         for sink in self.metrics_sinks:
             sink(record)
 
@@ -107,3 +119,25 @@ class RunDir:
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         write_text_durably(self.path / name, json.dumps(data, indent=2) + "\n")
+
+
+def discard_unstarted_runs() -> list[Path]:
+    """Remove the run folders this process made that hold nothing but the lock (and an empty
+    ``checkpoints/``), e.g. after a full disk refused the first file: a folder without
+    config.yaml is no run, and ``--resume`` would only refuse it. Returns what was removed."""
+    removed = []
+    while _created:
+        path = _created.pop()
+        if (path / "config.yaml").exists() or not path.is_dir():
+            continue
+        checkpoints = path / "checkpoints"
+        extra = {p.name for p in path.iterdir()} - {LOCK_FILE, "checkpoints"}
+        if extra or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+            continue
+        if checkpoints.is_dir():
+            checkpoints.rmdir()
+        release_folder(path)
+        (path / LOCK_FILE).unlink(missing_ok=True)
+        path.rmdir()
+        removed.append(path)
+    return removed

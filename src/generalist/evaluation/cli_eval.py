@@ -26,6 +26,7 @@ from generalist.compiling import compile_in_place
 from generalist.devices import resolve_device
 from generalist.errors import CheckpointError, ConfigError
 from generalist.evaluation.suite import AUTOATTACK, EvaluationSuite, Progress
+from generalist.runlock import lock_folder
 from generalist.threads import apply_threads
 
 STATE_FILE = "state.json"
@@ -142,6 +143,9 @@ def run_eval(
         )
     weights, which = _weights_of(target, getattr(args, "model", None))
     run_dir = target if target.is_dir() else target.parent
+    for flag, value in (("--batch-size", args.batch_size), ("--n-iter", args.n_iter)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: must be at least 1 (leave it out for the default)")
     config = _run_config(run_dir)
     suite = EvaluationSuite(
         _threats(args, config),
@@ -161,6 +165,7 @@ def run_eval(
     data, data_meta = _evaluation_data(args, config, spec)
     _check_fits(spec, data_meta, target)
     out.mkdir(parents=True, exist_ok=True)
+    lock_folder(out, "evaluation folder", "a separate evaluation needs its own --out")
     identity = {
         "model_sha256": model_hash,
         "data_fingerprint": data_meta["fingerprint"],
@@ -301,6 +306,8 @@ def _out_dir(args: argparse.Namespace, run_dir: Path) -> Path:
         return out
     if args.out:
         out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file; give a folder for the evaluation's files")
     else:
         base = run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
         out, n = base, 1
