@@ -27,7 +27,8 @@ import yaml
 
 from generalist.attacks.threat import NORMS, ThreatModel, parse_eps, parse_norm
 from generalist.devices import PRECISIONS
-from generalist.errors import ConfigError
+from generalist.errors import ConfigError, cut
+from generalist.plain_yaml import YamlSyntaxError, load_plain_yaml
 from generalist.schedules import (
     REMAINDER,
     SCHEDULE_GRANULARITIES,
@@ -56,6 +57,14 @@ REDISTRIBUTE_POLICIES = ("per_step_in_epoch", "once_per_c_epochs", "never")
 SELECTION_CRITERIA = ("clean+robust", "robust", "clean_gated_robust", "none")
 INIT_POLICIES = ("same", "independent")
 NONFINITE_POLICIES = ("stop", "skip")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_OVERRIDE_CHARS = 10_000
+MAX_EPOCHS = 10_000
+"""Beyond any real run (the recipe has 120); keeps validation's per-epoch checks instant."""
+MAX_SEED = 2**32 - 1
+"""Seeds are combined (``seed * 7919 + learner``) into generator seeds that must fit 64 bits."""
+MAX_NAME_BYTES = 200
+"""A run folder is ``NAME-YYYYmmdd-HHMMSS[-N]``: room for that within a 255-byte file name."""
 
 
 @dataclass
@@ -325,8 +334,14 @@ def build_config(
 
     user = _read_yaml(user_yaml) if user_yaml is not None else {}
     method = load_method_preset(preset) if preset else {}
+    for section in ("data", "learners"):
+        if not isinstance(user.get(section, {}), dict):
+            found = type(user[section]).__name__
+            raise ConfigError(f"{section}: expected a mapping of keys, got a {found}")
     dataset = dataset or _dig(user, "data", "dataset") or _dig(method, "data", "dataset")
     dataset = dataset or "cifar10"
+    if not isinstance(dataset, str):
+        raise ConfigError(f"data.dataset: expected a dataset name, got {cut(dataset)}")
     tree: dict[str, Any] = {}
     tree = deep_merge(tree, load_dataset_profile(dataset))
     by_dataset = method.pop("by_dataset", {}) or {}
@@ -339,6 +354,8 @@ def build_config(
         tree.setdefault("name", preset)
     for item in overrides:
         apply_override(tree, item)
+    if isinstance(tree.get("learners"), dict):  # `--set learners.X=null` removes X, as in YAML
+        tree["learners"] = {k: v for k, v in tree["learners"].items() if v is not None}
     config = from_dict(Config, tree, "")
     validate(config)
     return config
@@ -356,12 +373,19 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; check the path given to --config")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"config file {path} is {path.stat().st_size:,} bytes; a config is a few kB, so "
+            "check the path given to --config"
+        )
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (a binary file?); check the path given "
+            "to --config"
+        ) from None
+    data = load_plain_yaml(text, f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -389,12 +413,16 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
     key, eq, text = item.partition("=")
     key = key.strip()
     if not eq or not key:
-        raise ConfigError(f"--set {item!r}: write it as key=value, e.g. --set epochs=30")
+        raise ConfigError(f"--set {cut(item)}: write it as key=value, e.g. --set epochs=30")
+    if len(text) > MAX_OVERRIDE_CHARS:
+        raise ConfigError(f"--set {cut(key)}: the value is {len(text):,} characters; too long")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+        value = load_plain_yaml(text, f"--set {cut(key)}") if text.strip() else None
+    except YamlSyntaxError:
         value = text
     parts = key.split(".")
+    if len(key) > 200 or len(parts) > 8:
+        raise ConfigError(f"--set {cut(key)}: no config key is that long; see --dry-run")
     learners = tree.get("learners") or {}
     if parts[0] == "learners" and len(parts) >= 3 and parts[1] not in learners:
         known = ", ".join(learners) or "none"
@@ -402,6 +430,8 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
     node = tree
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
+        if child is None and depth == 1 and parts[0] == "learners":
+            raise ConfigError(f"--set {key}: learner {part!r} was removed (null) before")
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
         node = child
@@ -410,16 +440,21 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
 
 def from_dict(cls: type, data: Any, key: str) -> Any:
     """Build dataclass ``cls`` from plain data, rejecting unknown keys and wrong types by name."""
+    if data is None and key:
+        raise ConfigError(
+            f"{key}: is null, which would reset the whole section to defaults; set its keys "
+            "one by one, or leave it out"
+        )
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{key or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {cut(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for name in data:
         if name not in names:
             valid = ", ".join(sorted(names))
-            raise ConfigError(f"unknown key {_join(key, str(name))!r}; valid keys here: {valid}")
+            raise ConfigError(f"unknown key {cut(_join(key, str(name)))}; valid keys here: {valid}")
     kwargs = {name: _coerce(hints[name], value, _join(key, name)) for name, value in data.items()}
     return cls(**kwargs)
 
@@ -442,25 +477,27 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return from_dict(hint, value, key)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {cut(value)}")
         return {str(k): _coerce(args[1], v, _join(key, str(k))) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {cut(value)}")
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {cut(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+            raise ConfigError(f"{key}: expected a whole number, got {cut(value)}")
+        if abs(value) >= 2**63:
+            raise ConfigError(f"{key}: {cut(value)} is too large; at most 2**63 - 1")
         return value
     if hint is float:
         return parse_number(value, key)
     if hint is str:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise ConfigError(f"{key}: expected text or a number, got {value!r}")
+            raise ConfigError(f"{key}: expected text or a number, got {cut(value)}")
         return str(value)
     raise TypeError(f"unsupported config type {hint} at {key}")
 
@@ -474,9 +511,16 @@ def validate(config: Config) -> None:
     from generalist.models.registry import is_known_model, unknown_model_message
 
     _at_least(config.epochs, 1, "epochs")
+    _at_most(config.epochs, MAX_EPOCHS, "epochs")
+    for key, seed in (("seed", config.seed), ("data.split_seed", config.data.split_seed)):
+        _at_least(seed, 0, key)
+        _at_most(seed, MAX_SEED, key)
     if config.threads is not None:
         _at_least(config.threads, 1, "threads")
     _choice(config.schedule_granularity, SCHEDULE_GRANULARITIES, "schedule_granularity")
+    validate_name(config.name)
+    _validate_out_dir(config.out_dir)
+    _validate_device(config.device)
     _choice(config.precision, PRECISIONS, "precision")
     _choice(config.data.dataset, list_datasets(), "data.dataset")
     if not is_known_model(config.model.name):
@@ -493,6 +537,9 @@ def validate(config: Config) -> None:
     _at_least(config.data.memory_budget_gb, 0, "data.memory_budget_gb")
     _at_least(config.data.workers, 0, "data.workers")
     _choice(config.data.bad_files, ("error", "skip"), "data.bad_files")
+    for key in ("train_limit", "test_limit"):
+        if getattr(config.data, key) is not None:
+            _at_least(getattr(config.data, key), 1, f"data.{key}")
     for norm, budget in config.budgets.items():
         if norm not in NORMS:
             raise ConfigError(f"budgets.{norm}: unknown norm; use {', '.join(NORMS)}")
@@ -501,6 +548,8 @@ def validate(config: Config) -> None:
         except ConfigError as error:
             raise ConfigError(f"budgets.{norm}.eps: {error}") from None
         _at_least(budget.steps, 0, f"budgets.{norm}.steps")
+        if budget.step_size is not None:
+            _positive(parse_number(budget.step_size, f"budgets.{norm}.step_size"), norm)
     if not config.learners:
         raise ConfigError("learners: at least one learner is needed; pick a --preset")
     for name, learner in config.learners.items():
@@ -523,6 +572,8 @@ def validate(config: Config) -> None:
     _at_least(config.eval.test_steps, 0, "eval.test_steps")
     _at_least(config.eval.every, 1, "eval.every")
     _validate_selection(config.eval)
+    if config.eval.test_examples is not None:
+        _at_least(config.eval.test_examples, 1, "eval.test_examples")
     config.eval_threats()
     _validate_checkpoint(config.checkpoint)
     if config.logging.tensorboard:
@@ -552,18 +603,33 @@ def _validate_learner(config: Config, name: str, learner: LearnerConfig) -> None
         _at_least(steps, 1, f"{key}.task.steps")
         if not step_size > 0:
             raise ConfigError(f"{key}.task.step_size: must be > 0, got {step_size:g}")
+        if steps > 1 and step_size > threat.eps and _explicit_step_size(config, task, threat):
+            raise ConfigError(
+                f"{key}.task.step_size: {step_size:g} is larger than epsilon {threat.eps:g}, so "
+                f"each of the {steps} steps overshoots the ball; use at most epsilon (or leave it "
+                "unset for 2.5·epsilon/steps)"
+            )
         if task.beta < 0:
             raise ConfigError(f"{key}.task.beta: must be >= 0, got {task.beta:g}")
         if task.type in ("trades", "mart", "cure") and threat.norm == "L1":
             raise ConfigError(f"{key}.task.norm: {task.type} supports Linf and L2, not L1")
-    elif task.norm or task.eps:
-        raise ConfigError(f"{key}.task: a natural learner has no attack; remove norm/eps")
+    else:
+        given = [f for f in ("norm", "eps", "steps", "step_size") if getattr(task, f) is not None]
+        if given:
+            raise ConfigError(
+                f"{key}.task: a natural learner has no attack; remove {'/'.join(given)}"
+            )
     _validate_method_fields(config, f"{key}.task", task)
     opt = learner.optimizer
     _choice(opt.type, OPTIMIZERS, f"{key}.optimizer.type")
     build_schedule(opt.lr, config.epochs, f"{key}.optimizer.lr")
     if not 0 <= opt.momentum < 1:
         raise ConfigError(f"{key}.optimizer.momentum: {opt.momentum:g} must be in [0, 1)")
+    if opt.nesterov and opt.type == "sgd" and opt.momentum == 0:
+        raise ConfigError(
+            f"{key}.optimizer.nesterov: Nesterov momentum needs a momentum > 0; set "
+            f"{key}.optimizer.momentum or nesterov: false"
+        )
     if opt.weight_decay < 0:
         raise ConfigError(f"{key}.optimizer.weight_decay: must be >= 0, got {opt.weight_decay:g}")
     if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
@@ -683,11 +749,67 @@ def redistribute_rule(config: Config) -> tuple[str, Fraction, Fraction]:
     return unit, start, every
 
 
+def validate_name(name: str) -> None:
+    """A run name is one folder name: no separators, no ``..``, room for the timestamp."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(
+            f"name: {cut(name)} is not a folder name; use letters, digits, '-', '_' or '.' "
+            "without '/', and put the run elsewhere with --out"
+        )
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ConfigError(
+            f"name: {len(name.encode('utf-8'))} bytes is too long for a folder name; use at "
+            f"most {MAX_NAME_BYTES}"
+        )
+
+
+def _validate_out_dir(out_dir: str) -> None:
+    """The folder runs go into must be a folder, or creatable as one (no file in the way)."""
+    path = Path(out_dir)
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                where = "is" if ancestor == path else f"is below {ancestor}, which is"
+                raise ConfigError(f"out_dir: {cut(out_dir)} {where} a file; give a folder")
+            return
+
+
+def _validate_device(device: str) -> None:
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device: {cut(device)} cannot train; use auto, cpu, cuda or cuda:N")
+
+
+def _explicit_step_size(config: Config, task: TaskConfig, threat: ThreatModel) -> bool:
+    """Whether the step size was written down rather than defaulted to 2.5·ε/steps."""
+    if task.step_size is not None:
+        return True
+    budget = config.budgets.get(threat.norm)
+    return task.eps is None and budget is not None and budget.step_size is not None
+
+
+def _positive(step_size: float, norm: str) -> None:
+    if not step_size > 0:
+        raise ConfigError(f"budgets.{norm}.step_size: must be > 0, got {step_size:g}")
+
+
+def _at_most(value: int, high: int, key: str) -> None:
+    if value > high:
+        raise ConfigError(f"{key}: must be <= {high}, got {cut(value)}")
+
+
 def _at_least(value: int, low: int, key: str) -> None:
     if value < low:
-        raise ConfigError(f"{key}: must be >= {low}, got {value}")
+        raise ConfigError(f"{key}: must be >= {low}, got {cut(value)}")
 
 
 def _choice(value: str, choices: Any, key: str) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}: unknown value {value!r}; choose one of {', '.join(choices)}")
+        raise ConfigError(f"{key}: unknown value {cut(value)}; choose one of {', '.join(choices)}")

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
+import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from generalist.errors import ConfigError
+from generalist.errors import ConfigError, cut
 
 SCHEDULE_UNITS = ("fraction", "epoch")
+MAX_NUMBER_CHARS = 100
+MAX_EXPONENT = 400
+"""Beyond a float's range (1e308) either way; ``Fraction("1e9999999")`` takes seconds."""
+_EXPONENT = re.compile(r"[eE]([+-]?\d+)")
 SCHEDULE_GRANULARITIES = ("epoch", "step")
 """``epoch``: every curve is read once per epoch e, at x = e (the official code); ``step``:
 at every step, at the fractional epoch e − 1 + (batches done)/(batches per epoch)."""
@@ -32,16 +38,30 @@ def parse_exact(value: Any, key: str) -> Fraction:
     """:func:`parse_number` as an exact rational, for rules that must land on whole epochs or
     steps without float rounding (``1/24`` of 120 epochs is exactly 5)."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {cut(value)}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    text = value.strip().replace(" ", "") if isinstance(value, str) else repr(value)
+        raise ConfigError(f"{key}: expected a finite number, got {cut(value)}")
+    if isinstance(value, str) and len(value) > MAX_NUMBER_CHARS:
+        raise ConfigError(f"{key}: {cut(value)} is too long for a number")
+    if isinstance(value, int):  # not through repr: a 5,000-digit integer has none
+        text = ""
+    else:
+        text = value.strip().replace(" ", "") if isinstance(value, str) else repr(value)
+    exponent = _EXPONENT.search(text)
+    too_large = f"{key}: expected a finite number, got {cut(value)}"
+    if exponent and int(exponent.group(1)) > MAX_EXPONENT:  # Fraction would compute 10**e
+        raise ConfigError(too_large)
+    if exponent and int(exponent.group(1)) < -MAX_EXPONENT:
+        raise ConfigError(f"{key}: {cut(value)} is below any float but 0; write 0")
     try:
-        return Fraction(text)
+        number = Fraction(value) if isinstance(value, int) else Fraction(text)
     except (ValueError, ZeroDivisionError):
         raise ConfigError(
-            f"{key}: {value!r} is not a number; write it like 0.01, 1e-3 or 2/3"
+            f"{key}: {cut(value)} is not a number; write it like 0.01, 1e-3 or 2/3"
         ) from None
+    if abs(number) > sys.float_info.max:  # every caller reads it as a float too
+        raise ConfigError(too_large)
+    return number
 
 
 def schedule_position(
@@ -98,7 +118,7 @@ def build_schedule(
         raise ConfigError(f"{key}: unknown schedule field {sorted(unknown)[0]!r}; use unit, points")
     unit = spec.get("unit", "fraction")
     if unit not in SCHEDULE_UNITS:
-        raise ConfigError(f"{key}.unit: {unit!r} is not one of {', '.join(SCHEDULE_UNITS)}")
+        raise ConfigError(f"{key}.unit: {cut(unit)} is not one of {', '.join(SCHEDULE_UNITS)}")
     raw = spec.get("points")
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{key}.points: give a non-empty list of [x, y] pairs")
@@ -106,8 +126,10 @@ def build_schedule(
     points: list[tuple[float, float]] = []
     for i, pair in enumerate(raw):
         if not isinstance(pair, list | tuple) or len(pair) != 2:
-            raise ConfigError(f"{key}.points[{i}]: expected an [x, y] pair, got {pair!r}")
+            raise ConfigError(f"{key}.points[{i}]: expected an [x, y] pair, got {cut(pair)}")
         x = parse_number(pair[0], f"{key}.points[{i}]") * scale
+        if not math.isfinite(x):
+            raise ConfigError(f"{key}.points[{i}]: x is too large")
         y = parse_number(pair[1], f"{key}.points[{i}]")
         _check_range(y, f"{key}.points[{i}]", low, high)
         if points and x < points[-1][0]:

@@ -16,7 +16,7 @@ from fractions import Fraction
 
 import torch
 
-from generalist.errors import ConfigError
+from generalist.errors import ConfigError, cut
 
 NORMS = ("Linf", "L2", "L1")
 _NORM_ALIASES = {"linf": "Linf", "inf": "Linf", "l2": "L2", "l1": "L1"}
@@ -31,22 +31,26 @@ def parse_eps(value: str | float | int) -> float:
     what was asked for, while the float is what the attack uses.
     """
     if isinstance(value, bool):
-        raise ConfigError(f"epsilon must be a number such as 8/255 or 0.5, got {value!r}")
+        raise ConfigError(f"epsilon must be a number such as 8/255 or 0.5, got {cut(value)}")
     if isinstance(value, int | float):
-        eps = float(value)
+        eps = float(value) if not isinstance(value, int) or value.bit_length() < 1024 else math.inf
     else:
         text = str(value).strip()
         num, slash, den = text.partition("/")
         if not _NUMBER.match(num) or (slash and not _NUMBER.match(den)):
             raise ConfigError(
-                f"epsilon {value!r} is not a number or fraction; write it like 8/255 or 0.5"
+                f"epsilon {cut(value)} is not a number or fraction; write it like 8/255 or 0.5"
             )
         try:
             eps = float(Fraction(num.strip()) / Fraction(den.strip())) if slash else float(num)
         except ZeroDivisionError:
-            raise ConfigError(f"epsilon {value!r} divides by zero; write it like 8/255") from None
+            raise ConfigError(
+                f"epsilon {cut(value)} divides by zero; write it like 8/255"
+            ) from None
+        except OverflowError:
+            eps = math.inf
     if not math.isfinite(eps) or eps <= 0:
-        raise ConfigError(f"epsilon must be a positive finite number, got {value!r}")
+        raise ConfigError(f"epsilon must be a positive finite number, got {cut(value)}")
     return eps
 
 
@@ -54,7 +58,7 @@ def parse_norm(value: str) -> str:
     """Map user spellings (``linf``, ``Linf``, ``l2``) to the canonical norm name."""
     norm = _NORM_ALIASES.get(str(value).strip().lower())
     if norm is None:
-        raise ConfigError(f"unknown norm {value!r}; use one of {', '.join(NORMS)}")
+        raise ConfigError(f"unknown norm {cut(value)}; use one of {', '.join(NORMS)}")
     return norm
 
 
@@ -110,12 +114,20 @@ class ThreatModel:
             return spec
         norm, sep, eps = str(spec).partition(":")
         if not sep or not eps.strip():
-            raise ConfigError(f"threat {spec!r} must look like Linf:8/255 or L2:0.5")
+            raise ConfigError(f"threat {cut(spec)} must look like Linf:8/255 or L2:0.5")
         return cls.of(norm, eps)
 
     @classmethod
     def of(cls, norm: str, eps: str | float) -> ThreatModel:
-        return cls(parse_norm(norm), parse_eps(eps), str(eps).strip())
+        norm, value = parse_norm(norm), parse_eps(eps)
+        text = str(eps).strip()
+        if norm == "Linf" and value > 1:
+            levels = text if len(text) <= 12 else "8"
+            raise ConfigError(
+                f"epsilon {cut(text)} is larger than the whole [0, 1] pixel range, so the Linf "
+                f"ball holds every image; write it like {levels}/255 for pixel levels"
+            )
+        return cls(norm, value, text)
 
     def __str__(self) -> str:
         return f"{self.norm}:{self.eps_text}"
