@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -429,3 +430,143 @@ def test_a_compiled_evaluation_with_its_own_threads_gives_the_same_results(
         torch.set_num_threads(before)
     assert compiled["model"]["sha256"] == plain["model"]["sha256"]
     assert results_only(compiled) == results_only(plain)
+
+
+# --- weights that do not fit, flags out of range, masking by scaled logits (issue 19) -------
+
+
+def _with_spec(run_dir: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the run's weights whose model.json ``edit`` changed."""
+    copy = tmp_path / "weights"
+    copy.mkdir()
+    (copy / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes())
+    spec = json.loads((run_dir / "model.json").read_text())
+    edit(spec)
+    (copy / "model.json").write_text(json.dumps(spec))
+    return copy / "model.safetensors"
+
+
+def _eval_error(target: Path, tmp_path: Path, *extra: str) -> str:
+    with pytest.raises(GeneralistError) as failed:
+        run_eval(
+            eval_args(
+                str(target),
+                "--no-progress",
+                "--dataset",
+                "digits",
+                "--n-examples",
+                "8",
+                "--out",
+                str(tmp_path / "out"),
+                *CHEAP,
+                "--threat",
+                "Linf:0.1",
+                *extra,
+            )
+        )
+    return str(failed.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda s: s["model"].pop("name"),
+            "is not a valid model spec: its 'model' needs the architecture's 'name'",
+        ),
+        (
+            lambda s: s["model"].update(depth=3),
+            "asks for a model that cannot be built (",
+        ),
+        (
+            lambda s: s["model"].update(name="resnet18"),
+            "does not fit the architecture in {spec}: missing [",
+        ),
+        (
+            lambda s: s["model"].update(num_classes=10**9),
+            "does not fit the architecture in {spec}: 'net.classifier.weight' is "
+            "float32[10, 32] where float32[1000000000, 32] is expected",
+        ),
+        (
+            lambda s: s.pop("sha256"),
+            "has no sha256 of model.safetensors, so a damaged or swapped file would load "
+            "silently; re-save the model with generalist, add its sha256, or pass "
+            "--trust-unhashed to generalist eval if you trust the file",
+        ),
+    ],
+    ids=["no-name", "extra-key", "other-architecture", "huge", "no-hash"],
+)
+def test_weights_whose_spec_does_not_fit_are_one_line_before_any_allocation(
+    run_dir, tmp_path, edit, message
+):
+    weights = _with_spec(run_dir, tmp_path, edit)
+    error = _eval_error(weights, tmp_path)
+    assert message.format(spec=weights.with_name("model.json")) in error
+    assert "\n" not in error and len(error) < 400
+
+
+def test_unhashed_weights_load_when_the_user_says_so(run_dir, tmp_path):
+    weights = _with_spec(run_dir, tmp_path, lambda s: s.pop("sha256"))
+    with pytest.raises(CheckpointError):
+        load_model(weights)
+    model, _ = load_model(weights, trust_unhashed=True)
+    reference, _ = load_model(run_dir)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
+
+
+def test_a_plain_pickle_is_called_what_it_is(run_dir, tmp_path):
+    weights = tmp_path / "m.pt"
+    weights.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}, protocol=2))
+    spec = json.loads((run_dir / "model.json").read_text())
+    spec["sha256"] = sha256_file(weights)
+    (tmp_path / "model.json").write_text(json.dumps(spec))
+    assert _eval_error(weights, tmp_path) == (
+        f"{weights} is a plain Python pickle, not a PyTorch state dict (torch.save writes a zip "
+        "archive of tensors); save the weights with safetensors.torch.save_file("
+        "model.state_dict(), ...)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--batch-size", "0"],
+            "--batch-size 0: must be at least 1 (leave it out for the default)",
+        ),
+        (["--n-iter", "-1"], "--n-iter -1: must be at least 1 (leave it out for the default)"),
+        (
+            ["--threat", "Linf:2"],
+            "epsilon '2' is larger than the whole [0, 1] pixel range, so the Linf ball holds "
+            "every image; write it like 2/255 for pixel levels",
+        ),
+    ],
+)
+def test_eval_flags_out_of_range_are_refused(run_dir, tmp_path, extra, message):
+    assert _eval_error(run_dir, tmp_path, *extra) == message
+
+
+class ScaledLogits(nn.Module):
+    """Logits ×1e4: the softmax saturates, cross-entropy gradients vanish in float32."""
+
+    def __init__(self, model: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * self.scale
+
+
+def test_scaled_logits_that_hide_from_cross_entropy_are_flagged(run_dir, digits):
+    model, _ = load_model(run_dir)
+    data = digits.test.subset(torch.arange(N))
+    suite = EvaluationSuite(["Linf:0.3"], ["apgd-ce", "apgd-t"], n_iter=10, batch_size=BATCH)
+    masked = suite.run(ScaledLogits(model, 1e4), data).threats[0]
+    ce, margin = (int(a.robust.sum()) for a in masked.attacks)
+    assert ce > margin  # the masking is real: CE leaves points the margin attack breaks
+    assert any("cross-entropy gradients probably vanish" in w for w in masked.warnings)
+    honest = suite.run(ScaledLogits(model, 1.0), data).threats[0]
+    assert not any("cross-entropy" in w for w in honest.warnings)

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import re
 import stat
 import sys
@@ -35,7 +36,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from generalist.durable import write_durably
-from generalist.errors import CheckpointError, UnsafeFileError
+from generalist.errors import CheckpointError, GeneralistError, UnsafeFileError, cut
 from generalist.models import create_model
 
 WEIGHTS_FORMAT = "generalist-weights/1"
@@ -117,6 +118,12 @@ def _load_torch_state_dict(data: bytes, path: Path) -> dict[str, torch.Tensor]:
                 "so ask for a .safetensors file (or a plain model.state_dict())"
             ) from None
         except Exception as exc:  # zip and stream errors all mean a damaged file
+            if data[:1] == b"\x80" and _is_whole_plain_pickle(data):
+                raise CheckpointError(
+                    f"{path} is a plain Python pickle, not a PyTorch state dict (torch.save "
+                    "writes a zip archive of tensors); save the weights with "
+                    "safetensors.torch.save_file(model.state_dict(), ...)"
+                ) from None
             raise CheckpointError(
                 f"{path} is a truncated or corrupt PyTorch file ({type(exc).__name__}); "
                 "replace it with the original file"
@@ -131,6 +138,22 @@ def _load_torch_state_dict(data: bytes, path: Path) -> dict[str, torch.Tensor]:
             "save model.state_dict()"
         )
     return obj
+
+
+def _is_whole_plain_pickle(data: bytes) -> bool:
+    """Whether ``data`` is one complete pickle that only builds plain values (no globals).
+
+    Parsed opcode by opcode, never unpickled. A legacy (pre-zip) torch file is several pickles
+    back to back, so it is not "whole" here and keeps the corrupt-file message."""
+    end = 0
+    try:
+        for opcode, _, position in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ"):
+                return False
+            end = position
+    except Exception:  # any parse failure: not a complete pickle
+        return False
+    return end == len(data) - 1
 
 
 def _refusal(exc: Exception) -> str:
@@ -169,9 +192,19 @@ def spec_path_of(weights: Path) -> Path:
     return own if own.is_file() else weights.with_name(SPEC_FILE)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", *, trust_unhashed: bool = False
+) -> tuple[nn.Module, dict]:
     """Rebuild a saved model from a run directory, a ``model.safetensors`` or a ``.pt`` state
-    dict with a ``model.json`` beside it."""
+    dict with a ``model.json`` beside it.
+
+    Before any weight is allocated, the spec is checked (a registered architecture, only
+    arguments it takes), the file against the spec's SHA-256 (a spec without one is refused
+    unless ``trust_unhashed``), and the file's tensors against the architecture built on the
+    meta device: names, shapes and dtypes must all match, so another architecture's weights or
+    a spec asking for a billion classes fail with one line instead of a traceback or an
+    allocation that never ends.
+    """
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     spec_path = spec_path_of(weights)
@@ -183,26 +216,89 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         raise CheckpointError(
             f"{spec_path} is missing; it says how to rebuild the model, copy it too"
         )
-    try:
-        spec = json.loads(spec_path.read_text())
-        model_kwargs = dict(spec["model"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{spec_path} is not a valid model spec; re-save the model") from None
-    if spec.get("format") != WEIGHTS_FORMAT:
-        raise CheckpointError(
-            f"{spec_path} has format {spec.get('format')!r}, not {WEIGHTS_FORMAT}"
-        )
-    if spec.get("sha256") and sha256_file(weights) != spec["sha256"]:
+    spec = _read_spec(spec_path)
+    expected_hash = spec.get("sha256")
+    if not expected_hash:
+        if not trust_unhashed:
+            raise CheckpointError(
+                f"{spec_path} has no sha256 of {weights.name}, so a damaged or swapped file "
+                "would load silently; re-save the model with generalist, add its sha256, or "
+                "pass --trust-unhashed to generalist eval if you trust the file"
+            )
+    elif sha256_file(weights) != expected_hash:
         raise CheckpointError(
             f"{weights} does not match the hash in {spec_path}: it is truncated or was replaced"
         )
-    state = read_state_dict(weights, device)
-    model = create_model(model_kwargs.pop("name"), **model_kwargs)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise CheckpointError(f"{weights} does not fit the architecture in {spec_path}: {what}")
+    model_kwargs = dict(spec["model"])
+    name = model_kwargs.pop("name")
+    skeleton = _build_model(name, model_kwargs, spec_path, "meta")
+    state = read_state_dict(weights)
+    check_same_layout(
+        skeleton.state_dict(), state, f"{weights} does not fit the architecture in {spec_path}"
+    )
+    model = _build_model(name, model_kwargs, spec_path, "cpu")
+    model.load_state_dict(state)
     return model.to(device).eval(), spec
+
+
+def _read_spec(spec_path: Path) -> dict[str, Any]:
+    """``model.json``, checked for the fields loading needs; one line for anything else."""
+    invalid = f"{spec_path} is not a valid model spec"
+    if spec_path.stat().st_size > 1 << 20:
+        raise CheckpointError(f"{invalid} (over 1 MB); re-save the model")
+    try:
+        spec = json.loads(spec_path.read_bytes())
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{invalid} (not JSON); re-save the model") from None
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{invalid} (not a JSON object); re-save the model")
+    if spec.get("format") != WEIGHTS_FORMAT:
+        raise CheckpointError(
+            f"{spec_path} has format {cut(spec.get('format'))}, not {WEIGHTS_FORMAT}"
+        )
+    model = spec.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise CheckpointError(f"{invalid}: its 'model' needs the architecture's 'name'")
+    if not isinstance(spec.get("sha256", ""), str):
+        raise CheckpointError(f"{invalid}: 'sha256' must be a hex string")
+    return spec
+
+
+def _build_model(name: str, kwargs: dict[str, Any], spec_path: Path, device: str) -> nn.Module:
+    """The architecture ``model.json`` asks for; ``meta`` builds shapes without memory."""
+    try:
+        with torch.device(device):
+            return create_model(name, **kwargs)
+    except (GeneralistError, TypeError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{spec_path} asks for a model that cannot be built ({cut(reason, 160)}); "
+            "re-save the model with generalist"
+        ) from None
+
+
+def check_same_layout(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], what: str):
+    """Same names, shapes and dtypes, or :class:`CheckpointError` naming the first difference."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    if missing or unexpected:
+        detail = f"missing {cut(missing[:3])}" if missing else f"unexpected {cut(unexpected[:3])}"
+        raise CheckpointError(f"{what}: {detail}")
+    for key, tensor in expected.items():
+        other = found[key]
+        if other.shape != tensor.shape or other.dtype != tensor.dtype:
+            raise CheckpointError(
+                f"{what}: {cut(key)} is {_describe(other)} where {_describe(tensor)} is expected"
+            )
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return describe_layout(tensor.shape, tensor.dtype)
+
+
+def describe_layout(shape: torch.Size, dtype: torch.dtype) -> str:
+    """``float32[64, 3, 3, 3]``: a tensor's dtype and shape as messages show them."""
+    return f"{str(dtype).removeprefix('torch.')}{list(shape)}"
 
 
 # --------------------------------------------------------------------------- training checkpoints
@@ -292,10 +388,14 @@ class CheckpointStore:
         except OSError as exc:
             raise CorruptCheckpointError(record, f"cannot be read ({exc.strerror})") from None
         except ValueError as exc:
-            raise CorruptCheckpointError(record, f"is not valid JSON ({exc})") from None
+            raise CorruptCheckpointError(record, f"is not valid JSON ({cut(str(exc))})") from None
+        except RecursionError:
+            raise CorruptCheckpointError(record, "is not valid JSON (nested too deeply)") from None
         if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-            raise CorruptCheckpointError(record, f"has format {found!r}, not {CHECKPOINT_FORMAT}")
+            raise CorruptCheckpointError(
+                record, f"has format {cut(found)}, not {CHECKPOINT_FORMAT}"
+            )
         tensor_path = record.with_suffix(".safetensors")
         try:
             data = tensor_path.read_bytes()
@@ -329,16 +429,25 @@ class CheckpointStore:
             )
         return Checkpoint(record, meta, tensors)
 
-    def newest_readable(self) -> tuple[Checkpoint | None, list[CorruptCheckpointError]]:
-        """The newest checkpoint that reads back intact, and the newer ones that did not.
+    def newest_readable(
+        self, fits: Callable[[Checkpoint], str] | None = None
+    ) -> tuple[Checkpoint | None, list[CorruptCheckpointError]]:
+        """The newest checkpoint that reads back intact (and ``fits``), and the newer ones that
+        did not.
 
-        ``(None, [])`` when the run has no checkpoint yet; a run whose every checkpoint is
-        damaged raises :class:`CheckpointError` naming each file and its fault.
+        ``fits`` returns what is malformed in an intact checkpoint ("" when nothing is): such a
+        checkpoint is passed over like a damaged one. ``(None, [])`` when the run has no
+        checkpoint yet; a run whose every checkpoint is damaged raises
+        :class:`CheckpointError` naming each file and its fault.
         """
         rejected: list[CorruptCheckpointError] = []
         for record in self.records():
             try:
-                return self.read(record), rejected
+                checkpoint = self.read(record)
+                problem = fits(checkpoint) if fits is not None else ""
+                if problem:
+                    raise CorruptCheckpointError(record, problem)
+                return checkpoint, rejected
             except CorruptCheckpointError as exc:
                 rejected.append(exc)
         if rejected:

@@ -87,3 +87,42 @@ def check_black_box_beats_white_box(result: AutoAttackResult) -> list[str]:
     """
     broken = sum(int(result.broken_by[name].sum()) for name in result.attacks if name in BLACK_BOX)
     return black_box_warning(broken, len(result.robust))
+
+
+CROSS_ENTROPY = frozenset({"apgd-ce", "pgd", "mim"})
+"""Attacks that follow the cross-entropy gradient (``pgd-<steps>`` too)."""
+MARGIN = frozenset({"apgd-dlr", "apgd-t", "fab-t", "cw"})
+"""Attacks on the logit margin, which scaling the logits cannot hide from."""
+
+
+def is_cross_entropy(name: str) -> bool:
+    return name in CROSS_ENTROPY or name.startswith("pgd-")
+
+
+def cross_entropy_masking_warning(
+    n_only_margin: int, n_broken_by_ce: int, n_examples: int, threshold: float = 0.1
+) -> list[str]:
+    """Warn when margin attacks break far more than cross-entropy ones on the same points.
+
+    Scaling a model's logits (×1e4, a temperature) saturates the softmax, so cross-entropy
+    gradients round to zero in float32 and CE attacks find nothing, while margin (DLR, C&W)
+    attacks are unaffected. AutoAttack's reference implementation does not check this. Flagged
+    when the margin attacks alone break at least ``threshold`` of the points and more points
+    than the CE attacks broke at all."""
+    share = n_only_margin / max(n_examples, 1)
+    if share < threshold or n_only_margin <= n_broken_by_ce:
+        return []
+    return [
+        f"the margin-based attacks broke {n_only_margin} points ({share:.0%}) that the "
+        f"cross-entropy attacks missed, which broke only {n_broken_by_ce}: the model's "
+        "cross-entropy gradients probably vanish (scaled logits saturate the softmax in "
+        "float32), so cross-entropy numbers overstate robustness; trust the margin-based ones"
+    ]
+
+
+def check_cross_entropy_against_margin(result: AutoAttackResult) -> list[str]:
+    """:func:`cross_entropy_masking_warning` for AutoAttack, whose later (margin) stages only
+    attack what its cross-entropy stage left."""
+    ce = sum(int(result.broken_by[n].sum()) for n in result.attacks if is_cross_entropy(n))
+    margin = sum(int(result.broken_by[n].sum()) for n in result.attacks if n in MARGIN)
+    return cross_entropy_masking_warning(margin, ce, len(result.robust))

@@ -114,6 +114,11 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="compile the model with torch.compile (pays on long evaluations on a GPU)",
     )
+    parser.add_argument(
+        "--trust-unhashed",
+        action="store_true",
+        help="load weights whose model.json has no sha256 (damage or a swap goes unnoticed)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=cmd_eval)
     return parser
@@ -158,7 +163,7 @@ def run_eval(
     out = _out_dir(args, run_dir)
     device = resolve_device(args.device, "--device")
     apply_threads(args.threads)
-    model, spec = load_model(weights, device)
+    model, spec = load_model(weights, device, trust_unhashed=args.trust_unhashed)
     if args.compile:
         compile_in_place(model)  # in place: the model's names and hash are unchanged
     model_hash = sha256_file(weights)

@@ -39,7 +39,13 @@ from generalist.attacks import (
     create_attack,
     feasible,
 )
-from generalist.attacks.checks import BLACK_BOX
+from generalist.attacks.checks import (
+    BLACK_BOX,
+    MARGIN,
+    check_cross_entropy_against_margin,
+    cross_entropy_masking_warning,
+    is_cross_entropy,
+)
 from generalist.attacks.threat import ThreatModel
 from generalist.data import ImageDataset, to_float
 from generalist.durable import write_text_durably
@@ -326,6 +332,7 @@ class _Runner:
                 for w in self.state.jobs.get(f"{threat} {n}", {}).get("warnings", [])
             ]
             threat_warnings += _black_box_warnings(outcomes, clean)
+            threat_warnings += _cross_entropy_warnings(outcomes, clean)
             threats.append(ThreatOutcome(threat, clean, outcomes, threat_warnings))
         return SuiteResult(clean, clean_seconds, threats, warnings)
 
@@ -452,6 +459,7 @@ class _Runner:
             for bar in bars.values():
                 bar.close()
         job["warnings"] = check_black_box_beats_white_box(result)
+        job["warnings"] += check_cross_entropy_against_margin(result)
         stages = [
             StageOutcome(name, result.robust_after[name].cpu(), result.seconds.get(name, 0.0))
             for name in result.attacks
@@ -485,6 +493,24 @@ def _job_warnings(threat: ThreatModel, outcome: AttackOutcome) -> list[str]:
         f"{outcome.name} returned {outcome.rejected} adversarial examples outside the {threat} "
         "ball or [0,1]; they were not counted as broken (an attack bug: please report it)"
     ]
+
+
+def _cross_entropy_warnings(outcomes: list[AttackOutcome], clean: torch.Tensor) -> list[str]:
+    """Points only the margin attacks of a hand-picked list (``apgd-ce,apgd-t``) broke."""
+    plain = [o for o in outcomes if not o.stages]
+    ce = [o for o in plain if is_cross_entropy(o.name)]
+    margin = [o for o in plain if o.name in MARGIN]
+    if not ce or not margin:
+        return []
+    survived_ce = clean.clone()
+    for outcome in ce:
+        survived_ce &= outcome.robust
+    broken_by_margin = torch.zeros_like(clean)
+    for outcome in margin:
+        broken_by_margin |= ~outcome.robust
+    only_margin = int((survived_ce & broken_by_margin).sum())
+    broken_by_ce = int((clean & ~survived_ce).sum())
+    return cross_entropy_masking_warning(only_margin, broken_by_ce, len(clean))
 
 
 def _black_box_warnings(outcomes: list[AttackOutcome], clean: torch.Tensor) -> list[str]:

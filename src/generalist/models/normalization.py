@@ -44,7 +44,7 @@ class InputNormalization(nn.Module):
                 f"mean has {mean_t.numel()} values but std has {std_t.numel()}; "
                 "give one value per channel"
             )
-        if (std_t <= 0).any():
+        if any(float(v) <= 0 for v in std):  # plain floats: also right on the meta device
             raise ConfigError(f"std must be positive in every channel; got {list(std)!r}")
         self.register_buffer("mean", mean_t, persistent=True)
         self.register_buffer("std", std_t, persistent=True)

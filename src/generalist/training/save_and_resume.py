@@ -19,10 +19,11 @@ from typing import Any
 
 import yaml
 
-from generalist.checkpoint import CheckpointStore
+from generalist.checkpoint import Checkpoint, CheckpointStore
 from generalist.config import Config, build_config
 from generalist.errors import CheckpointError, ConfigError
 from generalist.rundir import RunDir
+from generalist.training.checkpoint_layout import layout_problem
 from generalist.training.signals import resume_hint
 from generalist.training.state import TrainingState, capture, restore
 
@@ -127,7 +128,14 @@ def resume_state(
     echo: Any,
 ) -> Path | None:
     """Load the newest intact checkpoint of ``run`` into ``state``; None if it has none yet."""
-    checkpoint, rejected = store.newest_readable()
+
+    def fits(checkpoint: Checkpoint) -> str:  # an edited config.yaml is refused below instead
+        saved = checkpoint.meta.get("config")
+        if isinstance(saved, dict) and config_difference(saved, config.to_dict()):
+            return ""
+        return layout_problem(state, checkpoint.tensors, checkpoint.meta)
+
+    checkpoint, rejected = store.newest_readable(fits)
     for bad in rejected:
         store.quarantine(bad.record)
         echo(f"warning: {bad}; set aside as {bad.record.name}.corrupt")

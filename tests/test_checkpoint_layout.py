@@ -1,0 +1,110 @@
+"""Checkpoints whose hashes are consistent but whose content does not fit the run: each is
+set aside like a damaged one, and the run resumes from the previous checkpoint exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shutil
+
+import pytest
+import torch
+from training_runs import assert_same_result, quiet, sigterm_at_step, tiny_config, train_tiny
+
+from generalist.checkpoint import CheckpointStore
+from generalist.cli import main
+from generalist.training import loop
+from generalist.training.signals import TrainingInterrupted
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    config = tiny_config(
+        tmp_path_factory.mktemp("stopped"), "checkpoint.every_steps=1", "checkpoint.keep=3"
+    )
+    with (
+        contextlib.redirect_stderr(io.StringIO()),
+        sigterm_at_step(13),
+        pytest.raises(TrainingInterrupted) as stopped,
+    ):
+        loop.train(config, progress=False, echo=quiet)
+    return stopped.value.run
+
+
+def _reshape_momentum(tensors, meta):
+    key = "learners/0/optimizer/0/momentum_buffer"
+    tensors[key] = torch.zeros(tensors[key].numel() + 1)
+
+
+def _half_weight(tensors, meta):
+    key = next(k for k in tensors if k.startswith("learners/0/model/"))
+    tensors[key] = tensors[key].half()
+
+
+def _short_generator(tensors, meta):
+    tensors["augment/generator"] = tensors["augment/generator"][:100].clone()
+
+
+def _bad_position(tensors, meta):
+    meta["position"]["batch"] = 99
+
+
+def _no_rng(tensors, meta):
+    del tensors["rng/torch"]
+
+
+def _short_numpy_rng(tensors, meta):
+    meta["rng"]["numpy"][1] = meta["rng"]["numpy"][1][:10]
+
+
+def _foreign_optimizer_entry(tensors, meta):
+    tensors["learners/0/optimizer/999/momentum_buffer"] = torch.zeros(1)
+
+
+@pytest.mark.parametrize(
+    ("malform", "problem"),
+    [
+        (
+            _reshape_momentum,
+            r"holds learners/0/optimizer/0/momentum_buffer as float32\[\d+\] where "
+            r"float32\[[\d, ]+\] is expected",
+        ),
+        (_half_weight, r"does not fit this run: 'learners/0/model/.+' is float16\[.*\] where "),
+        (_short_generator, r"does not fit this run: 'augment/generator' is uint8\[100\] where"),
+        (_bad_position, r"has position epoch 2 batch 99 outside the run's 8 batches per epoch"),
+        (_no_rng, r"does not fit this run: missing \['rng/torch'\]"),
+        (_short_numpy_rng, r"has a malformed NumPy RNG state"),
+        (
+            _foreign_optimizer_entry,
+            r"holds learners/0/optimizer/999/momentum_buffer, which natural's sgd optimizer "
+            r"has no place for",
+        ),
+    ],
+)
+def test_a_malformed_newest_checkpoint_is_set_aside_and_the_previous_resumes_exactly(
+    tmp_path, reference, stopped_run, capsys, malform, problem
+):
+    run = shutil.copytree(stopped_run, tmp_path / stopped_run.name)
+    store = CheckpointStore(run / "checkpoints", keep=10)
+    newest = store.latest()
+    checkpoint = store.read(newest)
+    meta = {k: v for k, v in checkpoint.meta.items() if k not in ("format", "tensors")}
+    tensors = dict(checkpoint.tensors)
+    malform(tensors, meta)
+    assert store.save(13, 2, tensors, meta) == newest  # re-signed: both hashes consistent
+    store.read(newest)  # ... so it reads back intact
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        rf"warning: checkpoint {re.escape(str(newest))} {problem}.*; set aside as "
+        rf"{re.escape(newest.name)}.corrupt\n",
+        out,
+    ), out
+    assert "resuming from the previous checkpoint step-000000012-epoch-0002.json" in out
+    assert_same_result(run, reference)
