@@ -423,9 +423,9 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
     parts = key.split(".")
     if len(key) > 200 or len(parts) > 8:
         raise ConfigError(f"--set {cut(key)}: no config key is that long; see --dry-run")
-    learners = tree.get("learners") or {}
+    learners = tree.get("learners") if isinstance(tree.get("learners"), dict) else {}
     if parts[0] == "learners" and len(parts) >= 3 and parts[1] not in learners:
-        known = ", ".join(learners) or "none"
+        known = ", ".join(map(str, learners)) or "none"
         raise ConfigError(f"--set {key}: there is no learner {parts[1]!r} (learners: {known})")
     node = tree
     for depth, part in enumerate(parts[:-1]):
@@ -460,6 +460,9 @@ def from_dict(cls: type, data: Any, key: str) -> Any:
 
 
 def _join(prefix: str, name: str) -> str:
+    """A dotted key for messages; a name that is not short printable text is shown quoted."""
+    if not (name.isprintable() and len(name) <= 40):
+        name = cut(name, 40)
     return f"{prefix}.{name}" if prefix else name
 
 

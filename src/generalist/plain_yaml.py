@@ -33,7 +33,10 @@ def load_plain_yaml(text: str, where: str) -> object:
     key, more than :data:`MAX_DEPTH` levels or :data:`MAX_VALUES` values, and a number Python
     cannot read.
     """
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # refuses control characters already
+    except yaml.YAMLError:
+        raise YamlSyntaxError(f"{where} holds characters YAML does not allow") from None
     try:
         try:
             node = loader.get_single_node()

@@ -49,11 +49,11 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from generalist.reporting.report import write_report
-    from generalist.reporting.runs import load_runs
 
-    runs = load_runs(args.runs)
-    _print_warnings(runs)
+    runs = _load(args.runs)
     out = Path(args.out) if args.out else default_report_dir([run.path for run in runs])
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the report")
     report = write_report(runs, out)
     count = len(report.figures)
     print(f"wrote {count} figure{'' if count == 1 else 's'} and {report.path.name} to {out}")
@@ -73,19 +73,30 @@ def default_report_dir(run_paths: Sequence[Path]) -> Path:
 def cmd_compare(args: argparse.Namespace) -> int:
     from generalist.durable import write_text_durably
     from generalist.reporting.compare import comparison_table, render_markdown, render_text
-    from generalist.reporting.runs import load_runs, run_labels
+    from generalist.reporting.runs import run_labels
 
-    runs = load_runs(args.runs)
-    _print_warnings(runs)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name, e.g. {out / 'results.md'}")
+    runs = _load(args.runs)
     table = comparison_table(runs, run_labels(runs))
     print(render_markdown(table) if args.markdown else render_text(table), end="")
-    if args.out:
-        write_text_durably(Path(args.out), render_markdown(table))
-        print(f"wrote {args.out}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_durably(out, render_markdown(table))
+        print(f"wrote {out}")
     return 0
 
 
-def _print_warnings(runs: Sequence[Any]) -> None:
+def _load(paths: Sequence[str]) -> list[Any]:
+    """The readable runs; each damaged one and each skipped file is one warning line."""
+    from generalist.reporting.runs import load_runs
+
+    skipped: list[str] = []
+    runs = load_runs(paths, skipped)
+    for line in skipped:
+        print(f"warning: {line}", file=sys.stderr)
     for run in runs:
         for warning in run.warnings:
             print(f"warning: {warning}", file=sys.stderr)
+    return runs

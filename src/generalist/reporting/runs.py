@@ -15,13 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from generalist.attacks.threat import ThreatModel
 from generalist.errors import ConfigError, GeneralistError
 from generalist.evaluation.cli_eval import RECORD_FILE
 from generalist.evaluation.records import RECORD_FORMAT
 from generalist.evaluation.suite import AUTOATTACK
+from generalist.plain_yaml import load_plain_yaml
+from generalist.reporting.run_files import (
+    CONFIG,
+    METRICS_RECORD,
+    SUMMARY,
+    evaluation_problem,
+    problem,
+)
 from generalist.rundir import RunDir
 
 GLOBAL = "global"
@@ -192,16 +198,35 @@ def _from_summary(summary: dict[str, Any]) -> FinalResults:
 # --------------------------------------------------------------------------- loading
 
 
-def load_runs(paths: Sequence[str | Path]) -> list[Run]:
+class DamagedRunError(ConfigError):
+    """A run folder holds a file no report can read (its message names the file)."""
+
+
+def load_runs(paths: Sequence[str | Path], skipped: list[str] | None = None) -> list[Run]:
     """Every run named; a folder that is not a run itself stands for the runs directly in it
-    (so ``generalist compare runs/`` works)."""
+    (so ``generalist compare runs/`` works).
+
+    With ``skipped``, a damaged run (:class:`DamagedRunError`) is left out and its one-line
+    reason appended there, so the others are still reported; without, it raises.
+    """
     if not paths:
         raise ConfigError(f"no run directories given; {RUN_HINT}")
     found: dict[Path, None] = {}
     for path in map(Path, paths):
         for run_dir in _run_dirs(path):
             found.setdefault(run_dir.resolve(), None)
-    return [load_run(path) for path in found]
+    runs = []
+    for path in found:
+        try:
+            runs.append(load_run(path))
+        except DamagedRunError as damaged:
+            if skipped is None:
+                raise
+            skipped.append(f"skipped {path}: {damaged}")
+    if not runs:
+        reasons = "; ".join(skipped or [])
+        raise ConfigError(f"no run could be read ({reasons[:600]}); {RUN_HINT}")
+    return runs
 
 
 def _run_dirs(path: Path) -> list[Path]:
@@ -213,21 +238,32 @@ def _run_dirs(path: Path) -> list[Path]:
         sorted(p for p in path.iterdir() if (p / "config.yaml").is_file()) if path.is_dir() else []
     )
     if not inside:
-        RunDir.open(path)  # raises its one-line "not a run directory" error
+        RunDir.open(path, lock=False)  # raises its one-line "not a run directory" error
     return inside
 
 
 def load_run(path: str | Path) -> Run:
-    run_dir = RunDir.open(path)
+    """One run folder, every file checked against what reports read (:mod:`.run_files`).
+
+    A torn metrics line or a damaged ``eval.json`` is left out with a warning; a config or
+    summary that is not what a run writes raises :class:`DamagedRunError` naming the file.
+    """
+    run_dir = RunDir.open(path, lock=False)  # reading a run that still trains is fine
     warnings: list[str] = []
     config = _read_yaml_mapping(run_dir.config_path, warnings)
+    _require_fit(config, CONFIG, run_dir.config_path)
     metrics = _read_metrics(run_dir.metrics_path, warnings)
     if not metrics:
-        raise ConfigError(
+        raise DamagedRunError(
             f"{run_dir.path} has no metrics yet (no epoch has finished); report on it after "
             "its first epoch"
         )
-    summary = _read_json(run_dir.summary_path, warnings) if run_dir.summary_path.exists() else None
+    summary = None
+    if run_dir.summary_path.exists():
+        summary = _read_json(run_dir.summary_path, warnings)
+        if summary is None:
+            raise DamagedRunError(f"{run_dir.summary_path} is not readable JSON")
+        _require_fit(summary, SUMMARY, run_dir.summary_path)
     evaluations = []
     for record_path in sorted(run_dir.path.glob(f"*/{RECORD_FILE}")):
         record = _read_json(record_path, warnings)
@@ -235,6 +271,10 @@ def load_run(path: str | Path) -> Run:
             continue
         if record.get("format") != RECORD_FORMAT:
             warnings.append(f"{record_path} is not a {RECORD_FORMAT} record; left it out")
+            continue
+        damage = evaluation_problem(record)
+        if damage:
+            warnings.append(f"{record_path} is damaged ({_cut(damage)}); left it out")
             continue
         evaluations.append(Evaluation(record_path, record))
     evaluations.sort(key=lambda e: (e.record.get("created", ""), str(e.path)))
@@ -255,17 +295,27 @@ def _read_metrics(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
-        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+        if not isinstance(record, dict) or problem(record, METRICS_RECORD):
             warnings.append(f"{path}:{number} is not a metrics record; skipped that line")
             continue
         records.append(record)
     return records
 
 
+def _require_fit(data: Any, schema: Any, path: Path) -> None:
+    found = problem(data, schema)
+    if found:
+        raise DamagedRunError(f"{path} is damaged ({_cut(found)}); fix or remove it")
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= 160 else text[:159] + "…"
+
+
 def _read_json(path: Path, warnings: list[str]) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         data = None
     if not isinstance(data, dict):
         warnings.append(f"{path} is not readable JSON; left it out")
@@ -275,8 +325,8 @@ def _read_json(path: Path, warnings: list[str]) -> dict[str, Any] | None:
 
 def _read_yaml_mapping(path: Path, warnings: list[str]) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = load_plain_yaml(path.read_text(), str(path))
+    except (OSError, UnicodeDecodeError, ConfigError):
         data = None
     if not isinstance(data, dict):
         warnings.append(f"{path} is not a readable config; the report uses defaults for it")
