@@ -385,3 +385,18 @@ def test_epoch_batches_cover_every_index_once_and_resume_exactly():
         torch.cat(list(EpochBatches(103, 10, seed=8).indices(3))), torch.cat(epoch)
     )
     assert len(EpochBatches(103, 10, seed=7, drop_last=True)) == 10
+
+
+def test_npz_members_that_are_not_npy_arrays_are_one_line(tmp_path):
+    import zipfile
+
+    path = tmp_path / "raw.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            archive.writestr(key, bytes(100))  # no .npy suffix, no .npy header
+    with pytest.raises(DataError) as failed:
+        load_splits("npz", path)
+    assert str(failed.value) == (
+        f"{path}: x_train, y_train, x_test, y_test are not .npy arrays in the zip; save arrays "
+        "x_train, y_train, x_test, y_test with numpy.savez"
+    )

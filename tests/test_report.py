@@ -18,6 +18,7 @@ import types
 from pathlib import Path
 
 import pytest
+import yaml
 from training_runs import quiet, tiny_config, train_tiny
 
 from generalist.cli import main
@@ -168,6 +169,80 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path, capsys):
     assert main(["report", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "problem"),
+    [
+        (
+            "summary.json",
+            lambda d: d["test"].update(clean="high"),
+            "test.clean: not a finite number",
+        ),
+        ("summary.json", lambda d: d.pop("test"), "test: missing"),
+        ("config.yaml", lambda d: d.update(epochs=[3]), "epochs: unexpected list"),
+    ],
+)
+def test_a_damaged_run_is_skipped_with_one_line_and_the_others_compared(
+    runs, tmp_path, capsys, name, damage, problem
+):
+    duo, trio = runs
+    copy = shutil.copytree(duo, tmp_path / "damaged")
+    path = copy / name
+    data = (
+        yaml.safe_load(path.read_text()) if name.endswith(".yaml") else json.loads(path.read_text())
+    )
+    damage(data)
+    path.write_text(yaml.safe_dump(data) if name.endswith(".yaml") else json.dumps(data))
+    assert main(["compare", str(copy), str(trio)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"warning: skipped {copy.resolve()}: {path.resolve()} is damaged ({problem}); fix or "
+        "remove it\n"
+    )
+    assert captured.out.count("\n") == 3  # header, rule, the intact run
+    assert main(["compare", str(copy)]) == 2  # nothing left to compare: one error line
+    assert capsys.readouterr().err.startswith("error: no run could be read (skipped ")
+
+
+def test_a_damaged_evaluation_is_left_out_and_the_run_reported_from_its_summary(
+    runs, tmp_path, capsys
+):
+    copy = shutil.copytree(runs[1], tmp_path / "evaluated")
+    record_path = next(copy.glob("eval-*/eval.json"))
+    record = json.loads(record_path.read_text())
+    record["threats"][0]["worst_case"]["accuracy"] = float("nan")
+    record_path.write_text(json.dumps(record))
+    assert main(["compare", str(copy)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"warning: {record_path.resolve()} is damaged (threats[0].worst_case.accuracy: not a "
+        "finite number); left it out\n"
+    )
+    assert "(training summary)" in captured.out
+
+
+def test_compare_and_report_out_must_be_the_right_kind_of_path(runs, tmp_path, capsys):
+    duo = str(runs[0])
+    assert main(["compare", duo, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {tmp_path} is a folder; give a file name, e.g. {tmp_path / 'results.md'}\n"
+    )
+    nested = tmp_path / "new" / "folder" / "table.md"
+    assert main(["compare", duo, "--out", str(nested)]) == 0  # a missing folder is made
+    assert nested.read_text().startswith("| run |")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    capsys.readouterr()
+    assert main(["report", duo, "--out", str(afile)]) == 2
+    assert (
+        capsys.readouterr().err == f"error: --out {afile} is a file; give a folder for the report\n"
+    )
+    assert main(["report", duo, "--out", str(afile / "below")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot use {afile / 'below'} (Not a directory); a file stands where a folder is "
+        "needed; choose another --out\n"
+    )
 
 
 def test_tensorboard_without_the_package_fails_before_training(tmp_path, monkeypatch, capsys):

@@ -22,7 +22,7 @@ import numpy
 import torch
 
 import generalist
-from generalist.errors import ConfigError
+from generalist.errors import ConfigError, cut
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -35,7 +35,7 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"{key}: {name!r} is not a device; use auto, cpu or cuda:N") from None
+        raise ConfigError(f"{key}: {cut(name)} is not a device; use auto, cpu or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key}: CUDA was asked for but no GPU is visible; use --device cpu")
     return device

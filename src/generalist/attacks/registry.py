@@ -19,7 +19,7 @@ from generalist.attacks.mim_cw import CW, MIM
 from generalist.attacks.pgd import PGD
 from generalist.attacks.square import Square
 from generalist.attacks.threat import ThreatModel
-from generalist.errors import ConfigError
+from generalist.errors import ConfigError, cut
 
 _PGD_STEPS = re.compile(r"^pgd-(\d+)$")
 
@@ -61,7 +61,7 @@ def create_attack(
         key, params = "pgd", {**params, "steps": int(steps.group(1))}
     if key not in _ATTACKS:
         raise ConfigError(
-            f"unknown attack {name!r}; choose from {', '.join(list_attacks())} (or pgd-<steps>)"
+            f"unknown attack {cut(name)}; choose from {', '.join(list_attacks())} (or pgd-<steps>)"
         )
     factory, iterations_keyword = _ATTACKS[key]
     unknown = sorted(set(params) - _parameters(key))

@@ -337,6 +337,9 @@ def read_npz(data_dir: str | Path | None) -> TrainTest:
                     f"{path} lacks {', '.join(missing)} (has {', '.join(archive.files)}); {how}"
                 )
             arrays = {key: archive[key] for key in NPZ_KEYS}
+        raw = [key for key, value in arrays.items() if not isinstance(value, np.ndarray)]
+        if raw:  # a zip member without the .npy suffix comes back as raw bytes
+            raise DataError(f"{path}: {', '.join(raw)} are not .npy arrays in the zip; {how}")
     except DataError:
         raise
     except ValueError as error:

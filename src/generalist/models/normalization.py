@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from generalist.errors import ConfigError
+from generalist.errors import ConfigError, cut
 
 
 def _channel_stats(values: Sequence[float], what: str) -> torch.Tensor:
@@ -22,10 +22,10 @@ def _channel_stats(values: Sequence[float], what: str) -> torch.Tensor:
         stats = [float(v) for v in values]
     except (TypeError, ValueError):
         raise ConfigError(
-            f"{what} must be a list of numbers, one per channel; got {values!r}"
+            f"{what} must be a list of numbers, one per channel; got {cut(values)}"
         ) from None
     if not stats or not all(math.isfinite(v) for v in stats):
-        raise ConfigError(f"{what} must be a non-empty list of finite numbers; got {values!r}")
+        raise ConfigError(f"{what} must be a non-empty list of finite numbers; got {cut(values)}")
     return torch.tensor(stats, dtype=torch.float32).view(1, -1, 1, 1)
 
 
@@ -45,7 +45,7 @@ class InputNormalization(nn.Module):
                 "give one value per channel"
             )
         if any(float(v) <= 0 for v in std):  # plain floats: also right on the meta device
-            raise ConfigError(f"std must be positive in every channel; got {list(std)!r}")
+            raise ConfigError(f"std must be positive in every channel; got {cut(list(std))}")
         self.register_buffer("mean", mean_t, persistent=True)
         self.register_buffer("std", std_t, persistent=True)
 

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from torch import nn
 
-from generalist.errors import ConfigError
+from generalist.errors import ConfigError, cut
 from generalist.models.normalization import InputNormalization, NormalizedModel
 
 
@@ -66,7 +66,7 @@ def is_known_model(name: str) -> bool:
 
 def unknown_model_message(name: str) -> str:
     hints = "".join(f" or {hint}" for _, hint, _ in _PATTERNS)
-    return f"unknown model {name!r}; use one of {', '.join(list_models())}{hints}"
+    return f"unknown model {cut(name)}; use one of {', '.join(list_models())}{hints}"
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -76,7 +76,7 @@ def count_parameters(model: nn.Module) -> int:
 
 def _check_positive_int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be a positive whole number; got {value!r}")
+        raise ConfigError(f"{what} must be a positive whole number; got {cut(value)}")
     return value
 
 
@@ -107,7 +107,7 @@ def create_model(
     attacks) never normalise themselves; without them the bare network is returned.
     """
     if not isinstance(name, str):
-        raise ConfigError(f"model name must be text such as 'resnet18'; got {name!r}")
+        raise ConfigError(f"model name must be text such as 'resnet18'; got {cut(name)}")
     _check_positive_int(num_classes, "num_classes")
     _check_positive_int(in_channels, "in_channels")
     _check_positive_int(image_size, "image_size")

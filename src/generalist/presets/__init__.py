@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from generalist.errors import ConfigError
+from generalist.errors import ConfigError, cut
 
 
 def _folder(kind: str) -> Any:
@@ -33,7 +33,7 @@ def list_profiles() -> list[str]:
 
 def _load(kind: str, name: str, what: str, known: list[str]) -> dict[str, Any]:
     if name not in known:
-        raise ConfigError(f"unknown {what} {name!r}; choose one of {', '.join(known)}")
+        raise ConfigError(f"unknown {what} {cut(name)}; choose one of {', '.join(known)}")
     return yaml.safe_load(_folder(kind).joinpath(f"{name}.yaml").read_text()) or {}
 
 
