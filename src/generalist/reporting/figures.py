@@ -8,6 +8,7 @@ not depend on the MPLBACKEND of whoever runs the report.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import statistics
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from generalist.durable import write_durably
 from generalist.reporting.runs import (
     CLEAN,
     GLOBAL,
@@ -46,7 +48,10 @@ MARKERS = {"AutoAttack": "o", "eval": "s", "summary": "^"}
 
 
 def save(figure: Figure, path: Path) -> Path:
-    figure.savefig(path, dpi=DPI)
+    """Render to memory, then write like every other file: atomically, never through a link."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=DPI, format="png")
+    write_durably(path, buffer.getvalue())
     return path
 
 
