@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -388,8 +389,6 @@ def test_epoch_batches_cover_every_index_once_and_resume_exactly():
 
 
 def test_npz_members_that_are_not_npy_arrays_are_one_line(tmp_path):
-    import zipfile
-
     path = tmp_path / "raw.npz"
     with zipfile.ZipFile(path, "w") as archive:
         for key in ("x_train", "y_train", "x_test", "y_test"):
