@@ -20,6 +20,7 @@ from generalist import durable
 from generalist.checkpoint import CheckpointStore
 from generalist.cli import main
 from generalist.errors import UnsafeFileError
+from generalist.runlock import LOCK_FILE, lock_folder, release_folder
 from generalist.training import loop
 
 
@@ -194,3 +195,17 @@ def test_a_read_only_out_folder_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot use {out}/quickstart-")
     assert err.endswith("(Permission denied); make that folder writable or choose another --out\n")
+
+
+def test_only_rank_zero_takes_the_lock_and_a_process_may_ask_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # a torchrun worker that is not rank 0
+    lock_folder(tmp_path, "run", "x")
+    assert not (tmp_path / LOCK_FILE).exists()
+    monkeypatch.setenv("RANK", "0")
+    lock_folder(tmp_path, "run", "x")
+    lock_folder(tmp_path, "run", "x")  # the same process again: it keeps its one lock
+    assert (tmp_path / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+    release_folder(tmp_path)
+    holder = _hold_lock(tmp_path)  # released: another process can take it now
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()

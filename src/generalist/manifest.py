@@ -66,7 +66,9 @@ def note_resume(run: RunDir, checkpoint: Path | None, echo: Any) -> None:
     """Append this resume to the manifest; say so when the software changed since the start."""
     try:
         manifest = json.loads(run.manifest_path.read_text())
-    except (OSError, ValueError):
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, RecursionError):
         echo(f"note: {run.manifest_path} is missing or unreadable; recording the resume afresh")
         manifest = {"format": MANIFEST_FORMAT, "resumes": []}
     software = software_versions()

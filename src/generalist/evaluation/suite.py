@@ -49,7 +49,7 @@ from generalist.attacks.checks import (
 from generalist.attacks.threat import ThreatModel
 from generalist.data import ImageDataset, to_float
 from generalist.durable import write_text_durably
-from generalist.errors import ConfigError
+from generalist.errors import ConfigError, cut
 from generalist.inference import eval_mode, predicts_correctly
 
 STATE_FORMAT = "generalist-eval-state/1"
@@ -159,6 +159,34 @@ def decode_mask(text: str) -> torch.Tensor:
     return torch.tensor([char == "1" for char in text], dtype=torch.bool)
 
 
+def _first_difference(saved: Any, now: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """``(dotted key, saved value, current value)`` of the first leaf that differs, if any."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for name in sorted(set(saved) | set(now), key=str):
+            inner = _first_difference(
+                saved.get(name), now.get(name), f"{key}.{name}" if key else str(name)[:60]
+            )
+            if inner:
+                return inner
+        return None
+    return None if saved == now else (key, saved, now)
+
+
+def _jobs_are_intact(jobs: Any) -> bool:
+    """Every job as :meth:`SuiteState.job` writes it: a count done and a 0/1 mask string."""
+    if not isinstance(jobs, dict):
+        return False
+    for job in jobs.values():
+        if not isinstance(job, dict):
+            return False
+        done, robust = job.get("done", 0), job.get("robust", "")
+        if not (isinstance(done, int) and isinstance(robust, str) and set(robust) <= {"0", "1"}):
+            return False
+        if done < 0 or not isinstance(job.get("autoattack", {}), dict):
+            return False
+    return True
+
+
 class SuiteState:
     """The JSON state file; ``save`` rewrites it atomically so a kill never leaves it torn."""
 
@@ -171,17 +199,21 @@ class SuiteState:
     def _load(self, path: Path, plan: dict[str, Any]) -> None:
         try:
             data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise ConfigError(f"{path} is not a readable state file; start a new --out") from None
         if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
             raise ConfigError(f"{path} is not a {STATE_FORMAT} state file; start a new --out")
         saved = data.get("plan", {})
-        for key in sorted(set(saved) | set(plan)):
-            if saved.get(key) != plan.get(key):
-                raise ConfigError(
-                    f"{path} was written for a different evaluation ({key}: {saved.get(key)!r} "
-                    f"there, {plan.get(key)!r} now); rerun with the original options or a new --out"
-                )
+        jobs = data.get("jobs")
+        if not isinstance(saved, dict) or not _jobs_are_intact(jobs):
+            raise ConfigError(f"{path} is a damaged state file; start a new --out")
+        difference = _first_difference(saved, plan)
+        if difference:
+            key, there, now = difference
+            raise ConfigError(
+                f"{path} was written for a different evaluation ({key}: {cut(there)} there, "
+                f"{cut(now)} now); rerun with the original options or a new --out"
+            )
         self.data = data
 
     @property
@@ -502,12 +534,7 @@ def _cross_entropy_warnings(outcomes: list[AttackOutcome], clean: torch.Tensor) 
     margin = [o for o in plain if o.name in MARGIN]
     if not ce or not margin:
         return []
-    survived_ce = clean.clone()
-    for outcome in ce:
-        survived_ce &= outcome.robust
-    broken_by_margin = torch.zeros_like(clean)
-    for outcome in margin:
-        broken_by_margin |= ~outcome.robust
+    survived_ce, broken_by_margin = _missed_and_broken(clean, ce, margin)
     only_margin = int((survived_ce & broken_by_margin).sum())
     broken_by_ce = int((clean & ~survived_ce).sum())
     return cross_entropy_masking_warning(only_margin, broken_by_ce, len(clean))
@@ -523,10 +550,18 @@ def _black_box_warnings(outcomes: list[AttackOutcome], clean: torch.Tensor) -> l
     white = [o for o in plain if o.name not in BLACK_BOX]
     if not black or not white:
         return []
-    missed_by_white = clean.clone()
-    for outcome in white:
-        missed_by_white &= outcome.robust
-    broken_by_black = torch.zeros_like(clean)
-    for outcome in black:
-        broken_by_black |= ~outcome.robust
+    missed_by_white, broken_by_black = _missed_and_broken(clean, white, black)
     return black_box_warning(int((missed_by_white & broken_by_black).sum()), len(clean))
+
+
+def _missed_and_broken(
+    clean: torch.Tensor, missing: list[AttackOutcome], breaking: list[AttackOutcome]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean points every ``missing`` attack left robust, points any ``breaking`` one broke)."""
+    missed = clean.clone()
+    for outcome in missing:
+        missed &= outcome.robust
+    broken = torch.zeros_like(clean)
+    for outcome in breaking:
+        broken |= ~outcome.robust
+    return missed, broken
