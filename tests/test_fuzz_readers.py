@@ -35,6 +35,8 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+FUZZ_FOLDERS = settings(FUZZ, max_examples=50)
+"""Each run-folder example copies two small runs: fewer examples, the same few seconds."""
 
 LEAVES = (
     st.none()
@@ -174,7 +176,7 @@ def _write(path: Path, tree: Any) -> None:
         path.write_text(json.dumps(tree))
 
 
-@FUZZ
+@FUZZ_FOLDERS
 @given(data=st.data())
 def test_report_readers_skip_a_damaged_run_and_report_the_others(evaluated_run, data):
     with tempfile.TemporaryDirectory() as folder:
