@@ -10,6 +10,7 @@ runs/<name>-<YYYYmmdd-HHMMSS>/
   model.json         how to rebuild the architecture, the dataset it was trained on, a hash
   summary.json       final test-set accuracies and timings
   tensorboard/       the metrics as TensorBoard scalars, if ``logging.tensorboard`` is on
+  .lock              locked by the process writing the run; says its PID and host
 ```
 Files are written atomically (temp file + rename), so a crash never leaves a half-written one,
 and never through a symbolic link (:mod:`generalist.durable`). A process that writes into a run
