@@ -63,8 +63,24 @@ def _short_numpy_rng(tensors, meta):
     meta["rng"]["numpy"][1] = meta["rng"]["numpy"][1][:10]
 
 
+def _float_cuda_rng(tensors, meta):
+    tensors["rng/cuda"] = torch.zeros(16)
+
+
 def _foreign_optimizer_entry(tensors, meta):
     tensors["learners/0/optimizer/999/momentum_buffer"] = torch.zeros(1)
+
+
+def _resign_newest(run, edit):
+    """Rewrite the newest checkpoint with ``edit`` applied, both hashes consistent again."""
+    store = CheckpointStore(run / "checkpoints", keep=10)
+    newest = store.latest()
+    checkpoint = store.read(newest)
+    meta = {k: v for k, v in checkpoint.meta.items() if k not in ("format", "tensors")}
+    tensors = dict(checkpoint.tensors)
+    edit(tensors, meta)
+    assert store.save(13, 2, tensors, meta) == newest
+    return newest
 
 
 @pytest.mark.parametrize(
@@ -80,6 +96,7 @@ def _foreign_optimizer_entry(tensors, meta):
         (_bad_position, r"has position epoch 2 batch 99 outside the run's 8 batches per epoch"),
         (_no_rng, r"does not fit this run: missing \['rng/torch'\]"),
         (_short_numpy_rng, r"has a malformed NumPy RNG state"),
+        (_float_cuda_rng, r"holds a malformed CUDA RNG state rng/cuda"),
         (
             _foreign_optimizer_entry,
             r"holds learners/0/optimizer/999/momentum_buffer, which natural's sgd optimizer "
@@ -91,14 +108,8 @@ def test_a_malformed_newest_checkpoint_is_set_aside_and_the_previous_resumes_exa
     tmp_path, reference, stopped_run, capsys, malform, problem
 ):
     run = shutil.copytree(stopped_run, tmp_path / stopped_run.name)
-    store = CheckpointStore(run / "checkpoints", keep=10)
-    newest = store.latest()
-    checkpoint = store.read(newest)
-    meta = {k: v for k, v in checkpoint.meta.items() if k not in ("format", "tensors")}
-    tensors = dict(checkpoint.tensors)
-    malform(tensors, meta)
-    assert store.save(13, 2, tensors, meta) == newest  # re-signed: both hashes consistent
-    store.read(newest)  # ... so it reads back intact
+    newest = _resign_newest(run, malform)
+    CheckpointStore(run / "checkpoints", keep=10).read(newest)  # hashes consistent: intact
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert re.search(
@@ -107,4 +118,22 @@ def test_a_malformed_newest_checkpoint_is_set_aside_and_the_previous_resumes_exa
         out,
     ), out
     assert "resuming from the previous checkpoint step-000000012-epoch-0002.json" in out
+    assert_same_result(run, reference)
+
+
+def test_an_older_checkpoint_with_per_gpu_rng_entries_still_resumes_exactly(
+    tmp_path, reference, stopped_run, capsys
+):
+    """Before CUDA RNG states were kept for the run's own GPU only, every run saved one
+    ``rng/cuda/<index>`` per visible GPU, CPU runs too; such a checkpoint fits."""
+    run = shutil.copytree(stopped_run, tmp_path / stopped_run.name)
+
+    def per_gpu(tensors, meta):
+        for index in range(2):
+            tensors[f"rng/cuda/{index}"] = torch.zeros(16, dtype=torch.uint8)
+
+    newest = _resign_newest(run, per_gpu)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert "set aside" not in capsys.readouterr().out
+    assert not newest.with_name(f"{newest.name}.corrupt").exists()
     assert_same_result(run, reference)
