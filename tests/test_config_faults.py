@@ -29,9 +29,14 @@ def _fails(*overrides: str, preset: str = "generalist-d", user_yaml=None) -> str
         ("name=/tmp/abs", "name: '/tmp/abs' is not a folder name;"),
         ("name=..", "name: '..' is not a folder name;"),
         ("name=" + "n" * 300, "name: 300 bytes is too long for a folder name; use at most 200"),
-        ("seed=18446744073709551616", "seed: 18446744073709551616 is too large; at most 2**63 - 1"),
+        ("seed=18446744073709551616", "seed: 18446744073709551616 is too large; at most 2**32 - 1"),
         ("seed=4294967296", "seed: must be <= 4294967295, got 4294967296"),
         ("epochs=100000000", "epochs: must be <= 10000, got 100000000"),
+        ("threads=2147483648", "threads: must be <= 1024, got 2147483648"),
+        (
+            "threads=18446744073709551616",
+            "threads: 18446744073709551616 is too large; at most 1024",
+        ),
         (
             "learners.adv_linf.task.eps=1e999/1",
             "learners.adv_linf.task.eps: epsilon must be a positive finite number, got '1e999/1'",

@@ -93,6 +93,11 @@ def test_a_thread_count_that_is_not_a_positive_whole_number_is_refused(bad):
         threads.choose_threads(bad)
 
 
+def test_a_thread_count_beyond_any_machine_is_refused_before_pytorch_overflows():
+    with pytest.raises(ConfigError, match=r"threads: must be <= 1024, got 2147483648"):
+        threads.choose_threads(2**31)
+
+
 def test_busy_cores_reads_a_plausible_figure():
     busy = threads.busy_cores(0.05)
     assert 0.0 <= busy <= (torch.get_num_threads() + threads.usable_cores()) * 4

@@ -38,6 +38,7 @@ from generalist.schedules import (
     parse_exact,
     parse_number,
 )
+from generalist.threads import MAX_THREADS
 
 TASK_TYPES = ("natural", "adversarial", "trades", "mart", "fat", "cure")
 CURE_DEFAULTS = {
@@ -65,6 +66,13 @@ MAX_SEED = 2**32 - 1
 """Seeds are combined (``seed * 7919 + learner``) into generator seeds that must fit 64 bits."""
 MAX_NAME_BYTES = 200
 """A run folder is ``NAME-YYYYmmdd-HHMMSS[-N]``: room for that within a 255-byte file name."""
+INT_LIMITS = {
+    "seed": "2**32 - 1",
+    "data.split_seed": "2**32 - 1",
+    "epochs": str(MAX_EPOCHS),
+    "threads": str(MAX_THREADS),
+}
+"""The real limit of the whole-number keys validate() bounds, for a number beyond 64 bits."""
 
 
 @dataclass
@@ -493,8 +501,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected a whole number, got {cut(value)}")
-        if abs(value) >= 2**63:
-            raise ConfigError(f"{key}: {cut(value)} is too large; at most 2**63 - 1")
+        if abs(value) >= 2**63:  # before validate(): a whole number this big breaks arithmetic
+            limit = INT_LIMITS.get(key, "2**63 - 1")
+            raise ConfigError(f"{key}: {cut(value)} is too large; at most {limit}")
         return value
     if hint is float:
         return parse_number(value, key)
@@ -520,6 +529,7 @@ def validate(config: Config) -> None:
         _at_most(seed, MAX_SEED, key)
     if config.threads is not None:
         _at_least(config.threads, 1, "threads")
+        _at_most(config.threads, MAX_THREADS, "threads")
     _choice(config.schedule_granularity, SCHEDULE_GRANULARITIES, "schedule_granularity")
     validate_name(config.name)
     _validate_out_dir(config.out_dir)

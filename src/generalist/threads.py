@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from generalist.errors import ConfigError
+from generalist.errors import ConfigError, cut
 
 SAMPLE_SECONDS = 0.25
 BUSY_THRESHOLD = 0.5
 """Cores busy with other work below this count as an idle machine (noise, a shell, an editor)."""
+MAX_THREADS = 1024
+"""Beyond any machine's cores; PyTorch refuses counts past 2**31 only when the run starts."""
 
 
 def usable_cores() -> int:
@@ -62,7 +64,9 @@ def choose_threads(requested: int | None) -> tuple[int | None, str]:
     """``(threads, why)``: the count to set (None: leave PyTorch's) and a phrase saying why."""
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise ConfigError(f"threads must be a whole number >= 1 or null, got {requested!r}")
+            raise ConfigError(f"threads must be a whole number >= 1 or null, got {cut(requested)}")
+        if requested > MAX_THREADS:
+            raise ConfigError(f"threads: must be <= {MAX_THREADS}, got {cut(requested)}")
         return requested, "as asked (--threads)"
     if os.environ.get("OMP_NUM_THREADS"):
         return None, "as OMP_NUM_THREADS says"
