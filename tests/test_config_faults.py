@@ -33,6 +33,8 @@ def _fails(*overrides: str, preset: str = "generalist-d", user_yaml=None) -> str
         ("seed=4294967296", "seed: must be <= 4294967295, got 4294967296"),
         ("epochs=100000000", "epochs: must be <= 10000, got 100000000"),
         ("threads=2147483648", "threads: must be <= 1024, got 2147483648"),
+        ("data.image_size=224000", "data.image_size: must be <= 4096, got 224000"),
+        ("data.workers=100000", "data.workers: must be <= 256, got 100000"),
         (
             "threads=18446744073709551616",
             "threads: 18446744073709551616 is too large; at most 1024",

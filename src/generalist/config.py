@@ -66,11 +66,18 @@ MAX_SEED = 2**32 - 1
 """Seeds are combined (``seed * 7919 + learner``) into generator seeds that must fit 64 bits."""
 MAX_NAME_BYTES = 200
 """A run folder is ``NAME-YYYYmmdd-HHMMSS[-N]``: room for that within a 255-byte file name."""
+MAX_IMAGE_SIZE = 4096
+"""Image folders: a side length beyond any dataset's (ImageNet trains at 224); a typo such as
+224000 would otherwise pass --dry-run and run out of memory at the first decoded batch."""
+MAX_WORKERS = 256
+"""Loader processes: beyond any machine's cores; more would fail when the loader starts."""
 INT_LIMITS = {
     "seed": "2**32 - 1",
     "data.split_seed": "2**32 - 1",
     "epochs": str(MAX_EPOCHS),
     "threads": str(MAX_THREADS),
+    "data.image_size": str(MAX_IMAGE_SIZE),
+    "data.workers": str(MAX_WORKERS),
 }
 """The real limit of the whole-number keys validate() bounds, for a number beyond 64 bits."""
 
@@ -546,9 +553,11 @@ def validate(config: Config) -> None:
     if config.data.crop_padding is not None:
         _at_least(config.data.crop_padding, 0, "data.crop_padding")
     _at_least(config.data.image_size, 8, "data.image_size")
+    _at_most(config.data.image_size, MAX_IMAGE_SIZE, "data.image_size")
     _choice(config.data.storage, ("auto", "memory", "stream"), "data.storage")
     _at_least(config.data.memory_budget_gb, 0, "data.memory_budget_gb")
     _at_least(config.data.workers, 0, "data.workers")
+    _at_most(config.data.workers, MAX_WORKERS, "data.workers")
     _choice(config.data.bad_files, ("error", "skip"), "data.bad_files")
     for key in ("train_limit", "test_limit"):
         if getattr(config.data, key) is not None:
