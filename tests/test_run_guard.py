@@ -209,3 +209,24 @@ def test_only_rank_zero_takes_the_lock_and_a_process_may_ask_again(tmp_path, mon
     holder = _hold_lock(tmp_path)  # released: another process can take it now
     holder.send_signal(signal.SIGKILL)
     holder.wait()
+
+
+def test_a_forked_worker_does_not_keep_its_parents_run_locked(tmp_path, monkeypatch):
+    """A data loader worker outlives a SIGKILLed parent by seconds; the run is free meanwhile."""
+    monkeypatch.setenv("RANK", "0")
+    lock_folder(tmp_path, "run", "x")
+    read, write = os.pipe()
+    worker = os.fork()
+    if worker == 0:  # the worker: alive until the test closes the pipe
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    try:
+        release_folder(tmp_path)  # the parent's descriptors close, as when it is killed
+        holder = _hold_lock(tmp_path)  # fails if the worker's inherited copy kept the lock
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    finally:
+        os.close(write)
+        os.waitpid(worker, 0)

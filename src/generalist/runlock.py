@@ -8,7 +8,9 @@ The file only says who holds it (``PID HOST``), for the message the next process
 
 A process may ask again for a folder it already holds (a library user training and then
 resuming one run in one interpreter); it keeps the one lock. Under torchrun only rank 0 writes
-into the run directory, so only rank 0 takes it.
+into the run directory, so only rank 0 takes it. A forked child (a data loader worker) closes
+its inherited copies of the lock files at once: the lock is the parent's, and a worker that
+outlives a SIGKILLed parent for a few seconds must not keep the run locked meanwhile.
 """
 
 from __future__ import annotations
@@ -72,6 +74,19 @@ def release_folder(folder: Path) -> None:
         fd = _held.pop(_identity(Path(folder)), None)
         if fd is not None:
             os.close(fd)
+
+
+def _forget_inherited() -> None:
+    """In a forked child: close the copies of the parent's lock files (the parent's lock stays:
+    an ``flock`` lasts while any copy is open, which is why the child must not keep one)."""
+    for fd in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited)
 
 
 def _identity(folder: Path) -> tuple[int, int]:
