@@ -30,6 +30,7 @@ OPTIMIZER_STATE = {
 _PYTHON_RNG_WORDS = 625
 _NUMPY_RNG_WORDS = 624
 CUDA_RNG = "rng/cuda"
+BEST = "best/"
 
 
 def layout_problem(state: TrainingState, tensors: dict[str, torch.Tensor], meta: Any) -> str:
@@ -172,6 +173,7 @@ def _check_tensors(
                 f"holds {name} as {describe_layout(tensor.shape, tensor.dtype)} where "
                 f"{describe_layout(*want)} is expected",
             )
+    _check_best(state, tensors, meta)
     for name, tensor in tensors.items():
         if _is_cuda_rng(name):
             _require(
@@ -183,6 +185,25 @@ def _check_tensors(
             )
 
 
+def _check_best(state: TrainingState, tensors: dict[str, torch.Tensor], meta: Any) -> None:
+    """The best model so far (model selection): a copy of the global model, with its record."""
+    best = {k[len(BEST) :]: v for k, v in tensors.items() if k.startswith(BEST)}
+    record = meta.get("best")  # absent in checkpoints written before model selection
+    if record is None:
+        _require(not best, "holds best-model weights but no record of them")
+        return
+    _require(
+        isinstance(record, dict)
+        and _is_int(record.get("epoch"))
+        and isinstance(record.get("score"), numbers.Real)
+        and isinstance(record.get("val"), dict),
+        "has a malformed best-model record",
+    )
+    check_same_layout(
+        state.merge.global_model.state_dict(), best, "has a best model that does not fit this run"
+    )
+
+
 def _is_cuda_rng(name: str) -> bool:
     """``rng/cuda`` (the run's own GPU, CUDA runs only) or an older checkpoint's
     ``rng/cuda/<index>`` per visible GPU, which still resume."""
@@ -191,8 +212,9 @@ def _is_cuda_rng(name: str) -> bool:
 
 def _is_variable(name: str) -> bool:
     """Entries a fresh state may lack or a checkpoint may hold in either layout: optimizer
-    buffers appear at the first step, CUDA RNG states depend on the run's device and age."""
-    return _is_cuda_rng(name) or "/optimizer/" in name
+    buffers appear at the first step, the best model at the first selection, CUDA RNG states
+    depend on the run's device and age."""
+    return _is_cuda_rng(name) or name.startswith(BEST) or "/optimizer/" in name
 
 
 def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
