@@ -33,6 +33,18 @@ def _fails(*overrides: str, preset: str = "generalist-d", user_yaml=None) -> str
         ("seed=4294967296", "seed: must be <= 4294967295, got 4294967296"),
         ("epochs=100000000", "epochs: must be <= 10000, got 100000000"),
         ("threads=2147483648", "threads: must be <= 1024, got 2147483648"),
+        (  # Fraction would take minutes to compute 10**99999999
+            "merge.redistribute.start=1e99999999",
+            "merge.redistribute.start: expected a finite number, got '1e99999999'",
+        ),
+        (
+            "merge.redistribute.start=1e-99999999",
+            "merge.redistribute.start: '1e-99999999' is below any float but 0; write 0",
+        ),
+        (
+            f"learners.natural.optimizer.lr={{unit: epoch, points: [[0, 1{'0' * 320}]]}}",
+            "learners.natural.optimizer.lr.points[0]: expected a finite number, got 10000",
+        ),
         ("data.image_size=224000", "data.image_size: must be <= 4096, got 224000"),
         ("data.workers=100000", "data.workers: must be <= 256, got 100000"),
         (
