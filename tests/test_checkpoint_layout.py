@@ -67,6 +67,15 @@ def _float_cuda_rng(tensors, meta):
     tensors["rng/cuda"] = torch.zeros(16)
 
 
+def _unrecorded_best(tensors, meta):
+    meta["best"] = None
+
+
+def _half_best(tensors, meta):
+    key = next(k for k in tensors if k.startswith("best/"))
+    tensors[key] = tensors[key].half()
+
+
 def _foreign_optimizer_entry(tensors, meta):
     tensors["learners/0/optimizer/999/momentum_buffer"] = torch.zeros(1)
 
@@ -97,6 +106,8 @@ def _resign_newest(run, edit):
         (_no_rng, r"does not fit this run: missing \['rng/torch'\]"),
         (_short_numpy_rng, r"has a malformed NumPy RNG state"),
         (_float_cuda_rng, r"holds a malformed CUDA RNG state rng/cuda"),
+        (_unrecorded_best, r"holds best-model weights but no record of them"),
+        (_half_best, r"has a best model that does not fit this run: '.+' is float16"),
         (
             _foreign_optimizer_entry,
             r"holds learners/0/optimizer/999/momentum_buffer, which natural's sgd optimizer "

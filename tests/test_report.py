@@ -219,7 +219,7 @@ def test_a_damaged_evaluation_is_left_out_and_the_run_reported_from_its_summary(
         f"warning: {record_path.resolve()} is damaged (threats[0].worst_case.accuracy: not a "
         "finite number); left it out\n"
     )
-    assert "(training summary)" in captured.out
+    assert "(training summary, last model)" in captured.out
 
 
 def test_compare_and_report_out_must_be_the_right_kind_of_path(runs, tmp_path, capsys):
