@@ -59,7 +59,9 @@ def test_schedules_scale_with_the_number_of_epochs():
 @pytest.mark.parametrize("preset", list_presets())
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "mnist", "digits"])
 def test_every_preset_resolves_for_every_dataset(preset, dataset):
-    config = build_config(preset, dataset=dataset)
+    # rst needs to be told where its unlabeled images are; nothing else needs more than a name
+    unlabeled = ["data.unlabeled=rest", "data.train_limit=100"] if preset == "rst" else []
+    config = build_config(preset, dataset=dataset, overrides=unlabeled)
     assert config.data.dataset == dataset
     assert config.eval_threats(), "every preset must validate against at least one threat"
 

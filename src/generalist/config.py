@@ -40,7 +40,7 @@ from generalist.schedules import (
 )
 from generalist.threads import MAX_THREADS
 
-TASK_TYPES = ("natural", "adversarial", "trades", "mart", "fat", "cure")
+TASK_TYPES = ("natural", "adversarial", "trades", "mart", "fat", "cure", "iat", "rst")
 CURE_DEFAULTS = {
     "mask_fraction": 0.3,
     "prominence_alpha": 0.1,
@@ -53,6 +53,14 @@ CURE_DEFAULTS = {
 are written: every cure field a config leaves unset (the ``cure`` preset's included) takes them.
 CURE starts from a naturally trained model (the official code trains one first), so by default
 the first 10 % of the epochs are natural training; ``model.init_from`` skips that warm-up."""
+IAT_MIXUP_ALPHA = 1.0
+"""IAT's Beta(α, α) mixing (Lamb et al. 2019, input-mixup variant: α = 1, i.e. λ uniform on
+[0, 1]); every iat task that leaves ``mixup_alpha`` unset takes it."""
+RST_UNLABELED_FRACTION = 0.5
+"""RST's share of pseudo-labeled images in every batch (Carmon et al. 2019: half of each
+batch); every rst task that leaves ``unlabeled_fraction`` unset takes it."""
+UNLABELED_REST = "rest"
+"""``data.unlabeled: rest``: the training examples ``data.train_limit`` leaves out."""
 OPTIMIZERS = ("sgd", "adam", "adamw")
 REDISTRIBUTE_POLICIES = ("per_step_in_epoch", "once_per_c_epochs", "never")
 SELECTION_CRITERIA = ("clean+robust", "robust", "clean_gated_robust", "none")
@@ -106,6 +114,10 @@ class DataConfig:
     """Loader processes decoding a streamed folder (0: in the training process)."""
     bad_files: str = "error"
     """Image folders: ``error`` stops at an unreadable file, naming it; ``skip`` counts it."""
+    unlabeled: str | None = None
+    """Unlabeled images for ``rst`` learners: ``rest`` (the training examples ``train_limit``
+    leaves out, their labels hidden), an ``.npz`` holding ``x_unlabeled``, or a folder of image
+    files. They are pseudo-labeled once per run (see ``pseudo_labels``)."""
 
 
 @dataclass
@@ -164,6 +176,13 @@ class TaskConfig:
     natural_warmup: float | None = None
     """CURE: fraction of the epochs trained with natural CE before CURE starts (same budget);
     skipped when ``model.init_from`` gives an already trained start."""
+    mixup_alpha: float | None = None
+    """IAT: the α of the Beta(α, α) mixing coefficient; ``None`` = IAT_MIXUP_ALPHA. Only for
+    ``type: iat``."""
+    unlabeled_fraction: float | None = None
+    """RST: share of each batch that is pseudo-labeled, in (0, 1); ``None`` =
+    RST_UNLABELED_FRACTION. The labeled batch keeps ``data.batch_size``; the pseudo-labeled
+    images come on top. Only for ``type: rst``."""
 
 
 @dataclass
@@ -262,6 +281,18 @@ class LoggingConfig:
 
 
 @dataclass
+class PseudoLabelConfig:
+    """Where RST's pseudo-labels come from (used only when ``data.unlabeled`` is set)."""
+
+    model: str | None = None
+    """The labeler: a run directory or ``model.safetensors`` of this run's architecture.
+    ``None``: ``model.init_from`` if given, else a ``standard`` model trained first on the
+    labeled data inside the run (``RUN/pseudo-labeler/``)."""
+    epochs: int | None = None
+    """Epochs of that standard model; ``None`` = this run's ``epochs``."""
+
+
+@dataclass
 class Config:
     name: str = "run"
     preset: str | None = None
@@ -288,6 +319,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -590,6 +622,7 @@ def validate(config: Config) -> None:
             )
         if merge.init != "same":
             raise ConfigError("model.init_from: needs merge.init: same (one shared start)")
+    _validate_unlabeled(config)
     _at_least(config.eval.val_steps, 0, "eval.val_steps")
     _at_least(config.eval.test_steps, 0, "eval.test_steps")
     _at_least(config.eval.every, 1, "eval.every")
@@ -602,6 +635,44 @@ def validate(config: Config) -> None:
         from generalist.tensorboard import require_tensorboard
 
         require_tensorboard()
+
+
+def _validate_unlabeled(config: Config) -> None:
+    """``data.unlabeled`` and ``pseudo_labels``: present exactly when an rst learner reads them."""
+    source = config.data.unlabeled
+    readers = [n for n, lc in config.learners.items() if lc.task.type == "rst"]
+    if readers and source is None:
+        raise ConfigError(
+            f"learners.{readers[0]}.task.type: rst needs unlabeled images; set data.unlabeled "
+            f"to {UNLABELED_REST!r} (with data.train_limit), an .npz holding x_unlabeled, or a "
+            "folder of images"
+        )
+    if source is None:
+        return
+    if not readers:
+        raise ConfigError(
+            "data.unlabeled: no learner uses unlabeled images (only task.type rst does); "
+            "remove it or add an rst learner"
+        )
+    if source == UNLABELED_REST:
+        if config.data.train_limit is None:
+            raise ConfigError(
+                f"data.unlabeled: {UNLABELED_REST} needs data.train_limit (the labeled part); "
+                "the training examples beyond it become the unlabeled data"
+            )
+    elif not Path(source).expanduser().exists():
+        raise ConfigError(
+            f"data.unlabeled: {source} does not exist; pass {UNLABELED_REST!r}, an .npz "
+            "holding x_unlabeled, or a folder of images"
+        )
+    labeler = config.pseudo_labels
+    if labeler.model is not None and not Path(labeler.model).exists():
+        raise ConfigError(
+            f"pseudo_labels.model: {labeler.model} does not exist; pass a run directory or a "
+            "model.safetensors file, or leave it unset to train a labeler first"
+        )
+    if labeler.epochs is not None:
+        _at_least(labeler.epochs, 1, "pseudo_labels.epochs")
 
 
 def _validate_checkpoint(checkpoint: CheckpointConfig) -> None:
@@ -633,7 +704,7 @@ def _validate_learner(config: Config, name: str, learner: LearnerConfig) -> None
             )
         if task.beta < 0:
             raise ConfigError(f"{key}.task.beta: must be >= 0, got {task.beta:g}")
-        if task.type in ("trades", "mart", "cure") and threat.norm == "L1":
+        if task.type in ("trades", "mart", "cure", "rst") and threat.norm == "L1":
             raise ConfigError(f"{key}.task.norm: {task.type} supports Linf and L2, not L1")
     else:
         given = [f for f in ("norm", "eps", "steps", "step_size") if getattr(task, f) is not None]
@@ -685,6 +756,18 @@ def _validate_method_fields(config: Config, key: str, task: TaskConfig) -> None:
                 else f">= {low:g}"
             )
             raise ConfigError(f"{key}.{name}: {value:g} is out of range; it must be {bound}")
+    _only_for(key, task, "mixup_alpha", "iat")
+    if task.mixup_alpha is not None and not task.mixup_alpha > 0:
+        raise ConfigError(f"{key}.mixup_alpha: must be > 0, got {task.mixup_alpha:g}")
+    _only_for(key, task, "unlabeled_fraction", "rst")
+    fraction = task.unlabeled_fraction
+    if fraction is not None and not 0 < fraction < 1:
+        raise ConfigError(f"{key}.unlabeled_fraction: {fraction:g} must be in (0, 1)")
+
+
+def _only_for(key: str, task: TaskConfig, name: str, kind: str) -> None:
+    if getattr(task, name) is not None and task.type != kind:
+        raise ConfigError(f"{key}.{name}: only {kind} tasks use {name}; remove it")
 
 
 def validate_gammas(config: Config) -> None:

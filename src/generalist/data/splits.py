@@ -64,6 +64,32 @@ def _checked(part: ImageDataset | FileImages, echo: Callable[[str], None]):
     return part.checked(echo) if isinstance(part, FileImages) else part
 
 
+def unused_training_examples(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    val_size: int | float,
+    split_seed: int,
+    train_limit: int,
+) -> ImageDataset:
+    """The training examples that :func:`load_splits` with the same arguments puts in neither
+    split: the ones ``train_limit`` leaves out (RST's "unlabeled rest" in experiments).
+
+    Their labels are kept so that an experiment can score pseudo-labels; training never
+    reads them.
+    """
+    if name in FOLDER_READERS:
+        raise DataError(
+            f"data.unlabeled: rest needs an in-memory dataset, not the {name} folder; put the "
+            "unlabeled images in a folder of their own and pass that"
+        )
+    train_all = READERS[name](data_dir).train
+    order = _permutation(len(train_all), split_seed)  # the order load_splits draws from
+    return train_all.subset(
+        order[_val_count(val_size, len(train_all)) + train_limit :].sort().values
+    )
+
+
 def _permutation(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from generalist.config import Config
-from generalist.data import BatchAugment, DataSplits, EpochBatches, to_float
+from generalist.data import BatchAugment, DatasetInfo, DataSplits, EpochBatches, to_float
 from generalist.data.folders import FileImages
 from generalist.data.streaming import BatchShare, StreamingBatches, TrainBatch
 from generalist.training.distributed import LearnerParallel, SingleProcess
@@ -59,12 +59,16 @@ def training_batches(
     augmentation; streamed samples seed their own)."""
     if isinstance(splits.train, FileImages):
         return StreamingBatches(splits.train, batches, parallel.device, batch_share(parallel), echo)
-    info = splits.info
-    augment = BatchAugment(
-        info.default_crop_padding if config.data.crop_padding is None else config.data.crop_padding,
-        info.default_flip if config.data.flip is None else config.data.flip,
-    )
+    augment = batch_augment(config, splits.info)
     return MemoryBatches(splits, batches, augment, generator, parallel.device)
+
+
+def batch_augment(config: Config, info: DatasetInfo) -> BatchAugment:
+    """The dataset's standard crop and flip unless the config overrides them (also what RST's
+    pseudo-labeled images get, so both halves of its batches are augmented alike)."""
+    data = config.data
+    padding = info.default_crop_padding if data.crop_padding is None else data.crop_padding
+    return BatchAugment(padding, info.default_flip if data.flip is None else data.flip)
 
 
 def batch_share(parallel: SingleProcess) -> BatchShare:

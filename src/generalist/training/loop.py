@@ -47,7 +47,7 @@ from generalist.rundir import RunDir
 from generalist.schedules import build_schedule, schedule_position
 from generalist.tensorboard import metrics_sinks
 from generalist.threads import apply_threads
-from generalist.training.batch_source import MemoryBatches, training_batches
+from generalist.training.batch_source import MemoryBatches, batch_augment, training_batches
 from generalist.training.distributed import SingleProcess, processes
 from generalist.training.generalist import (
     EpochPlan,
@@ -60,6 +60,7 @@ from generalist.training.generalist import (
 )
 from generalist.training.init import initialize_from
 from generalist.training.learner import Learner, build_optimizer
+from generalist.training.pseudo_label import PseudoLabeled, prepare_pseudo_labels
 from generalist.training.save_and_resume import Checkpointer, resume_state
 from generalist.training.signals import (
     StopRequest,
@@ -69,6 +70,7 @@ from generalist.training.signals import (
 )
 from generalist.training.state import TrainingState
 from generalist.training.tasks import TrainingAttack, task_from_config
+from generalist.training.unlabeled_pool import PseudoLabeledPool
 
 GLOBAL = "global"
 SKIP_LIMIT = 10
@@ -94,9 +96,13 @@ def model_spec(config: Config, splits: DataSplits) -> dict[str, Any]:
 
 
 def build_learners(
-    config: Config, spec: dict[str, Any], device: torch.device
+    config: Config,
+    spec: dict[str, Any],
+    device: torch.device,
+    pseudo_labeled: PseudoLabeledPool | None = None,
 ) -> tuple[list[Learner], nn.Module]:
-    """Base learners and the global learner, all from one initialisation unless told otherwise."""
+    """Base learners and the global learner, all from one initialisation unless told otherwise;
+    rst learners draw from ``pseudo_labeled``."""
     kwargs = dict(spec)
     name = kwargs.pop("name")
     torch.manual_seed(config.seed)
@@ -132,6 +138,7 @@ def build_learners(
                     seed=config.seed * 7919 + index + 1,
                     pretrained=config.model.init_from is not None,
                     key=f"learners.{lname}.task",
+                    pseudo_labeled=pseudo_labeled,
                 ),
                 config=lc,
                 generator=generator,
@@ -179,13 +186,18 @@ def train(
     if resume and run is None:
         raise ValueError("resume=True needs the run directory to resume")
     threads, why = apply_threads(config.threads)
+    pseudo_labeled = None
+    if config.data.unlabeled is not None:  # RST: pseudo-label first, in the run's directory
+        run, pseudo_labeled = prepare_pseudo_labels(
+            config, run, train_labeler=_labeler_trainer(progress, echo), echo=echo
+        )
     with processes(config, device) as parallel:
         if not parallel.is_main:
             progress, echo = False, _silent
         backends.configure(parallel.device, deterministic=config.deterministic)
         if device.type == "cpu":
             echo(f"CPU threads: {threads}, {why}")
-        session = _setup(config, run, parallel, resume=resume, echo=echo)
+        session = _setup(config, run, parallel, resume=resume, echo=echo, pseudo=pseudo_labeled)
         with (
             stop_on_signals(session.run.path) as stop,
             session.checkpoints.reporting_write_errors(),
@@ -193,6 +205,13 @@ def train(
             for epoch in range(session.state.epoch, config.epochs + 1):
                 _train_epoch(session, epoch, stop, progress)
             return _finish(session, started)
+
+
+def _labeler_trainer(progress: bool, echo: Any) -> Any:
+    def train_labeler(config: Config, run: RunDir, resume: bool) -> None:
+        train(config, run, resume=resume, progress=progress, echo=echo)
+
+    return train_labeler
 
 
 def _silent(*_: Any) -> None:
@@ -248,7 +267,13 @@ class Session:
 
 
 def _setup(
-    config: Config, run: RunDir | None, parallel: SingleProcess, *, resume: bool, echo: Any
+    config: Config,
+    run: RunDir | None,
+    parallel: SingleProcess,
+    *,
+    resume: bool,
+    echo: Any,
+    pseudo: PseudoLabeled | None = None,
 ) -> Session:
     """Data, learners, state and run directory; with ``resume``, the state of the checkpoint."""
     device = parallel.device
@@ -263,7 +288,11 @@ def _setup(
         echo=echo,
     )
     spec = model_spec(config, splits)
-    learners, global_model = build_learners(config, spec, device)
+    pool = None
+    if pseudo is not None:
+        images, labels = pseudo.unlabeled.images.to(device), pseudo.labels.to(device)
+        pool = PseudoLabeledPool(images, labels, batch_augment(config, splits.info))
+    learners, global_model = build_learners(config, spec, device, pool)
     batches = EpochBatches(len(splits.train), config.data.batch_size, config.seed)
     parallel.check(config, batches)
     if run is None:
@@ -291,12 +320,15 @@ def _setup(
         )
         parallel.share_state(state)
     if parallel.is_main:
+        if not resume or not run.manifest_path.is_file():  # killed before it was written
+            manifest = build_manifest(config, device, splits.info.name, fingerprints)
+            if pseudo is not None:
+                manifest["pseudo_labels"] = pseudo.record
+            write_manifest(run, manifest)
         if resume:
             note_resume(run, resumed_from, echo)
         run.write_config(config)
         run.metrics_sinks = metrics_sinks(config, run.path)  # before the first record
-        if not resume:
-            write_manifest(run, build_manifest(config, device, splits.info.name, fingerprints))
     checkpoints = Checkpointer(
         store,
         state,

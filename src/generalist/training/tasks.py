@@ -1,7 +1,8 @@
 """Tasks: how a base learner turns a clean batch into the loss it descends.
 
 A task is the only thing that differs between a natural learner, an ℓ∞-adversarial learner, a
-TRADES, MART, FAT or CURE learner; optimizers, schedules and the merge are shared machinery.
+TRADES, MART, FAT, CURE, IAT or RST learner; optimizers, schedules and the merge are shared
+machinery.
 Attacks are crafted with the learner's *own* current weights in eval mode (BatchNorm uses its
 running statistics, as in the official code), then the loss is taken in train mode.
 
@@ -25,10 +26,20 @@ from generalist.attacks.base import LossFn
 from generalist.attacks.friendly_pgd import friendly_pgd
 from generalist.attacks.pgd import cross_entropy_per_example, pgd
 from generalist.attacks.threat import ThreatModel
-from generalist.config import CURE_DEFAULTS, TaskConfig
+from generalist.config import (
+    CURE_DEFAULTS,
+    IAT_MIXUP_ALPHA,
+    TaskConfig,
+)
 from generalist.inference import eval_mode
 from generalist.schedules import PiecewiseLinear, build_schedule
 from generalist.training import cure
+from generalist.training.mixup import draw_mixup, interpolated_loss
+from generalist.training.unlabeled_pool import (
+    PseudoLabeledPool,
+    unlabeled_count,
+    unlabeled_fraction,
+)
 
 TRADES_INIT_SCALE = 0.001
 """TRADES/MART start their inner maximisation at x + 0.001·N(0, 1) (Zhang et al. 2019)."""
@@ -171,6 +182,20 @@ def trades_divergence(logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.T
     )
 
 
+def trades_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: TrainingAttack,
+    beta: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """CE(f(x), y) + β·KL(f(x) ‖ f(x')), x' maximising the KL, every example weighing the same."""
+    x_adv = trades_adversarial(model, x, y, attack, generator)
+    logits = model(x)
+    return F.cross_entropy(logits, y) + beta * trades_divergence(logits, model(x_adv))
+
+
 @dataclass(frozen=True)
 class TradesTask:
     """TRADES (Zhang et al. 2019): CE on clean inputs + β·KL(f(x) ‖ f(x')), x' maximising the KL."""
@@ -187,10 +212,67 @@ class TradesTask:
         generator: torch.Generator,
         position: float,
     ) -> torch.Tensor:
-        x_adv = trades_adversarial(model, x, y, self.attack, generator)
-        logits = model(x)
-        robust = trades_divergence(logits, model(x_adv))
-        return F.cross_entropy(logits, y) + self.beta * robust
+        return trades_loss(model, x, y, self.attack, self.beta, generator)
+
+
+@dataclass(frozen=True)
+class InterpolatedAdversarialTask:
+    """IAT (Lamb et al. 2019): the mean of a mixup loss on the clean batch and one on its PGD
+    examples (crafted on the unmixed inputs).
+
+    Each of the two mixups draws its own λ ~ Beta(α, α) and partner permutation, from the
+    learner's generator after the attack's draws, so a run is reproducible and resumes exactly.
+    """
+
+    attack: TrainingAttack
+    alpha: float
+    name: str = "iat"
+
+    def loss(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        position: float,
+    ) -> torch.Tensor:
+        x_adv = self.attack.craft(model, x, y, generator)
+        clean = draw_mixup(len(x), self.alpha, generator, x.device)
+        adversarial = draw_mixup(len(x), self.alpha, generator, x.device)
+        return interpolated_loss(model, x, x_adv, y, clean, adversarial)
+
+
+@dataclass(frozen=True)
+class RobustSelfTrainingTask:
+    """RST (Carmon et al. 2019): TRADES on the labeled batch plus pseudo-labeled images.
+
+    The batch the loop hands every learner stays the labeled one; this task adds
+    :func:`unlabeled_count` images drawn (with the learner's generator, augmented like the labeled
+    ones) from the pseudo-labeled pool, so that they make up ``fraction`` of what it trains on.
+    Every image of the combined batch weighs the same in both TRADES terms, as in the paper.
+    """
+
+    attack: TrainingAttack
+    beta: float
+    fraction: float
+    pool: PseudoLabeledPool
+    name: str = "rst"
+
+    def loss(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        position: float,
+    ) -> torch.Tensor:
+        x_unlabeled, y_pseudo = self.pool.draw(unlabeled_count(len(x), self.fraction), generator)
+        x_all = torch.cat([x, x_unlabeled.to(x.dtype)])
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            x_all = x_all.contiguous(memory_format=torch.channels_last)
+        return trades_loss(
+            model, x_all, torch.cat([y, y_pseudo]), self.attack, self.beta, generator
+        )
 
 
 @dataclass(frozen=True)
@@ -367,14 +449,25 @@ def task_from_config(
     seed: int,
     pretrained: bool = False,
     key: str = "task",
+    pseudo_labeled: PseudoLabeledPool | None = None,
 ) -> Task:
     """Build the task a learner's config asks for; ``model`` is the learner's own model.
 
     ``seed`` seeds the task's own randomness (CURE's revision coin); FAT's τ schedule and CURE's
     warm-up are laid over ``epochs`` like every other schedule. A ``pretrained`` model (one
     loaded with ``model.init_from``) already is CURE's naturally trained start, so CURE skips its
-    natural warm-up then.
+    natural warm-up then. ``pseudo_labeled`` is the run's pseudo-labeled pool (RST reads it).
     """
+    if config.type in ("iat", "rst") and attack is None:
+        raise ValueError(f"task {config.type!r} needs an attack")
+    if config.type == "iat":
+        alpha = IAT_MIXUP_ALPHA if config.mixup_alpha is None else config.mixup_alpha
+        return InterpolatedAdversarialTask(attack, alpha)
+    if config.type == "rst":
+        if pseudo_labeled is None:
+            raise ValueError(f"{key}: task 'rst' needs the run's pseudo-labeled images")
+        fraction = unlabeled_fraction(config)
+        return RobustSelfTrainingTask(attack, config.beta, fraction, pseudo_labeled)
     if config.type == "fat":
         if attack is None:
             raise ValueError("task 'fat' needs an attack")
