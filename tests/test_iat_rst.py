@@ -353,7 +353,10 @@ def test_malformed_unlabeled_npz_and_folders_are_one_line_errors(tmp_path):
     not_npz.write_bytes(b"not a zip file at all")
     with pytest.raises(DataError) as error:
         _read(not_npz)
-    assert _one_line(error.value).startswith(f"data.unlabeled: cannot read {not_npz} as .npz (")
+    assert _one_line(error.value) == (
+        f"data.unlabeled: {not_npz} is not an .npz archive; "
+        "save the images as x_unlabeled with numpy.savez"
+    )
     objects = tmp_path / "objects.npz"
     np.savez(objects, x_unlabeled=np.array([np.zeros(3), np.zeros(4)], dtype=object))
     with pytest.raises(DataError) as error:

@@ -17,6 +17,7 @@ that names the file and says what to do.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,8 @@ def read_unlabeled(
 
 def _read_npz(path: Path) -> torch.Tensor:
     how = f"save the images as {UNLABELED_NPZ_KEY} with numpy.savez"
+    if not zipfile.is_zipfile(path):  # np.load would try it as a .npy or a pickle instead
+        raise DataError(f"data.unlabeled: {path} is not an .npz archive; {how}")
     try:
         with np.load(path, allow_pickle=False) as archive:
             if UNLABELED_NPZ_KEY not in archive.files:

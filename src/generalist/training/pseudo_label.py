@@ -229,7 +229,9 @@ def _read_labels(path: Path, unlabeled: UnlabeledImages) -> tuple[torch.Tensor, 
             f"{path} is unreadable ({type(error).__name__}); delete it to pseudo-label again"
         ) from None
     if _labels_digest(labels) != record.get("labels_sha256"):
-        raise CheckpointError(f"{path} was changed after it was written; delete it to label again")
+        raise CheckpointError(
+            f"{path} was changed after it was written; delete it to pseudo-label again"
+        )
     if record["unlabeled"]["fingerprint"] != unlabeled.fingerprint():
         raise DataError(
             f"data.unlabeled: the images at {unlabeled.source} changed since this run "
