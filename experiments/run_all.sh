@@ -64,17 +64,8 @@ cifar10_args=(
 )
 cifar10_threats=(--threat Linf:8/255 --threat L2:0.5)
 
-timed() {  # timed LABEL CMD...: run CMD, append its wall time to $TIMES
-  local label=$1 start end
-  shift
-  echo "+ $*"
-  start=$(date +%s)
-  "$@"
-  end=$(date +%s)
-  printf '%s\t%s\t%s\n' "$label" "$((end - start))" "$(date -u +%FT%TZ)" >>"$TIMES"
-}
-
-run_dir() { ls -d "$RUNS/$1/$2"-2* 2>/dev/null | tail -n 1 || true; }
+# shellcheck source=experiments/common.sh
+source "$ROOT/experiments/common.sh"  # timed, run_dir
 
 train_and_eval() {  # train_and_eval DATASET NAME PRESET SEED [extra --set ...]
   local dataset=$1 name=$2 preset=$3 seed=$4 dir

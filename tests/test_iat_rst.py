@@ -324,6 +324,9 @@ def test_config_errors_for_unlabeled_sources(tmp_path):
     with pytest.raises(ConfigError) as unused:
         build_config("trades", dataset="digits", overrides=["data.unlabeled=rest"])
     assert _one_line(unused.value).startswith("data.unlabeled: no learner uses unlabeled images")
+    with pytest.raises(ConfigError) as stray:
+        build_config("trades", dataset="digits", overrides=["pseudo_labels.epochs=3"])
+    assert _one_line(stray.value).startswith("pseudo_labels: only runs with data.unlabeled")
     with pytest.raises(ConfigError) as fraction:
         build("data.unlabeled=rest", "data.train_limit=9", "learners.rst.task.unlabeled_fraction=1")
     assert _one_line(fraction.value) == "learners.rst.task.unlabeled_fraction: 1 must be in (0, 1)"

@@ -647,7 +647,13 @@ def _validate_unlabeled(config: Config) -> None:
             f"to {UNLABELED_REST!r} (with data.train_limit), an .npz holding x_unlabeled, or a "
             "folder of images"
         )
+    labeler = config.pseudo_labels
     if source is None:
+        if labeler.model is not None or labeler.epochs is not None:
+            raise ConfigError(
+                "pseudo_labels: only runs with data.unlabeled pseudo-label; remove it or set "
+                "data.unlabeled"
+            )
         return
     if not readers:
         raise ConfigError(
@@ -665,7 +671,6 @@ def _validate_unlabeled(config: Config) -> None:
             f"data.unlabeled: {source} does not exist; pass {UNLABELED_REST!r}, an .npz "
             "holding x_unlabeled, or a folder of images"
         )
-    labeler = config.pseudo_labels
     if labeler.model is not None and not Path(labeler.model).exists():
         raise ConfigError(
             f"pseudo_labels.model: {labeler.model} does not exist; pass a run directory or a "

@@ -83,9 +83,11 @@ def prepare_pseudo_labels(
             "data.unlabeled: RST's pseudo-labeling and unlabeled draws run in one process; "
             "start this run without torchrun or --nproc"
         )
-    splits = _labeled_splits(config)
+    splits = load_splits(**_split_arguments(config), test_limit=config.data.test_limit)
     unlabeled = read_unlabeled(
-        config.data.unlabeled, splits.info.image_shape, lambda: _rest(config)
+        config.data.unlabeled,
+        splits.info.image_shape,
+        lambda: unused_training_examples(**_split_arguments(config)),
     )
     _check_pool_size(config, len(unlabeled))
     run = run or RunDir.create(config.out_dir, config.name)
@@ -140,27 +142,16 @@ def predict(
         )
 
 
-def _labeled_splits(config: Config) -> DataSplits:
+def _split_arguments(config: Config) -> dict[str, Any]:
+    """What decides the labeled split, so that "the rest" is exactly what it leaves out."""
     data = config.data
-    return load_splits(
-        data.dataset,
-        data.data_dir,
-        val_size=data.val_size,
-        split_seed=data.split_seed,
-        train_limit=data.train_limit,
-        test_limit=data.test_limit,
-    )
-
-
-def _rest(config: Config) -> ImageDataset:
-    data = config.data
-    return unused_training_examples(
-        data.dataset,
-        data.data_dir,
-        val_size=data.val_size,
-        split_seed=data.split_seed,
-        train_limit=data.train_limit,
-    )
+    return {
+        "name": data.dataset,
+        "data_dir": data.data_dir,
+        "val_size": data.val_size,
+        "split_seed": data.split_seed,
+        "train_limit": data.train_limit,
+    }
 
 
 def _check_pool_size(config: Config, available: int) -> None:
