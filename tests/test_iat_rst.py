@@ -412,3 +412,16 @@ def test_a_pool_too_small_for_one_batch_is_a_one_line_error(tmp_path):
         "data.unlabeled: 5 unlabeled images, but every batch of learner rst takes 32; add "
         "unlabeled images or lower learners.rst.task.unlabeled_fraction"
     )
+
+
+def test_a_labeler_for_other_data_is_refused_in_one_line(tmp_path):
+    spec = {"name": "tiny-cnn", "num_classes": 3, "in_channels": 1, "image_size": 8}
+    spec.update(mean=None, std=None)
+    save_model(create_model(**spec), tmp_path, {"model": spec, "dataset": "other"})
+    config = tiny_config(tmp_path, *RST, f"pseudo_labels.model={tmp_path}", preset="rst")
+    with pytest.raises(ConfigError) as error:
+        loop.train(config, progress=False, echo=quiet)
+    assert _one_line(error.value) == (
+        f"pseudo_labels.model: {tmp_path / 'model.safetensors'} does not fit this run's data "
+        "(num_classes 3 vs 10); give a labeler trained on the same dataset"
+    )

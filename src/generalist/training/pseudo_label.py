@@ -97,10 +97,23 @@ def prepare_pseudo_labels(
         labels, record = _read_labels(saved, unlabeled)
         echo(f"pseudo-labels: {len(labels)} read back from {saved}")
         return run, PseudoLabeled(unlabeled, labels, record)
-    source = _labeler(config, run, train_labeler, echo)
+    labels, record = _label(config, splits, unlabeled, _labeler(config, run, train_labeler, echo))
+    metadata = {"record": json.dumps(record)}
+    write_durably(saved, safetensors.torch.save({"labels": labels}, metadata=metadata))
+    echo(
+        f"pseudo-labels: {len(labels)} images labeled by {record['source']['model']} "
+        f"(val accuracy {_percent(record['labeler_val_accuracy'])}); saved {saved}"
+    )
+    return run, PseudoLabeled(unlabeled, labels, record)
+
+
+def _label(
+    config: Config, splits: DataSplits, unlabeled: UnlabeledImages, source: Path
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The labeler's predictions on ``unlabeled`` and the record of where they came from."""
     weights = source / WEIGHTS_FILE if source.is_dir() else source
     model, spec = load_model(weights)
-    _check_labeler(model, spec, splits, weights)
+    _check_labeler(spec, splits, weights)
     device = resolve_device(config.device)
     model.to(device)
     batch = config.data.eval_batch_size
@@ -119,13 +132,7 @@ def prepare_pseudo_labels(
     if unlabeled.true_labels is not None:  # `rest`: the held-back labels score the labeler
         agree = (labels == unlabeled.true_labels).double().mean().item()
         record["agreement_with_true_labels"] = 100.0 * agree
-    metadata = {"record": json.dumps(record)}
-    write_durably(saved, safetensors.torch.save({"labels": labels}, metadata=metadata))
-    echo(
-        f"pseudo-labels: {len(labels)} images labeled by {weights} "
-        f"(val accuracy {_percent(record['labeler_val_accuracy'])}); saved {saved}"
-    )
-    return run, PseudoLabeled(unlabeled, labels, record)
+    return labels, record
 
 
 @torch.no_grad()
@@ -191,9 +198,7 @@ def _labeler(config: Config, run: RunDir, train_labeler: TrainLabeler, echo: Any
     return labeler_run.path
 
 
-def _check_labeler(
-    model: nn.Module, spec: dict[str, Any], splits: DataSplits, weights: Path
-) -> None:
+def _check_labeler(spec: dict[str, Any], splits: DataSplits, weights: Path) -> None:
     info = splits.info
     saved = spec.get("model", {})
     wanted = {
