@@ -15,6 +15,16 @@
 # (the rst preset's MNIST values are the trades preset's), so they take the same number of
 # steps; an RST step trains on twice the images (half pseudo-labeled). IAT and PGD-AT share the
 # optimizer and schedule (the iat preset copies pgd-at's), so they differ only in the loss.
+#
+# Cost, measured 2026-12-01 on the shared 2-core CPU (load average 4-5, THREADS=1) with
+#   RUNS=/tmp/issue16/timing EPOCHS=1 LABELER_EPOCHS=1 SEEDS=0 AA_N=50 experiments/iat_rst.sh
+# (wall s per command, from wall_times.tsv; "epoch" is the loop's train_seconds of its 1 epoch):
+#   trades (1,000 labeled):      epoch  9.3 s, train command 24 s, AutoAttack 50 points  15 s
+#   rst (1,000 + 58,000 unlab.): epoch 27.1 s, train command 75 s (1-epoch labeler and the
+#                                labeling of 58,000 images included), AutoAttack 50 points 67 s
+#   pgd-at (6,000):              epoch 37.9 s, train command 66 s, AutoAttack 50 points 102 s
+#   iat (6,000):                 epoch 43.3 s, train command 76 s, AutoAttack 50 points 101 s
+# AutoAttack's time grows with the points still robust, so 1-epoch models understate it.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -100,8 +110,9 @@ for stage in $STAGES; do
     done
     for run in "$RUNS"/rst/rst-s*/; do  # how good the pseudo-labels were (held-back labels)
       if [ -f "$run/manifest.json" ]; then
-        "$PYTHON" -c 'import json, sys; r = json.load(open(sys.argv[1]))["pseudo_labels"]
-print(sys.argv[1].split("/")[-2], "labeler val acc %.2f%%" % r["labeler_val_accuracy"],
+        "$PYTHON" -c 'import json, pathlib, sys; m = pathlib.Path(sys.argv[1])
+r = json.loads(m.read_text())["pseudo_labels"]
+print(m.parent.name, "labeler val acc %.2f%%" % r["labeler_val_accuracy"],
       "pseudo-label agreement %.2f%%" % r["agreement_with_true_labels"])' "$run/manifest.json"
       fi
     done | tee "$RUNS/rst-pseudo-labels.txt" ;;
