@@ -33,6 +33,7 @@ from generalist.rundir import RunDir
 from generalist.training import loop, tasks
 from generalist.training.mixup import MixupDraw, draw_mixup, interpolated_loss
 from generalist.training.pseudo_label import LABELS_FILE, predict
+from generalist.training.save_and_resume import config_difference
 from generalist.training.signals import TrainingInterrupted
 from generalist.training.tasks import (
     InterpolatedAdversarialTask,
@@ -425,3 +426,16 @@ def test_a_labeler_for_other_data_is_refused_in_one_line(tmp_path):
         f"pseudo_labels.model: {tmp_path / 'model.safetensors'} does not fit this run's data "
         "(num_classes 3 vs 10); give a labeler trained on the same dataset"
     )
+
+
+def test_runs_started_before_these_options_existed_still_resume(tmp_path):
+    """A checkpoint written before data.unlabeled, pseudo_labels and the iat/rst task fields
+    existed holds no such keys; their unset defaults must not count as a config change."""
+    now = tiny_config(tmp_path).to_dict()
+    before = json.loads(json.dumps(now))
+    del before["pseudo_labels"], before["data"]["unlabeled"]
+    for learner in before["learners"].values():
+        del learner["task"]["mixup_alpha"], learner["task"]["unlabeled_fraction"]
+    assert config_difference(before, now) == ""
+    now["pseudo_labels"]["epochs"] = 3
+    assert config_difference(before, now) == "pseudo_labels.epochs is 3 here but null in the run"

@@ -205,6 +205,8 @@ def config_difference(saved: dict[str, Any], wanted: dict[str, Any], prefix: str
         if dotted in RESUMABLE + IRRELEVANT_ON_RESUME:
             continue
         old, new = saved.get(key), wanted.get(key)
+        if old is None and key not in saved and isinstance(new, dict):
+            old = {}  # a section added since the run started: equal if it holds only nulls
         if isinstance(old, dict) and isinstance(new, dict):
             inner = config_difference(old, new, f"{dotted}.")
             if inner:
