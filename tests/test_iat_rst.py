@@ -439,3 +439,15 @@ def test_runs_started_before_these_options_existed_still_resume(tmp_path):
     assert config_difference(before, now) == ""
     now["pseudo_labels"]["epochs"] = 3
     assert config_difference(before, now) == "pseudo_labels.epochs is 3 here but null in the run"
+
+
+def test_rst_under_torchrun_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = tiny_config(tmp_path / "out", *RST, preset="rst")
+    with pytest.raises(ConfigError) as error:
+        loop.train(config, progress=False, echo=quiet)
+    assert _one_line(error.value) == (
+        "data.unlabeled: RST's pseudo-labeling and unlabeled draws run in one process; "
+        "start this run without torchrun or --nproc"
+    )
+    assert not (tmp_path / "out").exists()
