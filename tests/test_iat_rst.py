@@ -451,3 +451,14 @@ def test_rst_under_torchrun_is_refused_before_anything_is_written(tmp_path, monk
         "start this run without torchrun or --nproc"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_the_rest_of_an_image_folder_dataset_is_refused_in_one_line():
+    from generalist.data.splits import unused_training_examples
+
+    with pytest.raises(DataError) as error:
+        unused_training_examples("imagefolder", "/nowhere", val_size=0, split_seed=0, train_limit=1)
+    assert _one_line(error.value) == (
+        "data.unlabeled: rest needs an in-memory dataset, not the imagefolder folder; put the "
+        "unlabeled images in a folder of their own and pass that"
+    )

@@ -28,12 +28,14 @@ from torch import nn
 
 from generalist.checkpoint import WEIGHTS_FILE, load_model, sha256_file
 from generalist.config import Config, build_config
-from generalist.data import DataSplits, ImageDataset, load_splits, to_float
+from generalist.data import DataSplits, load_splits, to_float
+from generalist.data.folders import FolderOptions
 from generalist.data.splits import unused_training_examples
 from generalist.data.unlabeled import UnlabeledImages, read_unlabeled
 from generalist.devices import resolve_device
 from generalist.durable import write_durably
 from generalist.errors import CheckpointError, ConfigError, DataError
+from generalist.evaluation.accuracy import accuracies
 from generalist.inference import eval_mode
 from generalist.rundir import RunDir
 from generalist.training.distributed import world_size
@@ -63,7 +65,8 @@ def labeler_config(config: Config) -> Config:
     """The ``standard`` recipe on the run's labeled data, model, seed, device and saving."""
     labeler = build_config(LABELER_PRESET, dataset=config.data.dataset)
     labeler.name = LABELER_DIR
-    labeler.seed, labeler.device, labeler.precision = config.seed, config.device, config.precision
+    for same in ("seed", "device", "precision", "deterministic", "threads"):
+        setattr(labeler, same, getattr(config, same))
     labeler.epochs = config.pseudo_labels.epochs or config.epochs
     labeler.data = dataclasses.replace(config.data, unlabeled=None)
     labeler.model = dataclasses.replace(config.model, init_from=None)
@@ -83,7 +86,12 @@ def prepare_pseudo_labels(
             "data.unlabeled: RST's pseudo-labeling and unlabeled draws run in one process; "
             "start this run without torchrun or --nproc"
         )
-    splits = load_splits(**_split_arguments(config), test_limit=config.data.test_limit)
+    splits = load_splits(
+        **_split_arguments(config),
+        test_limit=config.data.test_limit,
+        folder=FolderOptions.from_settings(config.data),
+        echo=echo,
+    )
     unlabeled = read_unlabeled(
         config.data.unlabeled,
         splits.info.image_shape,
@@ -120,7 +128,9 @@ def _label(
     labels = predict(model, unlabeled.images, batch, device)
     record = {
         "source": {"model": str(weights.resolve()), "sha256": sha256_file(weights)},
-        "labeler_val_accuracy": _accuracy(model, splits.val, batch, device),
+        "labeler_val_accuracy": accuracies(
+            model, splits.val, [], steps=0, batch_size=batch, device=device
+        ).get("clean"),
         "unlabeled": {
             "source": unlabeled.source,
             "examples": len(unlabeled),
@@ -238,16 +248,6 @@ def _read_labels(path: Path, unlabeled: UnlabeledImages) -> tuple[torch.Tensor, 
 
 def _labels_digest(labels: torch.Tensor) -> str:
     return hashlib.sha256(labels.contiguous().numpy().tobytes()).hexdigest()
-
-
-@torch.no_grad()
-def _accuracy(
-    model: nn.Module, data: ImageDataset, batch_size: int, device: torch.device
-) -> float | None:
-    if len(data) == 0:
-        return None
-    predicted = predict(model, data.images, batch_size, device)
-    return 100.0 * (predicted == data.labels).double().mean().item()
 
 
 def _percent(value: float | None) -> str:
