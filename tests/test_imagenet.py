@@ -76,7 +76,8 @@ def test_weights_of_another_head_are_refused_in_one_line(tmp_path):
 def test_every_method_preset_resolves_to_the_imagenet_recipe(preset):
     """ResNet-50 at 224 px, eps 4/255 with 3-step PGD, and lr 0.1 per 256 examples with weight
     decay 1e-4 for every learner, whatever the method's CIFAR optimizer."""
-    config = build_config(preset, dataset="imagenet")
+    unlabeled = ["data.unlabeled=rest", "data.train_limit=100"] if preset == "rst" else []
+    config = build_config(preset, dataset="imagenet", overrides=unlabeled)
     assert (config.model.name, config.model.normalize, config.data.image_size) == (
         "resnet50",
         True,
