@@ -18,6 +18,8 @@
 #
 # Cost, measured 2026-12-01 on the shared 2-core CPU (load average 4-5, THREADS=1) with
 #   RUNS=/tmp/issue16/timing EPOCHS=1 LABELER_EPOCHS=1 SEEDS=0 AA_N=50 experiments/iat_rst.sh
+# on this branch before its rebase onto main 4f282cd (the same script, then calling the since
+# retired experiments/generalist_cli.py for mnist-bn-cnn, now in the registry):
 # (wall s per command, from wall_times.tsv; "epoch" is the loop's train_seconds of its 1 epoch):
 #   trades (1,000 labeled):      epoch  9.3 s, train command 24 s, AutoAttack 50 points  15 s
 #   rst (1,000 + 58,000 unlab.): epoch 27.1 s, train command 75 s (1-epoch labeler and the
@@ -26,7 +28,7 @@
 #   iat (6,000):                 epoch 43.3 s, train command 76 s, AutoAttack 50 points 101 s
 # AutoAttack's time grows with the points still robust, so 1-epoch models understate it.
 # The labeler alone at this protocol (standard, 1,000 labeled, 50 epochs, val_steps 0):
-#   generalist_cli.py train --preset standard --dataset mnist --epochs 50 --set model.name=
+#   generalist train --preset standard --dataset mnist --epochs 50 --set model.name=
 #   mnist-bn-cnn --set data.val_size=1000 --set data.train_limit=1000 --set eval.val_steps=0 ...
 #   took 148 s and reached 94.8 % clean accuracy on the 1,000 validation images (94.0 % on the
 #   first 1,000 test images); the study's summary stage prints how many pseudo-labels agree
@@ -35,7 +37,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
-GENERALIST=("$PYTHON" "$ROOT/experiments/generalist_cli.py")  # adds mnist-bn-cnn (see there)
+GENERALIST=("$PYTHON" -m generalist)  # mnist-bn-cnn is in the model registry (models/cnn.py)
 RUNS=${RUNS:-$ROOT/experiments/runs-iat-rst}
 MNIST_DIR=${MNIST_DIR:-/work/shared/data/mnist}
 
