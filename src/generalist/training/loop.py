@@ -320,6 +320,7 @@ def _setup(
         )
         parallel.share_state(state)
     if parallel.is_main:
+        run.write_config(config)
         if not resume or not run.manifest_path.is_file():  # killed before it was written
             manifest = build_manifest(config, device, splits.info.name, fingerprints)
             if pseudo is not None:
@@ -327,7 +328,6 @@ def _setup(
             write_manifest(run, manifest)
         if resume:
             note_resume(run, resumed_from, echo)
-        run.write_config(config)
         run.metrics_sinks = metrics_sinks(config, run.path)  # before the first record
     checkpoints = Checkpointer(
         store,
