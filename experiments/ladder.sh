@@ -12,11 +12,14 @@
 #           and is never mixed)
 #   rung 5  Generalist-D as shipped
 #   rung 6  Generalist-D with a TRADES robust learner
+#   rung 0  standard training (not a rung: the clean accuracy the model reaches without attacks,
+#           the headroom the ladder is about)
 #
 # Usage (every value is an environment variable; finished runs and evaluations are skipped, so
 # the script can be stopped and started again):
 #   experiments/ladder.sh                        # CIFAR-10 subset, 3 seeds, 2 jobs at a time
 #   DATASET=mnist EPOCHS=8 experiments/ladder.sh # MNIST, the second testbed
+#   DATASET=digits experiments/ladder.sh         # digits at E = 10 (minutes)
 #   RUNGS="1 5" SEEDS=0 experiments/ladder.sh    # a subset
 #   STAGES=summary experiments/ladder.sh         # only the table
 set -euo pipefail
@@ -26,9 +29,9 @@ PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 DATASET=${DATASET:-cifar10}
 RUNS=${RUNS:-$ROOT/experiments/runs/ladder-$DATASET}
 SEEDS=${SEEDS:-0 1 2}
-RUNGS=${RUNGS:-1 2 3 4 5 6}
+RUNGS=${RUNGS:-0 1 2 3 4 5 6}
 JOBS=${JOBS:-2}                    # runs in parallel, one thread each
-AA_N=${AA_N:-500}                  # AutoAttack test points (the CIFAR subset's test split has 932)
+AA_N=${AA_N:-}                     # AutoAttack test points (first N of the test split; "all")
 STAGES=${STAGES:-train eval summary}
 case $DATASET in
 cifar10)
@@ -40,6 +43,7 @@ cifar10)
   EPOCHS=${EPOCHS:-10}
   TRAIN_LIMIT=${TRAIN_LIMIT:-null}
   VAL_SIZE=${VAL_SIZE:-400}
+  AA_N=${AA_N:-500}                # of the subset's 932 test images
   LINF_EPS=${LINF_EPS:-8/255} LINF_STEP=${LINF_STEP:-2/255}
   THREATS=${THREATS:-Linf:8/255 L2:0.5} ;;
 mnist)
@@ -48,9 +52,19 @@ mnist)
   EPOCHS=${EPOCHS:-8}
   TRAIN_LIMIT=${TRAIN_LIMIT:-6000}
   VAL_SIZE=${VAL_SIZE:-300}
+  AA_N=${AA_N:-500}
   LINF_EPS=${LINF_EPS:-0.3} LINF_STEP=${LINF_STEP:-0.04}
   THREATS=${THREATS:-Linf:0.3 L2:2.0} ;;
-*) echo "DATASET=$DATASET: use cifar10 or mnist" >&2; exit 2 ;;
+digits)  # scikit-learn's 8x8 digits (ships with it): the demo's data, seconds per run
+  DATA_DIR=${DATA_DIR:-}
+  MODEL=${MODEL:-tiny-cnn}
+  EPOCHS=${EPOCHS:-10}
+  TRAIN_LIMIT=${TRAIN_LIMIT:-null}
+  VAL_SIZE=${VAL_SIZE:-0.1}
+  AA_N=${AA_N:-all}                # the whole test split
+  LINF_EPS=${LINF_EPS:-0.2} LINF_STEP=${LINF_STEP:-0.05}
+  THREATS=${THREATS:-Linf:0.2 L2:1.0} ;;
+*) echo "DATASET=$DATASET: use cifar10, mnist or digits" >&2; exit 2 ;;
 esac
 PGD_STEPS=${PGD_STEPS:-10}
 TEST_PGD_EXAMPLES=${TEST_PGD_EXAMPLES:-500}
@@ -58,7 +72,7 @@ TEST_PGD_EXAMPLES=${TEST_PGD_EXAMPLES:-500}
 # Same data, model, epochs and ℓ∞ training budget for every rung (the presets differ in ε on
 # CIFAR-10: pgd-at uses 8/255, generalist-d the official 0.031).
 COMMON=(
-  --dataset "$DATASET" --data-dir "$DATA_DIR" --epochs "$EPOCHS"
+  --dataset "$DATASET" ${DATA_DIR:+--data-dir "$DATA_DIR"} --epochs "$EPOCHS"
   --set "model.name=$MODEL" --set "data.train_limit=$TRAIN_LIMIT" --set "data.val_size=$VAL_SIZE"
   --set "budgets.Linf.eps=$LINF_EPS" --set "budgets.Linf.steps=$PGD_STEPS"
   --set "budgets.Linf.step_size=$LINF_STEP" --set "eval.test_examples=$TEST_PGD_EXAMPLES"
@@ -67,13 +81,14 @@ COMMON=(
 
 rung_args() {  # the preset and settings of rung $1
   case $1 in
+  0) echo "--preset standard" ;;
   1) echo "--preset pgd-at --set merge.ema_decay=0" ;;
   2) echo "--preset pgd-at" ;;
   3) echo "--preset generalist-d --config $ROOT/experiments/ladder/rung3-pgd-at-generalist-schedule.yaml" ;;
   4) echo "--preset generalist-d --set learners.adv_linf.gamma=1.0" ;;
   5) echo "--preset generalist-d" ;;
   6) echo "--preset generalist-d --config $ROOT/experiments/ladder/rung6-generalist-d-trades.yaml" ;;
-  *) echo "unknown rung $1 (1-6)" >&2; return 2 ;;
+  *) echo "unknown rung $1 (0-6)" >&2; return 2 ;;
   esac
 }
 
@@ -82,6 +97,7 @@ run_dir() { ls -d "$RUNS/$1"-2* 2>/dev/null | tail -n 1 || true; }
 one_run() {  # one_run RUNG SEED: train (unless finished), then AutoAttack on best and last
   local rung=$1 seed=$2 name="r$1-s$2" dir which threat threats=()
   for threat in $THREATS; do threats+=(--threat "$threat"); done
+  if [ "$AA_N" != all ]; then threats+=(--n-examples "$AA_N"); fi
   export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
   dir=$(run_dir "$name")
   if [[ " $STAGES " == *" train "* ]] && { [ -z "$dir" ] || [ ! -f "$dir/summary.json" ]; }; then
@@ -93,10 +109,15 @@ one_run() {  # one_run RUNG SEED: train (unless finished), then AutoAttack on be
   fi
   if [[ " $STAGES " == *" eval "* ]] && [ -n "$dir" ] && [ -f "$dir/summary.json" ]; then
     for which in best last; do
+      # A last model byte-identical to the best one (best chosen at the last epoch) would give
+      # the same numbers (AutoAttack is seeded); ladder_summary.py reads best's evaluation for it.
+      if [ $which = last ] && cmp -s "$dir/model.safetensors" "$dir/model-best.safetensors"; then
+        continue
+      fi
       if [ ! -f "$dir/eval-aa-$which/eval.json" ]; then
         rm -rf "$dir/eval-aa-$which"
         "$PYTHON" -m generalist eval "$dir" --model "$which" --attacks autoattack \
-          "${threats[@]}" --n-examples "$AA_N" --split test --out "$dir/eval-aa-$which" \
+          "${threats[@]}" --split test --out "$dir/eval-aa-$which" \
           --no-progress >>"$RUNS/$name.log" 2>&1
       fi
     done

@@ -20,6 +20,7 @@ from summarize import mean_std, run
 
 RUN_NAME = re.compile(r"^r(?P<rung>\d)-s(?P<seed>\d+)-\d{8}-\d{6}$")
 RUNGS = {
+    0: "standard training (reference, no attack)",
     1: "PGD-AT, own schedule, raw learner",
     2: "+ deployed EMA",
     3: "+ Generalist's lr schedule and weight decay",
@@ -37,8 +38,15 @@ def load(run: Path) -> list[dict] | None:
         return None
     summary = json.loads((run / "summary.json").read_text())
     rows = []
+    # ladder.sh evaluates a last model that is byte-identical to the best one only once.
+    best_file = run / "model-best.safetensors"
+    last_is_best = (
+        best_file.is_file() and (run / "model.safetensors").read_bytes() == best_file.read_bytes()
+    )
     for model in MODELS:
         path = run / f"eval-aa-{model}" / "eval.json"
+        if model == "last" and not path.is_file() and last_is_best:
+            path = run / "eval-aa-best" / "eval.json"
         if not path.is_file():
             continue
         record = json.loads(path.read_text())
@@ -57,6 +65,43 @@ def load(run: Path) -> list[dict] | None:
             }
         )
     return rows
+
+
+def loop_tests(runs_dir: Path) -> str:
+    """Every finished run's own test (``summary.json``: clean and PGD-20 on the first
+    ``eval.test_examples`` test points), rung 0 included: standard training gets no AutoAttack
+    (nothing survives it), but its clean accuracy is the headroom the ladder is about."""
+    groups: dict[tuple[int, str], list[dict[str, float]]] = defaultdict(list)
+    examples = set()
+    for folder in sorted(runs_dir.iterdir()):
+        match = RUN_NAME.match(folder.name)
+        if match is None or not (folder / "summary.json").is_file():
+            continue
+        summary = json.loads((folder / "summary.json").read_text())
+        examples.add(summary["test_examples"])
+        groups[(int(match["rung"]), "last")].append(summary["test"])
+        if summary.get("best"):
+            groups[(int(match["rung"]), "best")].append(summary["best"]["test"])
+    if not groups:
+        return ""
+    metrics = list(dict.fromkeys(m for tests in groups.values() for t in tests for m in t))
+    lines = [
+        "The training loop's own test of the same models (`summary.json`: PGD-20 on the first "
+        f"{', '.join(map(str, sorted(examples)))} test points), rung 0 included:",
+        "",
+        "| rung | change | model | runs | " + " | ".join(metrics) + " |",
+        "| --- | --- | --- | ---: |" + " ---: |" * len(metrics),
+    ]
+    for (rung, model), tests in sorted(groups.items()):
+        cells = [
+            mean_std([t[m] for t in tests]) if all(m in t for t in tests) else "—" for m in metrics
+        ]
+        lines.append(
+            f"| {rung} | {RUNGS.get(rung, '?')} | {model} | {len(tests)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def build(runs_dir: Path) -> str:
@@ -109,7 +154,7 @@ def build(runs_dir: Path) -> str:
             )
             + " |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + loop_tests(runs_dir)
 
 
 if __name__ == "__main__":

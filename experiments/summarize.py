@@ -34,8 +34,9 @@ class RunResult:
     path: Path
     clean: float
     linf: float
-    l2: float
-    union: float
+    l2: float | None
+    """None when the evaluation had no ℓ2 threat (e.g. experiments/iat_rst.sh's ℓ∞-only runs)."""
+    union: float | None
     n_examples: int
     pgd_test: dict[str, float]
     pgd_examples: int
@@ -65,8 +66,8 @@ def load(run: Path) -> RunResult | None:
         path=run,
         clean=record["clean"]["accuracy"],
         linf=worst["Linf"],
-        l2=worst["L2"],
-        union=record["union"]["accuracy"],
+        l2=worst.get("L2"),
+        union=record["union"]["accuracy"] if len(worst) > 1 else None,
         n_examples=record["data"]["n_examples"],
         pgd_test=summary["test"],
         pgd_examples=summary["test_examples"],
@@ -90,7 +91,7 @@ def _pgd(result: RunResult, norm: str) -> float | None:
 
 
 def _threat_headers(result: RunResult) -> str:
-    return f"AA {result.threats['Linf']} | AA {result.threats['L2']}"
+    return f"AA {result.threats['Linf']} | AA {result.threats.get('L2', 'L2')}"
 
 
 def _cell(values: Sequence[float | None]) -> str:
@@ -111,8 +112,8 @@ def main_table(groups: dict[str, list[RunResult]], order: Sequence[str]) -> str:
         seeds = ",".join(str(r.seed) for r in runs)
         lines.append(
             f"| {group} | {seeds} | {mean_std([r.clean for r in runs])} "
-            f"| {mean_std([r.linf for r in runs])} | {mean_std([r.l2 for r in runs])} "
-            f"| {mean_std([r.union for r in runs])} "
+            f"| {mean_std([r.linf for r in runs])} | {_cell([r.l2 for r in runs])} "
+            f"| {_cell([r.union for r in runs])} "
             f"| {mean_std([r.pgd_test['clean'] for r in runs])} "
             f"| {_cell([_pgd(r, 'Linf') for r in runs])} | {_cell([_pgd(r, 'L2') for r in runs])} "
             f"| {statistics.mean(r.train_seconds for r in runs):.0f} "
@@ -142,8 +143,8 @@ def per_run_table(results: Sequence[RunResult]) -> str:
     ]
     for r in sorted(results, key=lambda r: r.path.name):
         lines.append(
-            f"| {r.path.name} | {r.clean:.1f} | {r.linf:.1f} | {r.l2:.1f} | {r.union:.1f} "
-            f"| {r.train_seconds:.0f} | {r.eval_seconds:.0f} |"
+            f"| {r.path.name} | {r.clean:.1f} | {r.linf:.1f} | {_cell([r.l2])} "
+            f"| {_cell([r.union])} | {r.train_seconds:.0f} | {r.eval_seconds:.0f} |"
         )
     return "\n".join(lines)
 
