@@ -104,6 +104,46 @@ def loop_tests(runs_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_steps(rows: list[dict], threats: list[str]) -> str:
+    """What each change costs or buys: rung k minus rung k−1 on the same seed (same data split and
+    seed; the rungs differ only in the change), mean ± std over the seeds both rungs finished,
+    and Generalist-D as shipped (rung 5) against PGD-AT as shipped (rung 2), the issue's goal."""
+    by_key = {(r["rung"], r["seed"], r["model"]): r for r in rows}
+    metrics = [("clean", lambda r: r["clean"])] + [
+        (f"AA {t}", lambda r, t=t: r["threats"].get(t)) for t in threats
+    ]
+    lines = [
+        "Paired differences (same seed), percentage points, mean ± std over the seeds:",
+        "",
+        "| step | model | seeds | " + " | ".join(f"Δ {name}" for name, _ in metrics) + " |",
+        "| --- | --- | ---: |" + " ---: |" * len(metrics),
+    ]
+    steps = [(k - 1, k) for k in range(2, 7)] + [(2, 5)]
+    for low, high in steps:
+        for model in MODELS:
+            seeds = sorted(
+                s
+                for (rung, s, m) in by_key
+                if rung == high and m == model and (low, s, m) in by_key
+            )
+            if not seeds:
+                continue
+            cells = []
+            for _, value in metrics:
+                pairs = [
+                    (value(by_key[(high, s, model)]), value(by_key[(low, s, model)])) for s in seeds
+                ]
+                ok = all(a is not None and b is not None for a, b in pairs)
+                cells.append(mean_std([a - b for a, b in pairs]) if ok else "—")
+            label = f"{high} − {low}" + (
+                " (goal: Generalist-D vs PGD-AT)" if (low, high) == (2, 5) else ""
+            )
+            lines.append(
+                f"| {label} | {model} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def build(runs_dir: Path) -> str:
     rows = [row for p in sorted(runs_dir.iterdir()) if p.is_dir() for row in load(p) or []]
     if not rows:
@@ -154,7 +194,7 @@ def build(runs_dir: Path) -> str:
             )
             + " |"
         )
-    return "\n".join(lines) + "\n\n" + loop_tests(runs_dir)
+    return "\n".join(lines) + "\n\n" + paired_steps(rows, threats) + "\n" + loop_tests(runs_dir)
 
 
 if __name__ == "__main__":
