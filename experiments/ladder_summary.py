@@ -27,6 +27,7 @@ RUNGS = {
     4: "Generalist-D, γ_adv ≡ 1",
     5: "Generalist-D as shipped",
     6: "Generalist-D, TRADES robust learner",
+    7: "Generalist-D, one copy per redistribution epoch",
 }
 MODELS = ("best", "last")
 
@@ -118,7 +119,7 @@ def paired_steps(rows: list[dict], threats: list[str]) -> str:
         "| step | model | seeds | " + " | ".join(f"Δ {name}" for name, _ in metrics) + " |",
         "| --- | --- | ---: |" + " ---: |" * len(metrics),
     ]
-    steps = [(k - 1, k) for k in range(2, 7)] + [(2, 5)]
+    steps = [(k - 1, k) for k in range(2, 7)] + [(5, 7), (2, 5), (2, 7)]
     for low, high in steps:
         for model in MODELS:
             seeds = sorted(
@@ -135,9 +136,7 @@ def paired_steps(rows: list[dict], threats: list[str]) -> str:
                 ]
                 ok = all(a is not None and b is not None for a, b in pairs)
                 cells.append(mean_std([a - b for a, b in pairs]) if ok else "—")
-            label = f"{high} − {low}" + (
-                " (goal: Generalist-D vs PGD-AT)" if (low, high) == (2, 5) else ""
-            )
+            label = f"{high} − {low}" + (" (goal: vs PGD-AT)" if low == 2 and high > 4 else "")
             lines.append(
                 f"| {label} | {model} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |"
             )
