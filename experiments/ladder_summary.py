@@ -32,12 +32,19 @@ RUNGS = {
 MODELS = ("best", "last")
 
 
-def load(run: Path) -> list[dict] | None:
-    """One row per evaluated model of a finished run; None for anything else."""
+def finished(run: Path) -> tuple[re.Match[str], dict] | None:
+    """The name match and ``summary.json`` of a finished ladder run; None for anything else."""
     match = RUN_NAME.match(run.name)
     if match is None or not (run / "summary.json").is_file():
         return None
-    summary = json.loads((run / "summary.json").read_text())
+    return match, json.loads((run / "summary.json").read_text())
+
+
+def load(run: Path) -> list[dict] | None:
+    """One row per evaluated model of a finished run; None for anything else."""
+    if (found := finished(run)) is None:
+        return None
+    match, summary = found
     rows = []
     # ladder.sh evaluates a last model that is byte-identical to the best one only once.
     best_file = run / "model-best.safetensors"
@@ -75,10 +82,9 @@ def loop_tests(runs_dir: Path) -> str:
     groups: dict[tuple[int, str], list[dict[str, float]]] = defaultdict(list)
     examples = set()
     for folder in sorted(runs_dir.iterdir()):
-        match = RUN_NAME.match(folder.name)
-        if match is None or not (folder / "summary.json").is_file():
+        if (found := finished(folder)) is None:
             continue
-        summary = json.loads((folder / "summary.json").read_text())
+        match, summary = found
         examples.add(summary["test_examples"])
         groups[(int(match["rung"]), "last")].append(summary["test"])
         if summary.get("best"):
@@ -108,7 +114,7 @@ def loop_tests(runs_dir: Path) -> str:
 def paired_steps(rows: list[dict], threats: list[str]) -> str:
     """What each change costs or buys: rung k minus rung k−1 on the same seed (same data split and
     seed; the rungs differ only in the change), mean ± std over the seeds both rungs finished,
-    and Generalist-D as shipped (rung 5) against PGD-AT as shipped (rung 2), the issue's goal."""
+    rung 7 against rung 5, and rungs 5 and 7 against PGD-AT as shipped (rung 2): the goal."""
     by_key = {(r["rung"], r["seed"], r["model"]): r for r in rows}
     metrics = [("clean", lambda r: r["clean"])] + [
         (f"AA {t}", lambda r, t=t: r["threats"].get(t)) for t in threats
