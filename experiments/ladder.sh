@@ -26,6 +26,14 @@
 #   DATASET=digits experiments/ladder.sh         # digits at E = 10 (minutes)
 #   RUNGS="1 5" SEEDS=0 experiments/ladder.sh    # a subset
 #   STAGES=summary experiments/ladder.sh         # only the table
+#
+# Records. Run directories (weights, checkpoints) stay in RUNS, outside git; a run whose training
+# and evaluations are done is also copied, without weights, to RECORDS (config, manifest,
+# metrics, summary and the AutoAttack eval.json files, ~40 kB), which is committed: the tables
+# are built from RECORDS, so they regenerate in a later session on a fresh machine, and a
+# (rung, seed) already recorded there is not run again (delete its folder to rerun it). RECORDS
+# holds one protocol: its protocol.txt names it, and a ladder with other settings stops with a
+# one-line error instead of mixing them (set RECORDS to a new folder).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,6 +45,7 @@ RUNGS=${RUNGS:-0 1 2 3 4 5 6}
 JOBS=${JOBS:-2}                    # runs in parallel, one thread each
 AA_N=${AA_N:-}                     # AutoAttack test points (first N of the test split; "all")
 STAGES=${STAGES:-train eval summary}
+RECORDS=${RECORDS:-$ROOT/experiments/records/ladder-$DATASET}
 case $DATASET in
 cifar10)
   DATA_DIR=${DATA_DIR:-/work/shared/data/cifar10-subset/cifar-10-batches-py}
@@ -73,6 +82,10 @@ digits)  # scikit-learn's 8x8 digits (ships with it): the demo's data, seconds p
 esac
 PGD_STEPS=${PGD_STEPS:-10}
 TEST_PGD_EXAMPLES=${TEST_PGD_EXAMPLES:-500}
+# Everything that makes two runs of one rung and seed comparable (not where the data lives).
+PROTOCOL="dataset=$DATASET model=$MODEL epochs=$EPOCHS train_limit=$TRAIN_LIMIT val_size=$VAL_SIZE"
+PROTOCOL+=" linf_eps=$LINF_EPS linf_step=$LINF_STEP pgd_steps=$PGD_STEPS"
+PROTOCOL+=" test_pgd_examples=$TEST_PGD_EXAMPLES autoattack=$AA_N threats=${THREATS// /,}"
 
 # Same data, model, epochs and ℓ∞ training budget for every rung (the presets differ in ε on
 # CIFAR-10: pgd-at uses 8/255, generalist-d the official 0.031).
@@ -98,20 +111,35 @@ rung_args() {  # the preset and settings of rung $1
   esac
 }
 
-run_dir() { ls -d "$RUNS/$1"-2* 2>/dev/null | tail -n 1 || true; }
+run_dir() { ls -d "$1/$2"-2* 2>/dev/null | tail -n 1 || true; }
+
+record() {  # record RUN_DIR: its files without weights into RECORDS, whole or not at all
+  local dir=$1 file tmp
+  tmp="$RECORDS/.tmp-$(basename "$dir")"
+  rm -rf "$tmp"
+  for file in config.yaml manifest.json metrics.jsonl summary.json model.json model-best.json \
+    eval-aa-best/eval.json eval-aa-best/results.md eval-aa-last/eval.json eval-aa-last/results.md; do
+    if [ -f "$dir/$file" ]; then mkdir -p "$(dirname "$tmp/$file")" && cp "$dir/$file" "$tmp/$file"; fi
+  done
+  mv "$tmp" "$RECORDS/$(basename "$dir")"
+}
 
 one_run() {  # one_run RUNG SEED: train (unless finished), then AutoAttack on best and last
   local rung=$1 seed=$2 name="r$1-s$2" dir which threat threats=()
   for threat in $THREATS; do threats+=(--threat "$threat"); done
   if [ "$AA_N" != all ]; then threats+=(--n-examples "$AA_N"); fi
   export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-  dir=$(run_dir "$name")
+  if [ -n "$(run_dir "$RECORDS" "$name")" ]; then
+    echo "$(date -u +%FT%TZ) recorded $name: $(run_dir "$RECORDS" "$name")"
+    return
+  fi
+  dir=$(run_dir "$RUNS" "$name")
   if [[ " $STAGES " == *" train "* ]] && { [ -z "$dir" ] || [ ! -f "$dir/summary.json" ]; }; then
     if [ -n "$dir" ]; then rm -rf "$dir"; fi  # unfinished earlier attempt: start again
     # shellcheck disable=SC2046  # rung_args is a list of words on purpose
     "$PYTHON" -m generalist train $(rung_args "$rung") "${COMMON[@]}" --set "seed=$seed" \
       --out "$RUNS" --name "$name" >"$RUNS/$name.log" 2>&1
-    dir=$(run_dir "$name")
+    dir=$(run_dir "$RUNS" "$name")
   fi
   if [[ " $STAGES " == *" eval "* ]] && [ -n "$dir" ] && [ -f "$dir/summary.json" ]; then
     for which in best last; do
@@ -127,14 +155,25 @@ one_run() {  # one_run RUNG SEED: train (unless finished), then AutoAttack on be
           --no-progress >>"$RUNS/$name.log" 2>&1
       fi
     done
+    # Recorded only when both evaluations exist (the last one may be the best one's).
+    if [ -f "$dir/eval-aa-best/eval.json" ] && { [ -f "$dir/eval-aa-last/eval.json" ] ||
+      cmp -s "$dir/model.safetensors" "$dir/model-best.safetensors"; }; then
+      record "$dir"
+    fi
   fi
   echo "$(date -u +%FT%TZ) done $name"
 }
-export -f one_run rung_args run_dir
-export ROOT PYTHON DATASET RUNS THREATS AA_N STAGES
+export -f one_run rung_args run_dir record
+export ROOT PYTHON DATASET RUNS RECORDS THREATS AA_N STAGES
 export COMMON_ARGS="${COMMON[*]}"
 
-mkdir -p "$RUNS"
+mkdir -p "$RUNS" "$RECORDS"
+if [ ! -f "$RECORDS/protocol.txt" ]; then
+  echo "$PROTOCOL" >"$RECORDS/protocol.txt"
+elif [ "$(cat "$RECORDS/protocol.txt")" != "$PROTOCOL" ]; then
+  echo "RECORDS=$RECORDS holds runs of '$(cat "$RECORDS/protocol.txt")', not '$PROTOCOL': set RECORDS to a new folder" >&2
+  exit 2
+fi
 started=$(date +%s)
 if [[ " $STAGES " == *" train "* ]] || [[ " $STAGES " == *" eval "* ]]; then
   # Seeds outermost, so an interrupted ladder has whole sets of rungs rather than whole rungs.
@@ -144,5 +183,5 @@ if [[ " $STAGES " == *" train "* ]] || [[ " $STAGES " == *" eval "* ]]; then
     tee -a "$RUNS/wall_time.txt"
 fi
 if [[ " $STAGES " == *" summary "* ]]; then
-  "$PYTHON" "$ROOT/experiments/ladder_summary.py" "$RUNS" --out "$RUNS/ladder.md"
+  "$PYTHON" "$ROOT/experiments/ladder_summary.py" "$RECORDS" --out "$RUNS/ladder.md"
 fi

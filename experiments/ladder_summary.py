@@ -3,9 +3,10 @@
 One row per rung and model (best on validation, last): clean, AutoAttack ℓ∞ and ℓ2 worst case
 and union accuracy, mean ± sample std over the seeds, plus the epoch the best model came from
 and the training time. Every number is read from a run's files (``summary.json``,
-``eval-aa-best/eval.json``, ``eval-aa-last/eval.json``); nothing is typed in by hand.
+``eval-aa-best/eval.json``, ``eval-aa-last/eval.json``); nothing is typed in by hand. It reads
+run directories and the weightless records that experiments/ladder.sh commits alike.
 
-Usage: python experiments/ladder_summary.py experiments/runs/ladder-cifar10 [--out ladder.md]
+Usage: python experiments/ladder_summary.py experiments/records/ladder-cifar10 [--out ladder.md]
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ def finished(run: Path) -> tuple[re.Match[str], dict] | None:
     return match, json.loads((run / "summary.json").read_text())
 
 
+def last_is_best(run: Path) -> bool:
+    """Whether the last and the best model are the same weights (the sha256 their sidecars
+    record, so a record without weights answers too)."""
+    sidecars = [run / "model.json", run / "model-best.json"]
+    if not all(path.is_file() for path in sidecars):
+        return False
+    last, best = (json.loads(path.read_text()).get("sha256") for path in sidecars)
+    return last is not None and last == best
+
+
 def load(run: Path) -> list[dict] | None:
     """One row per evaluated model of a finished run; None for anything else."""
     if (found := finished(run)) is None:
@@ -47,13 +58,10 @@ def load(run: Path) -> list[dict] | None:
     match, summary = found
     rows = []
     # ladder.sh evaluates a last model that is byte-identical to the best one only once.
-    best_file = run / "model-best.safetensors"
-    last_is_best = (
-        best_file.is_file() and (run / "model.safetensors").read_bytes() == best_file.read_bytes()
-    )
+    same = last_is_best(run)
     for model in MODELS:
         path = run / f"eval-aa-{model}" / "eval.json"
-        if model == "last" and not path.is_file() and last_is_best:
+        if model == "last" and not path.is_file() and same:
             path = run / "eval-aa-best" / "eval.json"
         if not path.is_file():
             continue
@@ -149,7 +157,23 @@ def paired_steps(rows: list[dict], threats: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def refuse_repeats(runs_dir: Path) -> None:
+    """Two finished runs of one rung and seed (a rerun beside the first, or records from two
+    sessions) would be averaged as two seeds: stop and name them instead."""
+    seen: dict[tuple[str, str], str] = {}
+    for folder in sorted(runs_dir.iterdir()):
+        if (found := finished(folder)) is not None:
+            key = (found[0]["rung"], found[0]["seed"])
+            if key in seen:
+                raise SystemExit(
+                    f"{runs_dir}: rung {key[0]} seed {key[1]} was run twice ({seen[key]}, "
+                    f"{folder.name}); remove the one that should not count"
+                )
+            seen[key] = folder.name
+
+
 def build(runs_dir: Path) -> str:
+    refuse_repeats(runs_dir)
     rows = [row for p in sorted(runs_dir.iterdir()) if p.is_dir() for row in load(p) or []]
     if not rows:
         raise SystemExit(f"no finished, AutoAttack-evaluated ladder runs in {runs_dir}")
