@@ -5,6 +5,7 @@ All on the CPU; the GPU side of the same promises is ``tests/test_cuda.py``.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -20,7 +21,7 @@ from generalist.cli import main
 from generalist.config import LearnerConfig
 from generalist.devices import training_autocast
 from generalist.errors import ConfigError
-from generalist.manifest import note_resume
+from generalist.manifest import cpu_kernels, note_resume
 from generalist.models import create_model
 from generalist.models.normalization import GlobalAvgPool
 from generalist.schedules import PiecewiseLinear
@@ -198,6 +199,20 @@ def test_a_run_resumes_on_another_thread_count_and_says_so(tmp_path):
     assert said == [
         "note: 2 CPU threads now, 1 when this run started; the result may differ in the last "
         "bits (--threads 1 to match)"
+    ]
+
+
+def test_the_manifest_names_the_cpu_kernels_and_a_resume_on_others_says_so(tmp_path):
+    run = loop.train(tiny_config(tmp_path, "epochs=1"), progress=False, echo=quiet).run
+    manifest = json.loads(run.manifest_path.read_text())
+    assert manifest["device"]["kernels"] == cpu_kernels() != "unknown"
+    manifest["device"]["kernels"] = "NOT" + cpu_kernels()  # as if started on another machine
+    run.manifest_path.write_text(json.dumps(manifest))
+    said: list[str] = []
+    note_resume(run, None, said.append)
+    assert said == [
+        f"note: torch's CPU kernels are {cpu_kernels()} here, NOT{cpu_kernels()} where this run "
+        "started; the result may differ in the last bits from the first step on"
     ]
 
 

@@ -81,6 +81,12 @@ def note_resume(run: RunDir, checkpoint: Path | None, echo: Any) -> None:
         what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
         echo(f"note: {what} since this run started; the result may differ in the last bits")
     started = manifest.get("device", {})
+    kernels = cpu_kernels()
+    if started.get("type") == "cpu" and started.get("kernels") not in (None, kernels):
+        echo(
+            f"note: torch's CPU kernels are {kernels} here, {started['kernels']} where this run "
+            "started; the result may differ in the last bits from the first step on"
+        )
     threads = torch.get_num_threads()
     if started.get("type") == "cpu" and started.get("threads") not in (None, threads):
         echo(
@@ -112,8 +118,30 @@ def describe_device(device: torch.device) -> dict[str, Any]:
     return {
         "type": device.type,
         "name": platform.processor() or platform.machine(),
+        "model": cpu_model(),
+        "kernels": cpu_kernels(),
         "threads": torch.get_num_threads(),
     }
+
+
+def cpu_kernels() -> str:
+    """The instruction set torch's CPU kernels dispatch to (e.g. AVX512, AVX2). It sets how sums
+    are split into vector lanes, so two machines that differ in it round differently and the
+    same run, seed and build drift apart from the first step (measured: RESULTS.md §1)."""
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    return capability() if capability is not None else "unknown"
+
+
+def cpu_model() -> str | None:
+    """The processor's marketing name (Linux /proc/cpuinfo); None where it is not readable."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        return None
+    return None
 
 
 def git_revision() -> dict[str, Any] | None:
