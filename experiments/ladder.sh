@@ -125,12 +125,13 @@ record() {  # record RUN_DIR: its files without weights into RECORDS, whole or n
 }
 
 one_run() {  # one_run RUNG SEED: train (unless finished), then AutoAttack on best and last
-  local rung=$1 seed=$2 name="r$1-s$2" dir which threat threats=()
+  local rung=$1 seed=$2 name="r$1-s$2" dir recorded last_is_best which threat threats=()
   for threat in $THREATS; do threats+=(--threat "$threat"); done
   if [ "$AA_N" != all ]; then threats+=(--n-examples "$AA_N"); fi
   export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-  if [ -n "$(run_dir "$RECORDS" "$name")" ]; then
-    echo "$(date -u +%FT%TZ) recorded $name: $(run_dir "$RECORDS" "$name")"
+  recorded=$(run_dir "$RECORDS" "$name")
+  if [ -n "$recorded" ]; then
+    echo "$(date -u +%FT%TZ) recorded $name: $recorded"
     return
   fi
   dir=$(run_dir "$RUNS" "$name")
@@ -142,12 +143,12 @@ one_run() {  # one_run RUNG SEED: train (unless finished), then AutoAttack on be
     dir=$(run_dir "$RUNS" "$name")
   fi
   if [[ " $STAGES " == *" eval "* ]] && [ -n "$dir" ] && [ -f "$dir/summary.json" ]; then
+    last_is_best=false
+    if cmp -s "$dir/model.safetensors" "$dir/model-best.safetensors"; then last_is_best=true; fi
     for which in best last; do
       # A last model byte-identical to the best one (best chosen at the last epoch) would give
       # the same numbers (AutoAttack is seeded); ladder_summary.py reads best's evaluation for it.
-      if [ $which = last ] && cmp -s "$dir/model.safetensors" "$dir/model-best.safetensors"; then
-        continue
-      fi
+      if [ $which = last ] && $last_is_best; then continue; fi
       if [ ! -f "$dir/eval-aa-$which/eval.json" ]; then
         rm -rf "$dir/eval-aa-$which"
         "$PYTHON" -m generalist eval "$dir" --model "$which" --attacks autoattack \
@@ -156,8 +157,7 @@ one_run() {  # one_run RUNG SEED: train (unless finished), then AutoAttack on be
       fi
     done
     # Recorded only when both evaluations exist (the last one may be the best one's).
-    if [ -f "$dir/eval-aa-best/eval.json" ] && { [ -f "$dir/eval-aa-last/eval.json" ] ||
-      cmp -s "$dir/model.safetensors" "$dir/model-best.safetensors"; }; then
+    if [ -f "$dir/eval-aa-best/eval.json" ] && { [ -f "$dir/eval-aa-last/eval.json" ] || $last_is_best; }; then
       record "$dir"
     fi
   fi

@@ -127,12 +127,13 @@ def paired_steps(rows: list[dict], threats: list[str]) -> str:
     metrics = [("clean", lambda r: r["clean"])] + [
         (f"AA {t}", lambda r, t=t: r["threats"].get(t)) for t in threats
     ]
-    lines = [
+    header = [
         "Paired differences (same seed), percentage points, mean ± std over the seeds:",
         "",
         "| step | model | seeds | " + " | ".join(f"Δ {name}" for name, _ in metrics) + " |",
         "| --- | --- | ---: |" + " ---: |" * len(metrics),
     ]
+    lines = []
     steps = [(k - 1, k) for k in range(2, 7)] + [(5, 7), (2, 5), (2, 7)]
     for low, high in steps:
         for model in MODELS:
@@ -154,7 +155,7 @@ def paired_steps(rows: list[dict], threats: list[str]) -> str:
             lines.append(
                 f"| {label} | {model} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |"
             )
-    return "\n".join(lines) + "\n" if len(lines) > 4 else ""  # no two rungs share a seed
+    return "\n".join(header + lines) + "\n" if lines else ""  # no two rungs share a seed
 
 
 def refuse_repeats(runs_dir: Path) -> None:

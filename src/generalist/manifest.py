@@ -127,7 +127,7 @@ def describe_device(device: torch.device) -> dict[str, Any]:
 def cpu_kernels() -> str:
     """The instruction set torch's CPU kernels dispatch to (e.g. AVX512, AVX2). It sets how sums
     are split into vector lanes, so two machines that differ in it round differently and the
-    same run, seed and build drift apart from the first step (measured: RESULTS.md §1)."""
+    same run, seed and build drift apart from the first step (measured: RESULTS.md §1, §2)."""
     capability = getattr(torch.backends.cpu, "get_cpu_capability", None)
     return capability() if capability is not None else "unknown"
 
