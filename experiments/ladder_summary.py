@@ -33,12 +33,17 @@ RUNGS = {
 MODELS = ("best", "last")
 
 
-def finished(run: Path) -> tuple[re.Match[str], dict] | None:
-    """The name match and ``summary.json`` of a finished ladder run; None for anything else."""
-    match = RUN_NAME.match(run.name)
-    if match is None or not (run / "summary.json").is_file():
-        return None
-    return match, json.loads((run / "summary.json").read_text())
+Finished = tuple[Path, re.Match[str], dict]  # a run's folder, name match and summary.json
+
+
+def finished_runs(runs_dir: Path) -> list[Finished]:
+    """Every finished ladder run in ``runs_dir`` (its ``summary.json`` read once), by name."""
+    runs = []
+    for folder in sorted(runs_dir.iterdir()):
+        match = RUN_NAME.match(folder.name)
+        if match is not None and (folder / "summary.json").is_file():
+            runs.append((folder, match, json.loads((folder / "summary.json").read_text())))
+    return runs
 
 
 def last_is_best(run: Path) -> bool:
@@ -51,11 +56,9 @@ def last_is_best(run: Path) -> bool:
     return last is not None and last == best
 
 
-def load(run: Path) -> list[dict] | None:
-    """One row per evaluated model of a finished run; None for anything else."""
-    if (found := finished(run)) is None:
-        return None
-    match, summary = found
+def load(finished: Finished) -> list[dict]:
+    """One row per AutoAttack-evaluated model of a finished run."""
+    run, match, summary = finished
     rows = []
     # ladder.sh evaluates a last model that is byte-identical to the best one only once.
     same = last_is_best(run)
@@ -83,16 +86,13 @@ def load(run: Path) -> list[dict] | None:
     return rows
 
 
-def loop_tests(runs_dir: Path) -> str:
+def loop_tests(runs: list[Finished]) -> str:
     """Every finished run's own test (``summary.json``: clean and PGD-20 on the first
-    ``eval.test_examples`` test points), rung 0 included: standard training gets no AutoAttack
-    (nothing survives it), but its clean accuracy is the headroom the ladder is about."""
+    ``eval.test_examples`` test points), evaluated or not: a second, weaker judge beside
+    AutoAttack, and for a run trained but not yet attacked the only one."""
     groups: dict[tuple[int, str], list[dict[str, float]]] = defaultdict(list)
     examples = set()
-    for folder in sorted(runs_dir.iterdir()):
-        if (found := finished(folder)) is None:
-            continue
-        match, summary = found
+    for _, match, summary in runs:
         examples.add(summary["test_examples"])
         groups[(int(match["rung"]), "last")].append(summary["test"])
         if summary.get("best"):
@@ -102,7 +102,7 @@ def loop_tests(runs_dir: Path) -> str:
     metrics = list(dict.fromkeys(m for tests in groups.values() for t in tests for m in t))
     lines = [
         "The training loop's own test of the same models (`summary.json`: PGD-20 on the first "
-        f"{', '.join(map(str, sorted(examples)))} test points), rung 0 included:",
+        f"{', '.join(map(str, sorted(examples)))} test points):",
         "",
         "| rung | change | model | runs | " + " | ".join(metrics) + " |",
         "| --- | --- | --- | ---: |" + " ---: |" * len(metrics),
@@ -158,24 +158,24 @@ def paired_steps(rows: list[dict], threats: list[str]) -> str:
     return "\n".join(header + lines) + "\n" if lines else ""  # no two rungs share a seed
 
 
-def refuse_repeats(runs_dir: Path) -> None:
+def refuse_repeats(runs_dir: Path, runs: list[Finished]) -> None:
     """Two finished runs of one rung and seed (a rerun beside the first, or records from two
     sessions) would be averaged as two seeds: stop and name them instead."""
     seen: dict[tuple[str, str], str] = {}
-    for folder in sorted(runs_dir.iterdir()):
-        if (found := finished(folder)) is not None:
-            key = (found[0]["rung"], found[0]["seed"])
-            if key in seen:
-                raise SystemExit(
-                    f"{runs_dir}: rung {key[0]} seed {key[1]} was run twice ({seen[key]}, "
-                    f"{folder.name}); remove the one that should not count"
-                )
-            seen[key] = folder.name
+    for folder, match, _ in runs:
+        key = (match["rung"], match["seed"])
+        if key in seen:
+            raise SystemExit(
+                f"{runs_dir}: rung {key[0]} seed {key[1]} was run twice ({seen[key]}, "
+                f"{folder.name}); remove the one that should not count"
+            )
+        seen[key] = folder.name
 
 
 def build(runs_dir: Path) -> str:
-    refuse_repeats(runs_dir)
-    rows = [row for p in sorted(runs_dir.iterdir()) if p.is_dir() for row in load(p) or []]
+    runs = finished_runs(runs_dir)
+    refuse_repeats(runs_dir, runs)
+    rows = [row for finished in runs for row in load(finished)]
     if not rows:
         raise SystemExit(f"no finished, AutoAttack-evaluated ladder runs in {runs_dir}")
     threats = list(dict.fromkeys(t for row in rows for t in row["threats"]))
@@ -224,7 +224,7 @@ def build(runs_dir: Path) -> str:
             )
             + " |"
         )
-    parts = ["\n".join(lines) + "\n", paired_steps(rows, threats), loop_tests(runs_dir)]
+    parts = ["\n".join(lines) + "\n", paired_steps(rows, threats), loop_tests(runs)]
     return "\n".join(part for part in parts if part)
 
 
