@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 from training_runs import (
@@ -134,6 +135,39 @@ def test_resume_refuses_a_checkpoint_whose_config_was_edited(tmp_path, stopped_r
     err = capsys.readouterr().err
     assert "step-000000013-epoch-0002.json was written with another config" in err
     assert "data.train_limit is 255 here but 256 in the run" in err
+
+
+def test_resume_refuses_a_run_of_an_earlier_version_and_says_so(tmp_path, stopped_run, capsys):
+    """A run started before a recipe change: config.yaml and the checkpoint still agree, but
+    this version reads them differently (here the unit-less ``every: 5`` of before issue 17,
+    which now reads as the exact number '5'). Not 'edited', and nothing is overwritten."""
+
+    def as_before(config: dict) -> None:
+        redistribute = config["merge"]["redistribute"]
+        redistribute.pop("unit")
+        redistribute["every"] = 5
+
+    run = _copy(stopped_run, tmp_path)
+    store = CheckpointStore(run / "checkpoints", keep=3)
+    newest = store.read(_record(run, 13))
+    meta = {k: v for k, v in newest.meta.items() if k not in ("format", "tensors")}
+    as_before(meta["config"])
+    store.save(13, 2, newest.tensors, meta)
+    config_path = RunDir.open(run).config_path
+    config = yaml.safe_load(config_path.read_text())
+    as_before(config)
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    before = {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {_record(run, 13)} was written by an earlier version of generalist-at, which "
+        "read config.yaml differently (merge.redistribute.every is '5' here but 5 in the run); "
+        "resuming with this version would change the recipe mid-run, so finish it with the "
+        "version its manifest.json names, or start a new run: generalist train --config "
+        f"{config_path}\n"
+    )
+    assert {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
 
 
 def test_resume_refuses_a_checkpoint_of_other_data(tmp_path, capsys):

@@ -22,6 +22,7 @@ import yaml
 from generalist.checkpoint import Checkpoint, CheckpointStore
 from generalist.config import Config, build_config
 from generalist.errors import CheckpointError, ConfigError
+from generalist.plain_yaml import load_plain_yaml
 from generalist.rundir import RunDir
 from generalist.training.checkpoint_layout import layout_problem
 from generalist.training.signals import resume_hint
@@ -146,10 +147,7 @@ def resume_state(
     meta = checkpoint.meta
     difference = config_difference(meta.get("config", {}), config.to_dict())
     if difference:
-        raise CheckpointError(
-            f"{checkpoint.record} was written with another config ({difference}); "
-            "config.yaml was edited since, so restore it or start a new run"
-        )
+        raise CheckpointError(_config_refusal(checkpoint.record, meta, run, difference))
     if meta.get("data", {}).get("train") != data_fingerprint:
         raise CheckpointError(
             f"{checkpoint.record} was trained on other data than {config.data.dataset} in "
@@ -196,6 +194,35 @@ def resume_config(run_dir: str | Path, given: Config | None, overrides: list[str
     for key in IRRELEVANT_ON_RESUME:
         setattr(wanted, key, getattr(saved, key))
     return wanted
+
+
+def _config_refusal(record: Path, meta: dict[str, Any], run: RunDir, difference: str) -> str:
+    """Why a checkpoint's config differs from the run's, and what to do.
+
+    Either config.yaml was edited since the checkpoint, or it still says what the checkpoint
+    says and this version of generalist-at reads it differently (a run started before a
+    recipe change, such as docs/algorithm.md's per-epoch schedules). Resuming the latter would
+    switch recipes mid-run, so both are refused; only the advice differs."""
+    try:
+        on_disk = load_plain_yaml(run.config_path.read_text(), f"config file {run.config_path}")
+    except (OSError, UnicodeDecodeError, ConfigError):
+        on_disk = None
+    saved = meta.get("config")
+    if (
+        isinstance(on_disk, dict)
+        and isinstance(saved, dict)
+        and not config_difference(saved, on_disk)
+    ):
+        return (
+            f"{record} was written by an earlier version of generalist-at, which read "
+            f"{run.config_path.name} differently ({difference}); resuming with this version "
+            "would change the recipe mid-run, so finish it with the version its manifest.json "
+            f"names, or start a new run: generalist train --config {run.config_path}"
+        )
+    return (
+        f"{record} was written with another config ({difference}); "
+        "config.yaml was edited since, so restore it or start a new run"
+    )
 
 
 def config_difference(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> str:
