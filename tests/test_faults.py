@@ -157,7 +157,13 @@ def test_resume_refuses_a_run_of_an_earlier_version_and_says_so(tmp_path, stoppe
     config = yaml.safe_load(config_path.read_text())
     as_before(config)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    before = {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+
+    def files() -> dict[Path, bytes]:
+        return {
+            path.relative_to(run): path.read_bytes() for path in run.rglob("*") if path.is_file()
+        }
+
+    before = files()
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err == (
@@ -167,7 +173,7 @@ def test_resume_refuses_a_run_of_an_earlier_version_and_says_so(tmp_path, stoppe
         "version its manifest.json names, or start a new run: generalist train --config "
         f"{config_path}\n"
     )
-    assert {path.name: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+    assert files() == before
 
 
 def test_resume_refuses_a_checkpoint_of_other_data(tmp_path, capsys):

@@ -379,7 +379,7 @@ def build_config(
     """Resolve preset → dataset profile → user YAML → ``--set`` overrides into a valid Config."""
     from generalist.presets import load_dataset_profile, load_method_preset
 
-    user = _read_yaml(user_yaml) if user_yaml is not None else {}
+    user = read_config_file(user_yaml) if user_yaml is not None else {}
     method = load_method_preset(preset) if preset else {}
     for section in ("data", "learners"):
         if not isinstance(user.get(section, {}), dict):
@@ -416,7 +416,9 @@ def _dig(tree: dict, *keys: str) -> Any:
     return tree
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds, as written (no presets, no defaults); a missing,
+    oversized, non-UTF-8 or non-mapping file is one :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; check the path given to --config")

@@ -20,9 +20,8 @@ from typing import Any
 import yaml
 
 from generalist.checkpoint import Checkpoint, CheckpointStore
-from generalist.config import Config, build_config
+from generalist.config import Config, build_config, read_config_file
 from generalist.errors import CheckpointError, ConfigError
-from generalist.plain_yaml import load_plain_yaml
 from generalist.rundir import RunDir
 from generalist.training.checkpoint_layout import layout_problem
 from generalist.training.signals import resume_hint
@@ -204,15 +203,11 @@ def _config_refusal(record: Path, meta: dict[str, Any], run: RunDir, difference:
     recipe change, such as docs/algorithm.md's per-epoch schedules). Resuming the latter would
     switch recipes mid-run, so both are refused; only the advice differs."""
     try:
-        on_disk = load_plain_yaml(run.config_path.read_text(), f"config file {run.config_path}")
-    except (OSError, UnicodeDecodeError, ConfigError):
+        on_disk = read_config_file(run.config_path)
+    except (OSError, ConfigError):
         on_disk = None
     saved = meta.get("config")
-    if (
-        isinstance(on_disk, dict)
-        and isinstance(saved, dict)
-        and not config_difference(saved, on_disk)
-    ):
+    if on_disk is not None and isinstance(saved, dict) and not config_difference(saved, on_disk):
         return (
             f"{record} was written by an earlier version of generalist-at, which read "
             f"{run.config_path.name} differently ({difference}); resuming with this version "
