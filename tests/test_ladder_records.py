@@ -129,3 +129,30 @@ def test_a_rung_and_seed_recorded_twice_is_refused_not_averaged(recorded: Path) 
     shutil.copytree(records / "r5-s0-20261201-000000", records / "r5-s0-20261202-000000")
     with pytest.raises(SystemExit, match="rung 5 seed 0 was run twice"):
         ladder_summary.build(records)
+
+
+def tables(markdown: str) -> list[str]:
+    """The Markdown tables of a text, each as its block of consecutive ``|`` lines."""
+    blocks, block = [], []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append(line)
+        elif block:
+            blocks.append("\n".join(block))
+            block = []
+    return blocks
+
+
+@pytest.mark.parametrize(
+    "records",
+    sorted(p.name for p in (ROOT / "experiments" / "records").iterdir() if p.is_dir()),
+)
+def test_results_md_prints_the_committed_records_tables_as_they_regenerate(records: str) -> None:
+    """Every ladder table that RESULTS.md says comes from committed records is what
+    ladder_summary.py prints from them now: a record added, changed or a figure typed by hand
+    makes the page disagree with its source and fails here."""
+    results = (ROOT / "RESULTS.md").read_text(encoding="utf-8")
+    regenerated = tables(ladder_summary.build(ROOT / "experiments" / "records" / records))
+    assert regenerated, f"{records}: ladder_summary printed no table"
+    for table in regenerated:
+        assert table in results, f"{records}: this table is not in RESULTS.md as printed:\n{table}"
