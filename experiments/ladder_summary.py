@@ -122,7 +122,8 @@ def loop_tests(runs: list[Finished]) -> str:
 def paired_steps(rows: list[dict], threats: list[str]) -> str:
     """What each change costs or buys: rung k minus rung k−1 on the same seed (same data split and
     seed; the rungs differ only in the change), mean ± std over the seeds both rungs finished,
-    rung 7 against rung 5, and rungs 5 and 7 against PGD-AT as shipped (rung 2): the goal."""
+    rung 7 against rung 5, and the Generalist-D rungs 5, 6 and 7 against PGD-AT as shipped
+    (rung 2): the goal."""
     by_key = {(r["rung"], r["seed"], r["model"]): r for r in rows}
     metrics = [("clean", lambda r: r["clean"])] + [
         (f"AA {t}", lambda r, t=t: r["threats"].get(t)) for t in threats
@@ -134,7 +135,7 @@ def paired_steps(rows: list[dict], threats: list[str]) -> str:
         "| --- | --- | ---: |" + " ---: |" * len(metrics),
     ]
     lines = []
-    steps = [(k - 1, k) for k in range(2, 7)] + [(5, 7), (2, 5), (2, 7)]
+    steps = [(k - 1, k) for k in range(2, 7)] + [(5, 7), (2, 5), (2, 6), (2, 7)]
     for low, high in steps:
         for model in MODELS:
             seeds = sorted(
