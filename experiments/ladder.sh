@@ -136,10 +136,16 @@ one_run() {  # one_run RUNG SEED: train (unless finished), then AutoAttack on be
   fi
   dir=$(run_dir "$RUNS" "$name")
   if [[ " $STAGES " == *" train "* ]] && { [ -z "$dir" ] || [ ! -f "$dir/summary.json" ]; }; then
-    if [ -n "$dir" ]; then rm -rf "$dir"; fi  # unfinished earlier attempt: start again
-    # shellcheck disable=SC2046  # rung_args is a list of words on purpose
-    "$PYTHON" -m generalist train $(rung_args "$rung") "${COMMON[@]}" --set "seed=$seed" \
-      --out "$RUNS" --name "$name" >"$RUNS/$name.log" 2>&1
+    if [ -n "$dir" ] && [ -f "$dir/config.yaml" ]; then
+      # An unfinished earlier attempt (a session ended, a machine stopped) continues where its
+      # last checkpoint left it; manifest.json records each resume, RESULTS.md names them.
+      "$PYTHON" -m generalist train --resume "$dir" --no-progress >>"$RUNS/$name.log" 2>&1
+    else
+      if [ -n "$dir" ]; then rm -rf "$dir"; fi  # died before its config was written: start again
+      # shellcheck disable=SC2046  # rung_args is a list of words on purpose
+      "$PYTHON" -m generalist train $(rung_args "$rung") "${COMMON[@]}" --set "seed=$seed" \
+        --out "$RUNS" --name "$name" >"$RUNS/$name.log" 2>&1
+    fi
     dir=$(run_dir "$RUNS" "$name")
   fi
   if [[ " $STAGES " == *" eval "* ]] && [ -n "$dir" ] && [ -f "$dir/summary.json" ]; then
