@@ -16,6 +16,11 @@
 #           epoch (policy once_per_c_epochs) instead of one at every step of it: in a short run
 #           the redistribution epochs are consecutive, so the official per-step policy holds
 #           every learner at θ_g for the whole last third of the run
+#   rung 8  rung 5 with redistributions at least 2 epochs apart (merge.redistribute.min_gap=2;
+#           the same epochs as rung 5 wherever the laid grid is already that sparse, E = 120)
+#   rungs 9, 10, 11  rung 5 with the official rule at communication period c = 1, 3, 7 epochs
+#           (unit epoch, start 75: meant for E = 120, where c = 5 is rung 5)
+#   rung 12 rung 5 whose natural learner uses Adam (experiments/ladder/rung12-natural-adam.yaml)
 #   rung 0  standard training (not a rung: the clean accuracy the model reaches without attacks,
 #           the headroom the ladder is about)
 #
@@ -107,7 +112,14 @@ rung_args() {  # the preset and settings of rung $1
   5) echo "--preset generalist-d" ;;
   6) echo "--preset generalist-d --config $ROOT/experiments/ladder/rung6-generalist-d-trades.yaml" ;;
   7) echo "--preset generalist-d --set merge.redistribute.policy=once_per_c_epochs" ;;
-  *) echo "unknown rung $1 (0-7)" >&2; return 2 ;;
+  8) echo "--preset generalist-d --set merge.redistribute.min_gap=2" ;;
+  # The paper's communication-period ablation at E = 120 (unit epoch, from epoch 75; c = 5 is
+  # rung 5 itself there) and its natural learner with Adam.
+  9) echo "--preset generalist-d --set merge.redistribute.unit=epoch --set merge.redistribute.start=75 --set merge.redistribute.every=1" ;;
+  10) echo "--preset generalist-d --set merge.redistribute.unit=epoch --set merge.redistribute.start=75 --set merge.redistribute.every=3" ;;
+  11) echo "--preset generalist-d --set merge.redistribute.unit=epoch --set merge.redistribute.start=75 --set merge.redistribute.every=7" ;;
+  12) echo "--preset generalist-d --config $ROOT/experiments/ladder/rung12-natural-adam.yaml" ;;
+  *) echo "unknown rung $1 (0-12)" >&2; return 2 ;;
   esac
 }
 

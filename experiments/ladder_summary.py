@@ -19,7 +19,7 @@ from pathlib import Path
 
 from summarize import mean_std, run
 
-RUN_NAME = re.compile(r"^r(?P<rung>\d)-s(?P<seed>\d+)-\d{8}-\d{6}$")
+RUN_NAME = re.compile(r"^r(?P<rung>\d+)-s(?P<seed>\d+)-\d{8}-\d{6}$")
 RUNGS = {
     0: "standard training (reference, no attack)",
     1: "PGD-AT, own schedule, raw learner",
@@ -29,6 +29,11 @@ RUNGS = {
     5: "Generalist-D as shipped",
     6: "Generalist-D, TRADES robust learner",
     7: "Generalist-D, one copy per redistribution epoch",
+    8: "Generalist-D, redistributions ≥ 2 epochs apart",
+    9: "Generalist-D, c = 1 epoch from epoch 75",
+    10: "Generalist-D, c = 3 epochs from epoch 75",
+    11: "Generalist-D, c = 7 epochs from epoch 75",
+    12: "Generalist-D, natural learner with Adam",
 }
 MODELS = ("best", "last")
 
@@ -122,8 +127,9 @@ def loop_tests(runs: list[Finished]) -> str:
 def paired_steps(rows: list[dict], threats: list[str]) -> str:
     """What each change costs or buys: rung k minus rung k−1 on the same seed (same data split and
     seed; the rungs differ only in the change), mean ± std over the seeds both rungs finished,
-    rung 7 against rung 5, and the Generalist-D rungs 5, 6 and 7 against PGD-AT as shipped
-    (rung 2): the goal."""
+    Generalist-D against the same schedule without its natural learner (5 − 3), the variants
+    7–12 against rung 5, and the Generalist-D rungs 5–8 against PGD-AT as shipped (rung 2):
+    the goal."""
     by_key = {(r["rung"], r["seed"], r["model"]): r for r in rows}
     metrics = [("clean", lambda r: r["clean"])] + [
         (f"AA {t}", lambda r, t=t: r["threats"].get(t)) for t in threats
@@ -135,7 +141,8 @@ def paired_steps(rows: list[dict], threats: list[str]) -> str:
         "| --- | --- | ---: |" + " ---: |" * len(metrics),
     ]
     lines = []
-    steps = [(k - 1, k) for k in range(2, 7)] + [(5, 7), (2, 5), (2, 6), (2, 7)]
+    steps = [(k - 1, k) for k in range(2, 7)] + [(3, 5), (5, 7), (5, 8)]
+    steps += [(5, k) for k in range(9, 13)] + [(2, 5), (2, 6), (2, 7), (2, 8)]
     for low, high in steps:
         for model in MODELS:
             seeds = sorted(

@@ -145,7 +145,12 @@ def tables(markdown: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "records",
-    sorted(p.name for p in (ROOT / "experiments" / "records").iterdir() if p.is_dir()),
+    # A folder holding only its protocol.txt is a ladder whose runs are still under way.
+    sorted(
+        p.name
+        for p in (ROOT / "experiments" / "records").iterdir()
+        if p.is_dir() and any(run.is_dir() for run in p.iterdir())
+    ),
 )
 def test_results_md_prints_the_committed_records_tables_as_they_regenerate(records: str) -> None:
     """Every ladder table that RESULTS.md says comes from committed records is what

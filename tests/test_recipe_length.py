@@ -3,12 +3,14 @@ on E epochs"), and the schedules are read once per epoch unless a config asks pe
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 from training_runs import train_tiny
 
 from generalist.config import build_config
+from generalist.errors import ConfigError
 from generalist.schedules import build_schedule, schedule_position
 from generalist.training.generalist import (
     ema_decay_cap,
@@ -48,6 +50,26 @@ def test_the_explicit_epoch_rule_is_the_official_formula():
     assert redistribution_epochs(_config(120, *rule, "merge.redistribute.every=5")) == PLAN[120]
     assert redistribution_epochs(_config(80, *rule, "merge.redistribute.every=5")) == [75, 80]
     assert redistribution_epochs(_config(8, "merge.redistribute.policy=never")) == []
+
+
+@pytest.mark.parametrize("epochs", sorted(PLAN))
+def test_a_minimum_gap_frees_epochs_in_short_runs_and_keeps_the_official_ones(epochs):
+    """``min_gap`` spaces a short run's redistributions; a grid already that sparse (E = 120's
+    every 5 epochs) is untouched, so the official run stays exactly official."""
+    plan = redistribution_epochs(_config(epochs, "merge.redistribute.min_gap=2"))
+    assert plan[-1] == epochs and plan[0] >= round(0.625 * epochs)
+    assert all(later - earlier >= 2 for earlier, later in itertools.pairwise(plan))
+    if all(b - a >= 2 for a, b in zip(PLAN[epochs], PLAN[epochs][1:], strict=False)):
+        assert plan == PLAN[epochs]
+    assert redistribution_epochs(_config(20, "merge.redistribute.min_gap=2")) == [14, 16, 18, 20]
+    assert redistribution_epochs(_config(20, "merge.redistribute.min_gap=3")) == [14, 17, 20]
+
+
+def test_a_minimum_gap_is_refused_where_it_means_nothing():
+    with pytest.raises(ConfigError, match="min_gap"):
+        _config(120, "merge.redistribute.unit=epoch", "merge.redistribute.min_gap=2")
+    with pytest.raises(ConfigError, match="min_gap"):
+        _config(20, "merge.redistribute.min_gap=0")
 
 
 def test_a_config_from_before_the_unit_key_keeps_its_old_meaning():

@@ -219,6 +219,11 @@ class RedistributeConfig:
     every: str = "1/24"
     """c: the spacing (official: 5 of 120 epochs = 1/24); with ``fraction`` the grid is anchored
     at the end of the run, so the last epoch always redistributes."""
+    min_gap: int = 1
+    """With ``fraction``: the fewest epochs between two redistributions. A run whose laid grid
+    is closer (a short run: the official ten epochs become consecutive) redistributes every
+    ``min_gap`` epochs back from the last one, while ≥ round(t'·E), leaving the learners whole
+    epochs to train apart; a grid already that far apart (E = 120: every 5) is unchanged."""
 
 
 @dataclass
@@ -846,6 +851,12 @@ def redistribute_rule(config: Config) -> tuple[str, Fraction, Fraction]:
         unit, start = "epoch", start * config.epochs if start <= 1 else start
     unit = unit or "fraction"
     _choice(unit, SCHEDULE_UNITS, "merge.redistribute.unit")
+    _at_least(rule.min_gap, 1, "merge.redistribute.min_gap")
+    if rule.min_gap != 1 and unit == "epoch":
+        raise ConfigError(
+            "merge.redistribute.min_gap: only for unit: fraction (with unit: epoch, every is "
+            "already the gap); remove min_gap or set unit=fraction"
+        )
     if unit == "epoch":
         if every < 1 or every.denominator != 1:
             raise ConfigError(

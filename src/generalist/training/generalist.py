@@ -30,6 +30,7 @@ difference is that Σ_i γ_i·θ̄_i is summed over the processes instead of ove
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,7 +79,19 @@ def redistribution_epochs(config: Config) -> list[int]:
     if unit == "epoch":
         return [e for e in range(1, epochs + 1) if e >= start and e % every == 0]
     points = (1 - k * every for k in range(math.floor((1 - start) / every) + 1))
-    return sorted({min(epochs, max(1, math.floor(p * epochs + Fraction(1, 2)))) for p in points})
+    laid = sorted({min(epochs, max(1, _nearest(p * epochs))) for p in points})
+    gap = config.merge.redistribute.min_gap
+    if all(later - earlier >= gap for earlier, later in itertools.pairwise(laid)):
+        return laid
+    # Too close on this E's grid: step back from the last epoch by the gap instead, so the
+    # learners train apart for gap − 1 whole epochs between two copies of θ_g.
+    first = max(1, _nearest(start * epochs))
+    return list(range(epochs, first - 1, -gap))[::-1]
+
+
+def _nearest(value: Fraction) -> int:
+    """The nearest whole epoch, halves up."""
+    return math.floor(value + Fraction(1, 2))
 
 
 def redistributes_in(config: Config, epoch: int) -> bool:
