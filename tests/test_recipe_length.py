@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+from unittest import mock
 
 import pytest
-from training_runs import train_tiny
+import yaml
+from image_folders import write_jpeg_folder
+from training_runs import tiny_cli, tiny_config, train_tiny
 
+from generalist.cli import main
 from generalist.config import build_config
+from generalist.data import load_splits
+from generalist.data.batches import EpochBatches
+from generalist.data.splits import training_split_size
 from generalist.errors import ConfigError
 from generalist.schedules import build_schedule, schedule_position
+from generalist.training import loop
 from generalist.training.generalist import (
+    ema_cap_record,
     ema_decay_cap,
     gamma_schedules,
     redistribution_epochs,
@@ -92,6 +102,72 @@ def test_the_ema_cap_averages_over_the_same_share_of_every_run(epochs):
 def test_an_explicit_cap_is_kept_and_a_tiny_run_does_not_average():
     assert ema_decay_cap(_config(8, "merge.ema_decay=0.99"), 10) == 0.99
     assert ema_decay_cap(_config(1), 20) == 0.0  # 1000/46920 of 20 steps is under one step
+
+
+@pytest.mark.parametrize(
+    ("dataset", "training_images", "stated"),
+    [("cifar10", 50_000, 0.99898), ("imagenet", 1_281_167, 0.999895)],
+)
+def test_the_caps_docs_algorithm_states(dataset, training_images, stated):
+    """docs/algorithm.md's d_max for the profiles: CIFAR-10 with its 2 % validation split is not
+    the official 0.999 (383 batches per epoch, not 391), ImageNet's 90 epochs average longer."""
+    config = build_config("generalist-d", dataset=dataset)
+    val = config.data.val_size
+    held_out = round(val * training_images) if val < 1 else val
+    steps = EpochBatches(training_images - held_out, config.data.batch_size, 0).num_batches
+    record = ema_cap_record(config, steps)
+    assert record["ema_decay"] == "auto" and record["total_steps"] == config.epochs * steps
+    assert round(record["d_max"], len(str(stated)) - 2) == stated
+
+
+def _dry_run(capsys, argv: list[str]) -> str:
+    assert main([*argv, "--dry-run"]) == 0
+    return capsys.readouterr().out
+
+
+def test_dry_run_prints_the_cap_the_run_trains_with_and_the_manifest_records_it(tmp_path, capsys):
+    horizon = ["merge.ema_horizon=1/4"]  # the tiny run's 24 steps would give d_max 0 otherwise
+    out = _dry_run(capsys, tiny_cli(tmp_path, *horizon))
+    config = tiny_config(tmp_path, *horizon)
+    assert yaml.safe_load(out) == yaml.safe_load(config.to_yaml())  # still a loadable config
+    line = out.splitlines()[-1]
+    used = []
+    original = loop.generalist_step
+
+    def recording_step(here, merge, x, y, **kwargs):
+        used.append(merge.decay_max)
+        return original(here, merge, x, y, **kwargs)
+
+    with mock.patch.object(loop, "generalist_step", recording_step):
+        run = train_tiny(tmp_path, *horizon)
+    manifest = json.loads((run / "manifest.json").read_text())
+    steps = math.ceil(manifest["data"]["train"]["examples"] / config.data.batch_size)
+    expected = 1 - 1 / (steps * config.epochs / 4)
+    assert manifest["ema"]["d_max"] == pytest.approx(expected, abs=1e-15)
+    assert set(used) == {manifest["ema"]["d_max"]}
+    assert manifest["ema"]["steps_per_epoch"] == steps
+    assert manifest["ema"]["ema_horizon"] == "1/4"
+    assert line.startswith(f"# EMA cap d_max = {expected:.6g} (merge.ema_decay auto")
+    assert f"{config.epochs} epochs x {steps} steps" in line
+
+
+def test_dry_run_without_the_data_says_when_the_cap_is_resolved(tmp_path, capsys):
+    argv = ["train", "--preset", "generalist-d", "--dataset", "cifar10"]
+    line = _dry_run(capsys, [*argv, "--data-dir", str(tmp_path / "absent")]).splitlines()[-1]
+    assert line.startswith("# EMA cap d_max: merge.ema_decay auto resolves it from the training")
+    assert str(tmp_path / "absent") in line  # the reader's own error says what is missing
+    given = _dry_run(capsys, [*argv, "--set", "merge.ema_decay=0.999"]).splitlines()[-1]
+    assert given == "# EMA cap d_max = 0.999 (merge.ema_decay as given)"
+
+
+def test_the_planned_training_split_is_the_one_training_gets(tmp_path):
+    limits = {"val_size": 0.1, "train_limit": None}, {"val_size": 30, "train_limit": 50}
+    for kwargs in limits:
+        assert training_split_size("digits", **kwargs) == len(load_splits("digits", **kwargs).train)
+    folder = write_jpeg_folder(tmp_path / "images", per_class=12, val_per_class=2)
+    assert training_split_size("imagefolder", folder, val_size=8) == len(
+        load_splits("imagefolder", folder, val_size=8, echo=lambda _: None).train
+    )
 
 
 def test_schedules_are_read_at_the_epoch_unless_asked_per_step():

@@ -101,6 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             return launch(args.nproc, args.argv)
     if args.dry_run:
         print(config.to_yaml(), end="")
+        print(f"# {_ema_cap_line(config)}")  # a YAML comment: the output still loads as a config
         return 0
     try:
         train(config, run, resume=run is not None, progress=not args.no_progress)
@@ -113,6 +114,35 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"note: removed {path}, which it could not start", file=sys.stderr)
         raise
     return 0
+
+
+def _ema_cap_line(config) -> str:
+    """The d_max this config trains with; with ``auto`` it needs the training split's size, so
+    the data are read (an image folder only listed), or the line says why they could not be."""
+    from generalist.data.batches import EpochBatches
+    from generalist.data.folders import FolderOptions
+    from generalist.data.splits import training_split_size
+    from generalist.training.generalist import describe_ema_cap, ema_cap_record, ema_decay_cap
+
+    data = config.data
+    try:
+        examples = training_split_size(
+            data.dataset,
+            data.data_dir,
+            val_size=data.val_size,
+            train_limit=data.train_limit,
+            folder=FolderOptions.from_settings(data),
+        )
+        steps_per_epoch = EpochBatches(examples, data.batch_size, config.seed).num_batches
+    except (GeneralistError, OSError) as error:
+        if config.merge.ema_decay != "auto":
+            return f"EMA cap d_max = {ema_decay_cap(config, 1):.6g} (merge.ema_decay as given)"
+        return (
+            "EMA cap d_max: merge.ema_decay auto resolves it from the training split's size "
+            f"when training starts (manifest.json records it); the data cannot be read now: "
+            f"{error}"
+        )
+    return describe_ema_cap(ema_cap_record(config, steps_per_epoch))
 
 
 def _resume_config(args: argparse.Namespace) -> object:

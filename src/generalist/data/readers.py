@@ -47,7 +47,7 @@ def _info(name: str, train: ImageDataset, classes: tuple[str, ...], **kwargs) ->
     return DatasetInfo(name, len(classes), (c, h, w), classes, **kwargs)
 
 
-def _require_dir(data_dir: str | Path | None, name: str, how: str) -> Path:
+def require_dir(data_dir: str | Path | None, name: str, how: str) -> Path:
     if data_dir is None:
         raise DataError(f"{name} needs a data directory; {how} and pass --data-dir")
     return Path(data_dir).expanduser()
@@ -118,7 +118,7 @@ def _mnist_folder(root: Path) -> Path:
 
 
 def read_mnist(data_dir: str | Path | None) -> TrainTest:
-    root = _require_dir(data_dir, "mnist", f"download the four IDX files from {MNIST_URL}")
+    root = require_dir(data_dir, "mnist", f"download the four IDX files from {MNIST_URL}")
     folder = _mnist_folder(root)
     parts = []
     for prefix in ("train", "t10k"):
@@ -149,7 +149,7 @@ def read_mnist(data_dir: str | Path | None) -> TrainTest:
 
 def _cifar_folder(data_dir: str | Path | None, folder_name: str, marker: str) -> Path:
     how = f"download the python version from {CIFAR_URL}"
-    root = _require_dir(data_dir, folder_name, how)
+    root = require_dir(data_dir, folder_name, how)
     for folder in (root, root / folder_name):
         if (folder / marker).is_file():
             return folder
@@ -326,7 +326,7 @@ def _npz_num_classes(y_train: np.ndarray, y_test: np.ndarray, path: Path) -> int
 def read_npz(data_dir: str | Path | None) -> TrainTest:
     """One .npz with x_train, y_train, x_test, y_test; read without pickle support."""
     how = f"save arrays {', '.join(NPZ_KEYS)} with numpy.savez"
-    path = _require_dir(data_dir, "npz", how)
+    path = require_dir(data_dir, "npz", how)
     if not path.is_file():
         raise DataError(f"no .npz file at {path}; {how} and pass --data-dir pointing at the file")
     try:
@@ -378,7 +378,7 @@ def _read_folder(
     echo: Callable[[str], None],
     **stats,
 ) -> TrainTest:
-    root = _require_dir(data_dir, name, LAYOUT)
+    root = require_dir(data_dir, name, LAYOUT)
     classes, train, test = read_folder_splits(root, options, echo)
     if not stats:
         stats["mean"], stats["std"] = channel_stats(_stats_sample(train))

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from generalist.data.dataset import DataSplits, ImageDataset
-from generalist.data.folders import FileImages, FolderOptions
-from generalist.data.readers import FOLDER_READERS, READERS
+from generalist.data.folders import LAYOUT, FileImages, FolderOptions, list_split
+from generalist.data.readers import FOLDER_READERS, READERS, require_dir
 from generalist.errors import DataError
 
 
@@ -58,6 +58,29 @@ def load_splits(
             "lower data.val_size"
         )
     return DataSplits(train, val, test, info)
+
+
+def training_split_size(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    val_size: int | float = 0.1,
+    train_limit: int | None = None,
+    folder: FolderOptions | None = None,
+) -> int:
+    """How many examples :func:`load_splits` with the same arguments puts in the training split,
+    for a plan made before training (``train --dry-run``): an image folder is listed, not
+    decoded, so its unreadable files still count; other datasets are read as training reads
+    them."""
+    if name not in READERS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(READERS)}")
+    if name in FOLDER_READERS:
+        root = require_dir(data_dir, name, LAYOUT)
+        total = len(list_split(root / "train", (folder or FolderOptions()).bad_files).files)
+    else:
+        total = len(READERS[name](data_dir).train)
+    left = total - _val_count(val_size, total)
+    return left if train_limit is None else min(train_limit, left)
 
 
 def _checked(part: ImageDataset | FileImages, echo: Callable[[str], None]):

@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -107,6 +107,36 @@ def ema_decay_cap(config: Config, total_steps: int) -> float:
         return parse_number(merge.ema_decay, "merge.ema_decay")
     horizon = parse_exact(merge.ema_horizon, "merge.ema_horizon") * total_steps
     return float(max(Fraction(0), 1 - 1 / horizon))
+
+
+def ema_cap_record(config: Config, steps_per_epoch: int) -> dict[str, Any]:
+    """d_max and the run length it was resolved for: what ``manifest.json`` records under
+    ``ema`` and ``train --dry-run`` prints, since with ``auto`` it depends on the data."""
+    total_steps = config.epochs * steps_per_epoch
+    return {
+        "ema_decay": config.merge.ema_decay,
+        "ema_horizon": config.merge.ema_horizon if config.merge.ema_decay == "auto" else None,
+        "epochs": config.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "d_max": ema_decay_cap(config, total_steps),
+    }
+
+
+def describe_ema_cap(record: dict[str, Any]) -> str:
+    """One line: d_max, how it was set, and over how many steps the EMA then averages."""
+    d_max = record["d_max"]
+    how = (
+        f"merge.ema_decay auto: horizon {record['ema_horizon']} of the run"
+        if record["ema_decay"] == "auto"
+        else "merge.ema_decay as given"
+    )
+    span = f"{1 / (1 - d_max):,.0f} steps" if d_max > 0 else "1 step (no averaging)"
+    return (
+        f"EMA cap d_max = {d_max:.6g} ({how}, {record['epochs']} epochs x "
+        f"{record['steps_per_epoch']:,} steps = {record['total_steps']:,}; the EMA averages over "
+        f"~{span})"
+    )
 
 
 @dataclass(frozen=True)

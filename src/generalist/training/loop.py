@@ -52,7 +52,7 @@ from generalist.training.distributed import SingleProcess, processes
 from generalist.training.generalist import (
     EpochPlan,
     GeneralistMerge,
-    ema_decay_cap,
+    ema_cap_record,
     epoch_plan,
     gamma_schedules,
     generalist_step,
@@ -297,11 +297,9 @@ def _setup(
     parallel.check(config, batches)
     if run is None:
         run = RunDir(parallel.on_main(lambda: RunDir.create(config.out_dir, config.name).path))
+    ema = ema_cap_record(config, len(batches))
     merge = parallel.merge(
-        learners,
-        global_model,
-        decay_max=ema_decay_cap(config, config.epochs * len(batches)),
-        warmup=config.merge.warmup,
+        learners, global_model, decay_max=ema["d_max"], warmup=config.merge.warmup
     )
     if config.model.compile:  # after the teachers' deep copies; in place, so no key changes
         compile_in_place(*(learner.model for learner in learners), global_model)
@@ -323,6 +321,7 @@ def _setup(
         run.write_config(config)
         if not resume or not run.manifest_path.is_file():  # killed before it was written
             manifest = build_manifest(config, device, splits.info.name, fingerprints)
+            manifest["ema"] = ema
             if pseudo is not None:
                 manifest["pseudo_labels"] = pseudo.record
             write_manifest(run, manifest)
