@@ -10,7 +10,7 @@ from training_runs import train_tiny
 
 from generalist.config import build_config
 from generalist.schedules import build_schedule, schedule_position
-from generalist.training.generalist import (
+from generalist.training.recipe import (
     ema_decay_cap,
     gamma_schedules,
     redistribution_epochs,

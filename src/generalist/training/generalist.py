@@ -4,9 +4,12 @@ adversarial training is in this file.
 
 Per epoch e (1-based, of E):
 
-* the mixing weights γ_i(e), read once per epoch, summing to 1 (:func:`gamma_schedules`);
+* the mixing weights γ_i(e), read once per epoch, summing to 1 (:func:`epoch_plan`);
 * whether e redistributes (:func:`redistribution_epochs`: the official e ≥ t', e mod c = 0,
   laid on E epochs).
+
+The values come as plain numbers and curves: :mod:`generalist.training.recipe` reads them off
+the run's config, so this file (like the learner and the tasks) knows no config.
 
 Per training step t (counted from 0 over the whole run, :func:`generalist_step`):
 
@@ -39,8 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from generalist.config import Config, redistribute_rule
-from generalist.schedules import PiecewiseLinear, mixing_weights, parse_exact, parse_number
+from generalist.schedules import PiecewiseLinear
 
 if TYPE_CHECKING:
     from generalist.training.learner import Learner
@@ -54,16 +56,12 @@ mix summed over processes (learner-parallel training; one process sums a local l
 
 
 # ---- the schedules: fixed for a whole epoch ----------------------------------------------
+# (γ_i(e) are the learners' ``gamma`` curves; :mod:`generalist.training.recipe` reads all of
+# these values off a config.)
 
 
-def gamma_schedules(config: Config) -> list[PiecewiseLinear]:
-    """γ_i(e), one curve per learner in config order; ``remainder`` is 1 − Σ of the others."""
-    curves = mixing_weights({n: lc.gamma for n, lc in config.learners.items()}, config.epochs)
-    return list(curves.values())
-
-
-def redistribution_epochs(config: Config) -> list[int]:
-    """The epochs that redistribute, in order.
+def redistribution_epochs(epochs: int, unit: str, start: Fraction, every: Fraction) -> list[int]:
+    """The epochs of E that redistribute, in order, for the rule (t' = ``start``, c = ``every``).
 
     ``unit: epoch`` is the official rule as written: e ≥ t' and e mod c = 0. ``unit: fraction``
     lays the same rule on E epochs: the points 1, 1 − c, 1 − 2c, … ≥ t' of the run (anchored
@@ -71,29 +69,19 @@ def redistribution_epochs(config: Config) -> list[int]:
     E = 120, t' = 0.625, c = 1/24 that is exactly 75, 80, …, 120; shorter runs keep the last
     epoch and as many of the ten as the integer grid holds (docs/algorithm.md).
     """
-    if config.merge.redistribute.policy == "never":
-        return []
-    unit, start, every = redistribute_rule(config)
-    epochs = config.epochs
     if unit == "epoch":
         return [e for e in range(1, epochs + 1) if e >= start and e % every == 0]
     points = (1 - k * every for k in range(math.floor((1 - start) / every) + 1))
     return sorted({min(epochs, max(1, math.floor(p * epochs + Fraction(1, 2)))) for p in points})
 
 
-def redistributes_in(config: Config, epoch: int) -> bool:
-    return epoch in redistribution_epochs(config)
-
-
-def ema_decay_cap(config: Config, total_steps: int) -> float:
-    """d_max: ``merge.ema_decay`` as given, or for ``auto`` 1 − 1/(h·T) with h =
-    ``merge.ema_horizon`` and T the run's steps, so the EMA averages over the same share of
-    every run: the official h = 1000/46,920 at T = 120·391 gives exactly 0.999."""
-    merge = config.merge
-    if merge.ema_decay != "auto":
-        return parse_number(merge.ema_decay, "merge.ema_decay")
-    horizon = parse_exact(merge.ema_horizon, "merge.ema_horizon") * total_steps
-    return float(max(Fraction(0), 1 - 1 / horizon))
+def ema_decay_cap(total_steps: int, *, decay: float | None, horizon: Fraction) -> float:
+    """d_max: ``decay`` as given, or (None: ``merge.ema_decay: auto``) 1 − 1/(h·T) with h =
+    ``horizon`` and T the run's steps, so the EMA averages over the same share of every run:
+    the official h = 1000/46,920 at T = 120·391 gives exactly 0.999."""
+    if decay is not None:
+        return decay
+    return float(max(Fraction(0), 1 - 1 / (horizon * total_steps)))
 
 
 @dataclass(frozen=True)
@@ -106,15 +94,18 @@ class EpochPlan:
     """Redistribute after every step of the epoch (the official rule), not once at its end."""
 
 
-def epoch_plan(config: Config, learners: Sequence[Learner], epoch: int) -> EpochPlan:
+def epoch_plan(
+    gammas: Sequence[PiecewiseLinear], epoch: int, *, redistribute: bool, per_step: bool
+) -> EpochPlan:
+    """The plan of ``epoch``: γ_i(e) of every learner's curve, and whether (and how: after
+    every step when ``per_step``) it redistributes."""
     # γ is fixed for the whole epoch, as in the official code: Σ_i γ_i(e) = 1 holds exactly at
     # the integer epochs the config check verified, and the global learner's target does not
     # drift within an epoch.
-    redistribute = redistributes_in(config, epoch)
     return EpochPlan(
-        gammas=[learner.gamma(epoch) for learner in learners],
+        gammas=[gamma(epoch) for gamma in gammas],
         redistribute=redistribute,
-        every_step=redistribute and config.merge.redistribute.policy == "per_step_in_epoch",
+        every_step=redistribute and per_step,
     )
 
 
