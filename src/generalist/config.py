@@ -489,7 +489,7 @@ def nest_task_params(layer: dict[str, Any]) -> dict[str, Any]:
                 continue
             if key in params:
                 raise ConfigError(
-                    f"learners.{name}.task.{cut(key, 40)}: given both here and in "
+                    f"{_join(f'learners.{name}.task', str(key))}: given both here and in "
                     f"learners.{name}.task.params; keep one"
                 )
             params[key] = value
