@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from generalist.errors import ConfigError
 from generalist.models import create_model
 from generalist.schedules import PiecewiseLinear
 from generalist.training import loop
+from generalist.training.distributed import LearnerParallel
 from generalist.training.learner import Learner
 from generalist.training.save_and_resume import config_difference
 from generalist.training.tasks import (
@@ -151,6 +153,41 @@ def test_an_unknown_parameter_names_the_key_and_the_valid_ones(kind):
     valid = ", ".join(sorted(task_spec(kind).param_names()))
     assert str(error.value) == (
         f"unknown key 'learners.adv_linf.task.params.betta'; valid keys here: {valid}"
+    )
+
+
+@pytest.mark.parametrize("kind", list_tasks())
+def test_unlabeled_data_goes_with_the_tasks_that_read_it(kind):
+    needs = _as_robust_learner(kind)
+    reads = task_spec(kind).capabilities.reads_unlabeled
+    without = [o for o in needs if not o.startswith(("data.unlabeled", "pseudo_labels"))]
+    with_data = [*without, "data.unlabeled=rest"]
+    with pytest.raises(ConfigError) as error:
+        _pgd_at(*(without if reads else with_data))
+    if reads:
+        assert str(error.value).startswith(
+            f"learners.adv_linf.task.type: {kind} needs unlabeled images; set data.unlabeled"
+        )
+    else:
+        assert str(error.value).startswith("data.unlabeled: no learner uses unlabeled images")
+    assert _pgd_at(*(with_data if reads else without))
+
+
+@pytest.mark.parametrize("kind", list_tasks())
+def test_data_parallel_replicas_are_refused_only_for_whole_batch_tasks(kind):
+    config = _pgd_at(*_as_robust_learner(kind))
+    placement = LearnerParallel.__new__(LearnerParallel)  # no process group: the check only
+    placement.replicas = 2
+    batches = SimpleNamespace(num_examples=64, batch_size=16)
+    reason = task_spec(kind).capabilities.whole_batch
+    if reason is None:
+        placement._check_replicas(config, batches)
+        return
+    with pytest.raises(ConfigError) as error:
+        placement._check_replicas(config, batches)
+    assert str(error.value) == (
+        f"learners.adv_linf is a {kind} learner, {reason}, so it cannot train with 2 "
+        "data-parallel replicas per learner; use one process per learner"
     )
 
 
