@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +19,7 @@ from generalist.errors import ConfigError
 from generalist.models import create_model
 from generalist.schedules import PiecewiseLinear
 from generalist.training import loop
+from generalist.training import tasks as tasks_package
 from generalist.training.distributed import LearnerParallel
 from generalist.training.learner import Learner
 from generalist.training.save_and_resume import config_difference
@@ -79,6 +81,15 @@ def _two_steps(kind: str) -> tuple[list[float], Learner]:
     x, y = torch.rand(16, 1, 8, 8, generator=batch), torch.randint(0, 10, (16,), generator=batch)
     # positions past any default warm-up (CURE's natural 10 %), so the task's own loss runs
     return [float(learner.train_step(x, y, position)) for position in (1.5, 2.0)], learner
+
+
+def test_every_file_of_the_package_is_one_registered_task():
+    """A new task is one file: the package imports every module in it (no list to extend)."""
+    folder = Path(tasks_package.__file__).parent
+    files = {p.stem for p in folder.glob("*.py")} - {"__init__", "base", "registry"}
+    assert files == set(list_tasks())
+    for kind in list_tasks():
+        assert task_spec(kind).task.__module__ == f"generalist.training.tasks.{kind}"
 
 
 @pytest.mark.parametrize("kind", list_tasks())

@@ -800,12 +800,10 @@ def resolve_task(task: TaskConfig, key: str) -> TaskSpec:
     """The task ``task.type`` names; turns ``task.params`` into its parameters dataclass (the
     task's defaults filled in) and records or checks an import path's source file."""
     spec = task_spec(task.type, key)
-    if isinstance(task.params, spec.params):
-        pass
-    elif task.params is None or isinstance(task.params, dict):
+    if not isinstance(task.params, spec.params):  # as written: a mapping (or null)
+        if task.params is not None and not isinstance(task.params, dict):
+            raise ConfigError(f"{key}.params: expected a mapping, got {cut(task.params)}")
         task.params = from_dict(spec.params, task.params or {}, f"{key}.params")
-    else:
-        raise ConfigError(f"{key}.params: expected a mapping, got {cut(task.params)}")
     if not is_import_path(task.type):
         if task.source is not None:
             raise ConfigError(f"{key}.source: only an import-path task type records one; remove it")

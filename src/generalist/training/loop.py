@@ -60,10 +60,10 @@ from generalist.training.learner import Learner
 from generalist.training.pseudo_label import PseudoLabeled, prepare_pseudo_labels
 from generalist.training.recipe import (
     build_optimizer,
-    build_task,
     ema_decay_cap,
     epoch_plan,
     gamma_schedules,
+    learner_task,
 )
 from generalist.training.save_and_resume import Checkpointer, resume_state
 from generalist.training.signals import (
@@ -130,7 +130,7 @@ def build_learners(
                 optimizer=build_optimizer(model, lc.optimizer),
                 lr_schedule=build_schedule(lc.optimizer.lr, config.epochs, f"learners.{lname}.lr"),
                 gamma=gammas[index],
-                task=build_task(config, lname, model, seed=seed, pseudo_labeled=pseudo_labeled),
+                task=learner_task(config, lname, model, seed=seed, pseudo_labeled=pseudo_labeled),
                 generator=generator,
                 skip_nonfinite=config.checkpoint.on_nonfinite == "skip",
                 autocast=autocast,

@@ -80,7 +80,7 @@ def training_attack(config: Config, task: TaskConfig, key: str) -> TrainingAttac
     return TrainingAttack(threat, steps, step_size, task.random_start)
 
 
-def build_task(
+def learner_task(
     config: Config,
     name: str,
     model: nn.Module,
