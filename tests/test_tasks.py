@@ -11,18 +11,29 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
+from training_runs import (
+    assert_same_result,
+    quiet,
+    sigterm_at_step,
+    tiny_config,
+    train_tiny,
+)
 
 from generalist.attacks.threat import NORMS, ThreatModel
+from generalist.cli import main as cli_main
 from generalist.config import build_config
 from generalist.data import BatchAugment
 from generalist.errors import ConfigError
 from generalist.models import create_model
+from generalist.rundir import RunDir
 from generalist.schedules import PiecewiseLinear
 from generalist.training import loop
 from generalist.training import tasks as tasks_package
 from generalist.training.distributed import LearnerParallel
 from generalist.training.learner import Learner
 from generalist.training.save_and_resume import config_difference
+from generalist.training.signals import TrainingInterrupted
 from generalist.training.tasks import (
     TaskContext,
     TrainingAttack,
@@ -244,6 +255,27 @@ def test_a_config_yaml_of_the_flat_era_builds_and_matches_todays(tmp_path):
     rebuilt = build_config(user_yaml=written)
     assert config_difference(natural, rebuilt.to_dict()) == ""
     assert rebuilt.learners["natural"].task.params == task_spec("natural").params()
+
+
+def test_a_stopped_run_whose_config_yaml_is_in_the_flat_form_resumes_bit_identically(tmp_path):
+    """A run started before ``task.params`` has a flat config.yaml; it must still resume, to
+    the bit, with its task's own state (CURE's revision model) restored."""
+    extra = ("learners.cure.task.steps=2",)
+    reference = train_tiny(tmp_path / "reference", *extra, preset="cure")
+    config = tiny_config(
+        tmp_path / "stopped", "checkpoint.every_minutes=null", *extra, preset="cure"
+    )
+    with sigterm_at_step(13), pytest.raises(TrainingInterrupted) as stopped:
+        loop.train(config, progress=False, echo=quiet)
+    run = RunDir.open(stopped.value.run)
+    tree = yaml.safe_load(run.config_path.read_text())
+    task = tree["learners"]["cure"]["task"]
+    task.update(task.pop("params"), tau=None, mixup_alpha=None, unlabeled_fraction=None)
+    del task["source"]
+    run.config_path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    assert "params" not in run.config_path.read_text()
+    assert cli_main(["train", "--resume", str(run.path), "--no-progress"]) == 0
+    assert_same_result(run.path, reference)
 
 
 def test_a_new_type_keeps_only_the_params_it_has():
