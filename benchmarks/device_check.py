@@ -74,7 +74,8 @@ from generalist.config import build_config
 from generalist.data import BatchAugment, load_splits, to_float
 from generalist.rundir import RunDir
 from generalist.training import loop
-from generalist.training.generalist import GeneralistMerge, epoch_plan, generalist_step
+from generalist.training.generalist import GeneralistMerge, generalist_step
+from generalist.training.recipe import epoch_plan
 from generalist.training.signals import TrainingInterrupted
 from generalist.training.state import TrainingState
 
@@ -479,7 +480,7 @@ def time_steps(preset: str, model_name: str, batch: int, variant: Variant, ctx) 
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
     augment = BatchAugment(crop_padding=4, flip=True)
-    plan = epoch_plan(config, learners, 1)
+    plan = epoch_plan(config, [lr.gamma for lr in learners], 1)
 
     def settle(losses: torch.Tensor) -> torch.Tensor:  # the loop's one host sync per step
         if not bool(torch.isfinite(losses).all()):
@@ -503,7 +504,7 @@ def time_steps(preset: str, model_name: str, batch: int, variant: Variant, ctx) 
     synchronize(device)
     per_step = (time.perf_counter() - started) / sizes.timed_steps
     macs = count_macs(learners[0].model, (3, 32, 32), device)
-    tasks = [lr.config.task.type for lr in learners]
+    tasks = [lc.task.type for lc in config.learners.values()]
     flops = step_flops_per_image(macs, tasks, sizes.step_pgd) * batch
     tflops = flops / per_step / 1e12
     entry = {

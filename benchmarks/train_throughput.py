@@ -36,14 +36,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from generalist.attacks.threat import ThreatModel
-from generalist.config import LearnerConfig, from_dict
+from generalist.config import OptimizerConfig
 from generalist.data import BatchAugment
 from generalist.devices import training_autocast
 from generalist.models import create_model
 from generalist.schedules import PiecewiseLinear
 from generalist.training.generalist import GeneralistMerge
-from generalist.training.learner import Learner, build_optimizer
-from generalist.training.tasks import TrainingAttack, build_task
+from generalist.training.learner import Learner
+from generalist.training.recipe import build_optimizer
+from generalist.training.tasks import TaskContext, TrainingAttack, build_task, task_spec
 
 THREAT = ThreatModel.parse("Linf:8/255")
 STEP_SIZE = 2 / 255
@@ -102,20 +103,16 @@ def plain_step_fn(model: nn.Module, pgd_steps: int) -> Callable[[torch.Tensor, t
 def learner(
     name: str, model: nn.Module, task: str, pgd_steps: int, precision: str = "fp32"
 ) -> Learner:
-    config = from_dict(
-        LearnerConfig,
-        {"task": {"type": task}, "optimizer": {"type": "sgd", "lr": 0.01}, "gamma": 0.5},
-        "bench",
-    )
-    attack = TrainingAttack(THREAT, pgd_steps, STEP_SIZE) if task != "natural" else None
+    attack = TrainingAttack(THREAT, pgd_steps, STEP_SIZE)
+    if not task_spec(task).capabilities.attack:
+        attack = None
     return Learner(
         name=name,
         model=model,
-        optimizer=build_optimizer(model, config.optimizer),
+        optimizer=build_optimizer(model, OptimizerConfig(type="sgd", lr=0.01)),
         lr_schedule=PiecewiseLinear(((0.0, 0.01), (1.0, 0.01))),
         gamma=PiecewiseLinear(((0.0, 0.5), (1.0, 0.5))),
-        task=build_task(task, attack, 0.0),
-        config=config,
+        task=build_task(task, TaskContext(attack=attack, model=model)),
         generator=torch.Generator(device=model_device(model)).manual_seed(1),
         autocast=training_autocast(precision, model_device(model)),
     )

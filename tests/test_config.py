@@ -8,7 +8,7 @@ from generalist.config import build_config
 from generalist.errors import ConfigError
 from generalist.presets import list_presets
 from generalist.schedules import build_schedule
-from generalist.training.generalist import ema_decay_cap, gamma_schedules, redistributes_in
+from generalist.training.recipe import ema_decay_cap, gamma_schedules, redistributes_in
 
 
 def test_paper_defaults_resolve_to_the_official_recipe():

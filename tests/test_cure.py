@@ -14,19 +14,15 @@ from torch import nn
 from generalist import cli
 from generalist.attacks.threat import ThreatModel
 from generalist.checkpoint import load_model, save_model
-from generalist.config import CURE_DEFAULTS, LearnerConfig, TaskConfig, build_config, from_dict
+from generalist.config import build_config
 from generalist.errors import ConfigError
 from generalist.schedules import PiecewiseLinear
 from generalist.training import cure
 from generalist.training.init import initialize_from
-from generalist.training.learner import Learner, build_optimizer
-from generalist.training.tasks import (
-    CureTask,
-    TrainingAttack,
-    task_from_config,
-    trades_adversarial,
-    trades_divergence,
-)
+from generalist.training.learner import Learner
+from generalist.training.tasks import TaskContext, TrainingAttack
+from generalist.training.tasks.cure import CureParams, CureTask
+from generalist.training.tasks.trades import trades_adversarial, trades_divergence
 
 ATTACK = TrainingAttack(ThreatModel.of("Linf", "0.1"), steps=2, step_size=0.05)
 TINY_SPEC = {
@@ -56,22 +52,20 @@ def batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def cure_task(model: nn.Module, epochs: int = 1, **fields) -> CureTask:
-    fields = {"natural_warmup": 0.0, **fields}  # CURE from the first step unless a test says
-    config = TaskConfig(type="cure", norm="Linf", beta=5.0, **fields)
-    return task_from_config(config, ATTACK, model, epochs=epochs, seed=0)
+def cure_task(model: nn.Module, epochs: int = 1, *, pretrained: bool = False, **fields) -> CureTask:
+    fields = {"beta": 5.0, "natural_warmup": 0.0, **fields}  # CURE from the first step
+    context = TaskContext(attack=ATTACK, model=model, epochs=epochs, pretrained=pretrained)
+    return CureTask.build(CureParams(**fields), context)
 
 
 def learner_for(model: nn.Module, task: CureTask) -> Learner:
-    config = from_dict(LearnerConfig, {"optimizer": {"lr": 0.1}}, "test")
     return Learner(
         name="cure",
         model=model,
-        optimizer=build_optimizer(model, config.optimizer),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4),
         lr_schedule=PiecewiseLinear.constant(0.1),
         gamma=PiecewiseLinear.constant(1.0),
         task=task,
-        config=config,
         generator=torch.Generator().manual_seed(1),
     )
 
@@ -199,14 +193,7 @@ def test_natural_warmup_trains_plain_cross_entropy_then_cure_begins_from_that_mo
     for old, (new, live) in zip(start, pairs, strict=True):
         torch.testing.assert_close(new, d * old + (1 - d) * live)
     assert task.settings.warmup_epochs == 2.0
-    skip = task_from_config(
-        TaskConfig(type="cure", natural_warmup=0.5),
-        ATTACK,
-        model,
-        epochs=4,
-        seed=0,
-        pretrained=True,
-    )
+    skip = cure_task(model, epochs=4, pretrained=True, natural_warmup=0.5)
     assert skip.settings.warmup_epochs == 0.0
 
 
@@ -272,7 +259,8 @@ def test_cure_preset_trains_from_init_from_on_the_command_line(tmp_path, capsys)
     ("override", "message"),
     [
         ("learners.cure.task.mask_fraction=1.0", r"mask_fraction: 1 is out of range.*\[0, 1\)"),
-        ("learners.cure.task.mask_fraction=-0.1", r"learners\.cure\.task\.mask_fraction"),
+        ("learners.cure.task.mask_fraction=-0.1", r"learners\.cure\.task\.params\.mask_fraction"),
+        ("learners.cure.task.params.mask_fraction=-0.1", r"task\.params\.mask_fraction: -0\.1"),
         ("learners.cure.task.prominence_alpha=1.5", r"prominence_alpha: 1\.5 .*\[0, 1\]"),
         ("learners.cure.task.revision_rate=1.2", r"revision_rate: 1\.2 .*\[0, 1\]"),
         ("learners.cure.task.revision_decay=1", r"revision_decay: 1 .*\[0, 1\)"),
@@ -280,7 +268,7 @@ def test_cure_preset_trains_from_init_from_on_the_command_line(tmp_path, capsys)
         ("learners.cure.task.natural_warmup=1", r"natural_warmup: 1 .*\[0, 1\)"),
         ("learners.cure.task.revision_rate=often", r"revision_rate.*not a number"),
         ("learners.cure.task.norm=L1", r"cure supports Linf and L2"),
-        ("learners.cure.task.tau=1", r"tau: only fat tasks"),
+        ("learners.cure.task.tau=1", r"unknown key 'learners\.cure\.task\.params\.tau'.*beta"),
         ("model.init_from=/nonexistent/run", r"model\.init_from: /nonexistent/run does not"),
     ],
 )
@@ -290,7 +278,7 @@ def test_bad_cure_settings_are_rejected_by_name(override, message):
 
 
 def test_cure_fields_are_only_accepted_on_cure_tasks():
-    with pytest.raises(ConfigError, match=r"learners\.adv_linf\.task\.revision_rate: only cure"):
+    with pytest.raises(ConfigError, match=r"unknown key 'learners\.adv_linf\.task\.params\.rev"):
         build_config(
             "pgd-at", dataset="digits", overrides=["learners.adv_linf.task.revision_rate=0.2"]
         )
@@ -298,18 +286,18 @@ def test_cure_fields_are_only_accepted_on_cure_tasks():
 
 def test_cure_defaults_live_in_one_place_and_the_preset_uses_them():
     config = build_config("cure", dataset="cifar10")
-    task = config.learners["cure"].task
-    assert all(getattr(task, name) is None for name in CURE_DEFAULTS)  # nothing restated
-    built = task_from_config(task, ATTACK, tiny_model(), epochs=config.epochs, seed=0)
-    assert built.settings.mask_fraction == CURE_DEFAULTS["mask_fraction"] == 0.3
-    assert built.settings.prominence_alpha == CURE_DEFAULTS["prominence_alpha"] == 0.1
-    assert built.settings.consistency_weight == CURE_DEFAULTS["consistency_weight"] == 1.0
-    # CURE starts from a naturally trained model: 10 % of the budget, unless init_from gives one
-    assert CURE_DEFAULTS["natural_warmup"] == 0.1
-    assert built.settings.warmup_epochs == pytest.approx(0.1 * config.epochs)
-    pretrained = task_from_config(
-        task, ATTACK, tiny_model(), epochs=config.epochs, seed=0, pretrained=True
+    params = config.learners["cure"].task.params
+    assert params == CureParams(beta=5.0)  # the preset restates nothing but the official beta
+    assert (params.mask_fraction, params.prominence_alpha, params.consistency_weight) == (
+        0.3,
+        0.1,
+        1.0,
     )
+    built = cure_task(tiny_model(), epochs=config.epochs, natural_warmup=params.natural_warmup)
+    # CURE starts from a naturally trained model: 10 % of the budget, unless init_from gives one
+    assert params.natural_warmup == 0.1
+    assert built.settings.warmup_epochs == pytest.approx(0.1 * config.epochs)
+    pretrained = cure_task(tiny_model(), epochs=config.epochs, pretrained=True, natural_warmup=0.1)
     assert pretrained.settings.warmup_epochs == 0.0
     digits = build_config("cure", dataset="digits").learners["cure"].task
-    assert digits.natural_warmup == 0  # measured: digits has too few steps for the jump
+    assert digits.params.natural_warmup == 0  # measured: digits has too few steps for the jump

@@ -18,7 +18,6 @@ from generalist import backends, compiling, threads
 from generalist.attacks.pgd import PGD
 from generalist.attacks.threat import ThreatModel
 from generalist.cli import main
-from generalist.config import LearnerConfig
 from generalist.devices import training_autocast
 from generalist.errors import ConfigError
 from generalist.manifest import cpu_kernels, note_resume
@@ -30,7 +29,7 @@ from generalist.training.generalist import GeneralistMerge
 from generalist.training.learner import Learner
 from generalist.training.save_and_resume import resume_config
 from generalist.training.state import TrainingState, capture, restore
-from generalist.training.tasks import TrainingAttack, build_task
+from generalist.training.tasks import TaskContext, TrainingAttack, build_task
 
 
 def _no_cuda_calls(monkeypatch) -> None:
@@ -243,8 +242,9 @@ def test_autocast_covers_the_forward_passes_and_loss_but_not_backward_or_update(
         optimizer=optimizer,
         lr_schedule=PiecewiseLinear.constant(0.1),
         gamma=PiecewiseLinear.constant(1.0),
-        task=build_task("adversarial", TrainingAttack(ThreatModel.parse("Linf:0.1"), 2, 0.05), 0),
-        config=LearnerConfig(),
+        task=build_task(
+            "adversarial", TaskContext(TrainingAttack(ThreatModel.parse("Linf:0.1"), 2, 0.05))
+        ),
         generator=torch.Generator(),
         autocast=training_autocast("bf16", torch.device("cpu")),
     )

@@ -13,7 +13,8 @@ from generalist.attacks.threat import ThreatModel
 from generalist.config import build_config
 from generalist.errors import ConfigError
 from generalist.training import loop
-from generalist.training.tasks import FriendlyAdversarialTask, TrainingAttack, task_from_config
+from generalist.training.tasks import TaskContext, TrainingAttack, build_task
+from generalist.training.tasks.fat import FriendlyAdversarialTask
 
 THREAT = ThreatModel.of("Linf", "0.004")
 STEPS = 8
@@ -86,8 +87,8 @@ def test_tau_of_at_least_the_step_count_is_plain_pgd():
 def test_fat_preset_raises_tau_over_training_as_fat_py_does():
     config = build_config("fat", dataset="digits", overrides=["epochs=12"])
     attack = TrainingAttack(THREAT, STEPS, STEP_SIZE)
-    task = task_from_config(
-        config.learners["fat"].task, attack, torch.nn.Linear(1, 1), epochs=12, seed=0
+    task = build_task(
+        "fat", TaskContext(attack=attack, epochs=12), config.learners["fat"].task.params
     )
     assert isinstance(task, FriendlyAdversarialTask)
     # 0 until 50/120 of the run, 1 until 90/120, then 2.
@@ -116,10 +117,10 @@ def test_fat_preset_trains_on_digits(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("learners.fat.task.tau=-1", r"learners\.fat\.task\.tau.*out of range"),
-        ("learners.fat.task.tau={unit: epoch, points: [[0, 0], [5, -2]]}", r"task\.tau\.points"),
-        ("learners.fat.task.tau=lots", r"learners\.fat\.task\.tau.*not a number"),
-        ("learners.fat.task.mask_fraction=0.3", r"mask_fraction: only cure tasks"),
+        ("learners.fat.task.tau=-1", r"learners\.fat\.task\.params\.tau.*out of range"),
+        ("learners.fat.task.tau={unit: epoch, points: [[0, 0], [5, -2]]}", r"params\.tau\.points"),
+        ("learners.fat.task.params.tau=lots", r"learners\.fat\.task\.params\.tau.*not a number"),
+        ("learners.fat.task.mask_fraction=0.3", r"unknown key .*params\.mask_fraction.*: tau$"),
     ],
 )
 def test_bad_fat_settings_are_rejected_by_name(override, message):
@@ -128,5 +129,5 @@ def test_bad_fat_settings_are_rejected_by_name(override, message):
 
 
 def test_tau_is_only_accepted_on_fat_tasks():
-    with pytest.raises(ConfigError, match=r"learners\.trades\.task\.tau: only fat tasks"):
+    with pytest.raises(ConfigError, match=r"unknown key .*trades\.task\.params\.tau.*: beta$"):
         build_config("trades", dataset="digits", overrides=["learners.trades.task.tau=1"])

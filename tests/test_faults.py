@@ -38,7 +38,7 @@ from training_runs import (
 from generalist import durable as durable_module
 from generalist.checkpoint import CheckpointStore
 from generalist.cli import main
-from generalist.config import LearnerConfig, build_config
+from generalist.config import build_config
 from generalist.data import load_splits
 from generalist.errors import CheckpointError, ConfigError, DataError, TrainingError
 from generalist.rundir import RunDir
@@ -46,7 +46,7 @@ from generalist.schedules import PiecewiseLinear
 from generalist.training import loop
 from generalist.training.learner import Learner
 from generalist.training.signals import TrainingInterrupted
-from generalist.training.tasks import NaturalTask
+from generalist.training.tasks.natural import NaturalTask
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +341,6 @@ def test_skipping_a_nonfinite_loss_leaves_the_learner_untouched():
         lr_schedule=PiecewiseLinear.constant(0.1),
         gamma=PiecewiseLinear.constant(1.0),
         task=NaturalTask(),
-        config=LearnerConfig(),
         generator=torch.Generator(),
     )
     x, y = torch.rand(8, 1, 2, 2), torch.arange(8) % 3

@@ -30,16 +30,14 @@ from generalist.data.unlabeled import read_unlabeled
 from generalist.errors import ConfigError, DataError
 from generalist.models import create_model
 from generalist.rundir import RunDir
-from generalist.training import loop, tasks
+from generalist.training import loop
 from generalist.training.mixup import MixupDraw, draw_mixup, interpolated_loss
 from generalist.training.pseudo_label import LABELS_FILE, predict
 from generalist.training.save_and_resume import config_difference
 from generalist.training.signals import TrainingInterrupted
-from generalist.training.tasks import (
-    InterpolatedAdversarialTask,
-    RobustSelfTrainingTask,
-    TrainingAttack,
-)
+from generalist.training.tasks import TrainingAttack, rst
+from generalist.training.tasks.iat import InterpolatedAdversarialTask
+from generalist.training.tasks.rst import RobustSelfTrainingTask
 from generalist.training.unlabeled_pool import PseudoLabeledPool
 
 RST = [
@@ -128,7 +126,7 @@ def test_rst_batches_hold_the_configured_unlabeled_fraction(
         seen.update(x=x, y=y, beta=beta)
         return torch.zeros(())
 
-    monkeypatch.setattr(tasks, "trades_loss", spy)
+    monkeypatch.setattr(rst, "trades_loss", spy)
     attack = TrainingAttack(ThreatModel.of("Linf", "0.1"), steps=1, step_size=0.1)
     task = RobustSelfTrainingTask(attack, beta=6.0, fraction=fraction, pool=pool)
     x, y = torch.rand(labeled, 1, 2, 2), torch.zeros(labeled, dtype=torch.int64)
@@ -330,7 +328,9 @@ def test_config_errors_for_unlabeled_sources(tmp_path):
     assert _one_line(stray.value).startswith("pseudo_labels: only runs with data.unlabeled")
     with pytest.raises(ConfigError) as fraction:
         build("data.unlabeled=rest", "data.train_limit=9", "learners.rst.task.unlabeled_fraction=1")
-    assert _one_line(fraction.value) == "learners.rst.task.unlabeled_fraction: 1 must be in (0, 1)"
+    assert _one_line(fraction.value) == (
+        "learners.rst.task.params.unlabeled_fraction: 1 must be in (0, 1)"
+    )
 
 
 def _read(path):
@@ -411,7 +411,7 @@ def test_a_pool_too_small_for_one_batch_is_a_one_line_error(tmp_path):
         loop.train(config, progress=False, echo=quiet)
     assert _one_line(error.value) == (
         "data.unlabeled: 5 unlabeled images, but every batch of learner rst takes 32; add "
-        "unlabeled images or lower learners.rst.task.unlabeled_fraction"
+        "unlabeled images or lower the unlabeled share in learners.rst.task.params"
     )
 
 
@@ -430,12 +430,17 @@ def test_a_labeler_for_other_data_is_refused_in_one_line(tmp_path):
 
 def test_runs_started_before_these_options_existed_still_resume(tmp_path):
     """A checkpoint written before data.unlabeled, pseudo_labels and the iat/rst task fields
-    existed holds no such keys; their unset defaults must not count as a config change."""
+    existed holds no such keys (and its tasks are in the flat form of that time, before
+    ``task.params``); their unset defaults must not count as a config change."""
     now = tiny_config(tmp_path).to_dict()
     before = json.loads(json.dumps(now))
     del before["pseudo_labels"], before["data"]["unlabeled"]
     for learner in before["learners"].values():
-        del learner["task"]["mixup_alpha"], learner["task"]["unlabeled_fraction"]
+        task = learner["task"]
+        del task["params"], task["source"]
+        task.update(beta=6.0, tau=None, mask_fraction=None, prominence_alpha=None)
+        task.update(consistency_weight=None, revision_rate=None, revision_decay=None)
+        task.update(natural_warmup=None)
     assert config_difference(before, now) == ""
     now["pseudo_labels"]["epochs"] = 3
     assert config_difference(before, now) == "pseudo_labels.epochs is 3 here but null in the run"

@@ -20,6 +20,10 @@ LAYERS = [
     | {"backends", "threads", "compiling"}
     | {"runlock", "plain_yaml", "plugins"}
     | {"attacks", "data", "models", "presets"},
+    # the algorithm core: the Generalist update, the learner and the tasks take plain values,
+    # never a config (training/recipe.py reads those off the config)
+    {"training.tasks", "training.generalist", "training.learner"}
+    | {"training.cure", "training.mixup", "training.unlabeled_pool"},
     {"config"},
     {"checkpoint", "rundir", "manifest"},
     {"evaluation"},
@@ -31,8 +35,11 @@ LAYER_OF = {name: index for index, names in enumerate(LAYERS) for name in names}
 
 
 def _top(dotted: str) -> str:
-    """``generalist.training.loop`` -> ``training``; the package itself -> ``""``."""
+    """``generalist.training.loop`` -> ``training``, ``generalist.training.tasks.cure`` ->
+    ``training.tasks`` (a module placed on its own); the package itself -> ``""``."""
     parts = dotted.split(".")
+    if len(parts) > 2 and f"{parts[1]}.{parts[2]}" in LAYER_OF:
+        return f"{parts[1]}.{parts[2]}"
     return parts[1] if len(parts) > 1 else ""
 
 
@@ -50,6 +57,10 @@ def _imports(path: Path) -> list[tuple[int, str]]:
             if node.module == "generalist":  # from generalist import durable / __version__
                 names = [a.name if a.name in LAYER_OF else "" for a in node.names]
                 found += [(node.lineno, name) for name in names]
+            elif node.module.count(".") == 1:  # from generalist.training import cure
+                top = _top(node.module)
+                names = [_top(f"{node.module}.{a.name}") for a in node.names]
+                found += [(node.lineno, name if name in LAYER_OF else top) for name in names]
             else:
                 found.append((node.lineno, _top(node.module)))
     return found
@@ -61,7 +72,8 @@ def _modules() -> list[Path]:
 
 def _layer(path: Path) -> int:
     relative = path.relative_to(PACKAGE)
-    top = relative.parts[0].removesuffix(".py")
+    dotted = ".".join(("generalist", *relative.with_suffix("").parts))
+    top = _top(dotted)
     return LAYER_OF[top if top != "__init__" else ""]
 
 
@@ -91,3 +103,14 @@ def test_the_check_sees_an_upward_import(tmp_path):
     bad.write_text("def f():\n    from generalist.training.loop import train\n")
     assert _imports(bad) == [(2, "training")]
     assert LAYER_OF["training"] > LAYER_OF["config"]
+
+
+def test_the_algorithm_core_sits_below_the_config(tmp_path):
+    """The Generalist update, the learner and the tasks import no config: a task file that did
+    would be an upward import."""
+    bad = tmp_path / "mytask.py"
+    bad.write_text("from generalist.config import Config\nfrom generalist.training import loop\n")
+    assert _imports(bad) == [(1, "config"), (2, "training")]
+    core = _layer(PACKAGE / "training" / "tasks" / "trades.py")
+    assert core == _layer(PACKAGE / "training" / "generalist.py") < LAYER_OF["config"]
+    assert _layer(PACKAGE / "training" / "loop.py") > LAYER_OF["config"]

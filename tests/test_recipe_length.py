@@ -21,7 +21,7 @@ from generalist.data.splits import training_split_size
 from generalist.errors import ConfigError
 from generalist.schedules import build_schedule, schedule_position
 from generalist.training import loop
-from generalist.training.generalist import (
+from generalist.training.recipe import (
     ema_cap_record,
     ema_decay_cap,
     gamma_schedules,

@@ -122,7 +122,7 @@ def _ema_cap_line(config) -> str:
     from generalist.data.batches import EpochBatches
     from generalist.data.folders import FolderOptions
     from generalist.data.splits import training_split_size
-    from generalist.training.generalist import describe_ema_cap, ema_cap_record, ema_decay_cap
+    from generalist.training.recipe import describe_ema_cap, ema_cap_record, ema_decay_cap
 
     data = config.data
     try:

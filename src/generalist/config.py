@@ -29,6 +29,7 @@ from generalist.attacks.threat import NORMS, ThreatModel, parse_eps, parse_norm
 from generalist.devices import PRECISIONS
 from generalist.errors import ConfigError, cut
 from generalist.plain_yaml import YamlSyntaxError, load_plain_yaml
+from generalist.plugins import check_source_record, is_import_path, source_record
 from generalist.schedules import (
     REMAINDER,
     SCHEDULE_GRANULARITIES,
@@ -39,26 +40,8 @@ from generalist.schedules import (
     parse_number,
 )
 from generalist.threads import MAX_THREADS
+from generalist.training.tasks import ATTACK_FIELDS, TaskSpec, list_tasks, task_spec
 
-TASK_TYPES = ("natural", "adversarial", "trades", "mart", "fat", "cure", "iat", "rst")
-CURE_DEFAULTS = {
-    "mask_fraction": 0.3,
-    "prominence_alpha": 0.1,
-    "consistency_weight": 1.0,
-    "revision_rate": 0.2,
-    "revision_decay": 0.999,
-    "natural_warmup": 0.1,
-}
-"""CURE's ResNet-18 values (p = 30 %, α = 0.1, γ = 1, r = 0.2, d = 0.999), the one place they
-are written: every cure field a config leaves unset (the ``cure`` preset's included) takes them.
-CURE starts from a naturally trained model (the official code trains one first), so by default
-the first 10 % of the epochs are natural training; ``model.init_from`` skips that warm-up."""
-IAT_MIXUP_ALPHA = 1.0
-"""IAT's Beta(α, α) mixing (Lamb et al. 2019, input-mixup variant: α = 1, i.e. λ uniform on
-[0, 1]); every iat task that leaves ``mixup_alpha`` unset takes it."""
-RST_UNLABELED_FRACTION = 0.5
-"""RST's share of pseudo-labeled images in every batch (Carmon et al. 2019: half of each
-batch); every rst task that leaves ``unlabeled_fraction`` unset takes it."""
 UNLABELED_REST = "rest"
 """``data.unlabeled: rest``: the training examples ``data.train_limit`` leaves out."""
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -150,39 +133,30 @@ class BudgetConfig:
 
 @dataclass
 class TaskConfig:
+    """A learner's task: its ``type``, its attack, and its own ``params``.
+
+    The attack fields (``norm``, ``eps``, ``steps``, ``step_size``, ``random_start``) are the
+    same for every task that has an attack; ε and steps default to ``budgets``. ``params`` are
+    the task's own (TRADES' ``beta``, FAT's ``tau``, ...): each task file declares them with
+    their defaults (``generalist.training.tasks``). A task written the old flat way
+    (``task: {type: trades, beta: 6}``) is read as ``params: {beta: 6}``.
+    """
+
     type: str = "natural"
+    """A registered task (``natural``, ``adversarial``, ``trades``, ...) or an import path
+    ``package.module:Class`` to a class decorated with ``@register_task``."""
     norm: str | None = None
-    """Threat norm of the attack (adversarial, trades, mart); ε/steps default to ``budgets``."""
+    """Threat norm of the attack; ε/steps default to ``budgets``."""
     eps: str | None = None
     steps: int | None = None
     step_size: str | None = None
     random_start: bool = True
-    beta: float = 6.0
-    """TRADES/MART/CURE trade-off weight (TRADES β = 6 for CIFAR, MART's official β = 6)."""
-    tau: Any = None
-    """FAT: PGD steps still taken after an example is first misclassified; a number or a
-    schedule (rounded to whole steps). ``None`` = 0. Only for ``type: fat``."""
-    mask_fraction: float | None = None
-    """CURE p: share of each weight tensor's gradient entries (lowest prominence) zeroed every
-    step. The fields below are only for ``type: cure``; ``None`` = the ResNet-18 default."""
-    prominence_alpha: float | None = None
-    """CURE α: prominence = α·|∂L_nat/∂w| + (1−α)·|∂L_adv/∂w|."""
-    consistency_weight: float | None = None
-    """CURE γ: weight of the KL consistency to the revision model."""
-    revision_rate: float | None = None
-    """CURE r: probability that the revision model is updated after a step."""
-    revision_decay: float | None = None
-    """CURE d: EMA decay of the revision model."""
-    natural_warmup: float | None = None
-    """CURE: fraction of the epochs trained with natural CE before CURE starts (same budget);
-    skipped when ``model.init_from`` gives an already trained start."""
-    mixup_alpha: float | None = None
-    """IAT: the α of the Beta(α, α) mixing coefficient; ``None`` = IAT_MIXUP_ALPHA. Only for
-    ``type: iat``."""
-    unlabeled_fraction: float | None = None
-    """RST: share of each batch that is pseudo-labeled, in (0, 1); ``None`` =
-    RST_UNLABELED_FRACTION. The labeled batch keeps ``data.batch_size``; the pseudo-labeled
-    images come on top. Only for ``type: rst``."""
+    params: Any = field(default_factory=dict)
+    """The task's parameters: a mapping as written, resolved by :func:`validate` to the task's
+    own dataclass with its defaults filled in (so ``config.yaml`` records every value used)."""
+    source: dict[str, Any] | None = None
+    """For an import-path ``type``: its source file and SHA-256, recorded when the run starts
+    and checked when it is resumed or evaluated (see :mod:`generalist.plugins`)."""
 
 
 @dataclass
@@ -362,7 +336,7 @@ class Config:
             return [ThreatModel.parse(t) for t in self.eval.threats]
         threats: list[ThreatModel] = []
         for name, learner in self.learners.items():
-            if learner.task.type != "natural":
+            if task_spec(learner.task.type, f"learners.{name}.task").capabilities.attack:
                 threat = self.threat_of(learner.task, f"learners.{name}.task")[0]
                 if str(threat) not in {str(t) for t in threats}:
                     threats.append(threat)
@@ -395,11 +369,11 @@ def build_config(
     if not isinstance(dataset, str):
         raise ConfigError(f"data.dataset: expected a dataset name, got {cut(dataset)}")
     tree: dict[str, Any] = {}
-    tree = deep_merge(tree, load_dataset_profile(dataset))
+    tree = merge_layer(tree, load_dataset_profile(dataset))
     by_dataset = method.pop("by_dataset", {}) or {}
-    tree = deep_merge(tree, method)
-    tree = deep_merge(tree, by_dataset.get(dataset, {}))
-    tree = deep_merge(tree, user)
+    tree = merge_layer(tree, method)
+    tree = merge_layer(tree, by_dataset.get(dataset, {}))
+    tree = merge_layer(tree, user)
     tree.setdefault("data", {})["dataset"] = dataset
     if preset:
         tree["preset"] = preset
@@ -462,6 +436,103 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def merge_layer(tree: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """:func:`deep_merge` of one config layer whose tasks are read as tasks: flat task keys go
+    into ``params`` (:func:`nest_task_params`), and a learner whose ``type`` the layer changes
+    keeps only the earlier ``params`` its new task also has."""
+    layer = nest_task_params(layer)
+    for name, task in _tasks_of(layer):
+        if "type" in task:
+            _retype(_tasks_of(tree, name), task["type"])
+    return deep_merge(tree, layer)
+
+
+TASK_KEYS = ("type", *ATTACK_FIELDS, "params", "source")
+"""The keys of a task mapping; any other key is a parameter written the old flat way."""
+
+
+def _tasks_of(tree: dict[str, Any], only: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """``(learner name, task mapping)`` of the learners in ``tree`` that have one."""
+    learners = tree.get("learners")
+    if not isinstance(learners, dict):
+        return []
+    return [
+        (name, learner["task"])
+        for name, learner in learners.items()
+        if (only is None or name == only)
+        and isinstance(learner, dict)
+        and isinstance(learner.get("task"), dict)
+    ]
+
+
+def _spec_or_none(kind: Any) -> TaskSpec | None:
+    """The task a layer names, or None when it does not name a known one (validate says so)."""
+    try:
+        return task_spec(kind)
+    except ConfigError:
+        return None
+
+
+def nest_task_params(layer: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``layer`` with every task's flat parameters moved into ``task.params``.
+
+    Configs written before tasks had ``params`` (presets, user YAML and every run's
+    ``config.yaml`` until then) put them beside the attack: ``{type: trades, beta: 6}``. There a
+    ``null`` meant "the default", and every task carried ``beta: 6.0`` whether it read it or
+    not; both are dropped, so an old run's config reads as it did.
+    """
+    layer = copy.deepcopy(layer)
+    for name, task in _tasks_of(layer):
+        flat = [key for key in task if key not in TASK_KEYS]
+        params = task.get("params", {})
+        if not flat or not isinstance(params, dict):
+            continue
+        spec = _spec_or_none(task.get("type"))
+        for key in flat:
+            value = task.pop(key)
+            if value is None or (key == "beta" and spec and "beta" not in spec.param_names()):
+                continue
+            if key in params:
+                raise ConfigError(
+                    f"{_join(f'learners.{name}.task', str(key))}: given both here and in "
+                    f"learners.{name}.task.params; keep one"
+                )
+            params[key] = value
+        task["params"] = params
+    return layer
+
+
+def canonical_tasks(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``tree`` (a config as a mapping: a checkpoint's, a ``config.yaml``) with every
+    task in today's form: flat parameters nested and ``params`` completed with the task's
+    defaults, so that configs written before and after ``params`` existed compare equal when
+    they mean the same."""
+    tree = nest_task_params(tree)
+    for _, task in _tasks_of(tree):
+        spec = _spec_or_none(task.get("type", "natural"))
+        params = task.get("params", {})
+        if spec is None or not isinstance(params, dict):
+            continue
+        try:
+            task["params"] = dataclasses.asdict(from_dict(spec.params, params, "params"))
+        except ConfigError:  # a value validate() refuses: compared as written
+            continue
+    return tree
+
+
+def _retype(tasks: list[tuple[str, dict[str, Any]]], new_type: Any) -> None:
+    """A learner's task becomes ``new_type``: keep the parameters it also has, drop the rest
+    (and the old type's source record)."""
+    for _, task in tasks:
+        if task.get("type") == new_type:
+            continue
+        task.pop("source", None)
+        spec = _spec_or_none(new_type)
+        if spec is not None and isinstance(task.get("params"), dict):
+            names = spec.param_names()
+            task["params"] = {k: v for k, v in task["params"].items() if k in names}
+
+
 def apply_override(tree: dict[str, Any], item: str) -> None:
     """Apply ``a.b.c=value``; the value is read as YAML so numbers, lists and null work."""
     key, eq, text = item.partition("=")
@@ -481,6 +552,11 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
     if parts[0] == "learners" and len(parts) >= 3 and parts[1] not in learners:
         known = ", ".join(map(str, learners)) or "none"
         raise ConfigError(f"--set {key}: there is no learner {parts[1]!r} (learners: {known})")
+    if parts[0] == "learners" and len(parts) == 4 and parts[2] == "task":
+        if parts[3] not in TASK_KEYS:  # the old flat form: --set learners.X.task.beta=1
+            parts.insert(3, "params")
+        elif parts[3] == "type":
+            _retype(_tasks_of(tree, parts[1]), value)
     node = tree
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -490,6 +566,8 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
             raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
         node = child
     node[parts[-1]] = value
+    if parts[0] == "learners" and len(parts) <= 3:  # a whole learner or task, maybe flat
+        tree.update(nest_task_params({"learners": tree["learners"]}))
 
 
 def from_dict(cls: type, data: Any, key: str) -> Any:
@@ -647,12 +725,12 @@ def validate(config: Config) -> None:
 def _validate_unlabeled(config: Config) -> None:
     """``data.unlabeled`` and ``pseudo_labels``: present exactly when an rst learner reads them."""
     source = config.data.unlabeled
-    readers = [n for n, lc in config.learners.items() if lc.task.type == "rst"]
+    readers = [n for n, lc in config.learners.items() if _reads_unlabeled(lc.task.type)]
     if readers and source is None:
         raise ConfigError(
-            f"learners.{readers[0]}.task.type: rst needs unlabeled images; set data.unlabeled "
-            f"to {UNLABELED_REST!r} (with data.train_limit), an .npz holding x_unlabeled, or a "
-            "folder of images"
+            f"learners.{readers[0]}.task.type: {config.learners[readers[0]].task.type} needs "
+            f"unlabeled images; set data.unlabeled to {UNLABELED_REST!r} (with "
+            "data.train_limit), an .npz holding x_unlabeled, or a folder of images"
         )
     labeler = config.pseudo_labels
     if source is None:
@@ -663,9 +741,10 @@ def _validate_unlabeled(config: Config) -> None:
             )
         return
     if not readers:
+        kinds = "/".join(t for t in list_tasks() if _reads_unlabeled(t))
         raise ConfigError(
-            "data.unlabeled: no learner uses unlabeled images (only task.type rst does); "
-            "remove it or add an rst learner"
+            f"data.unlabeled: no learner uses unlabeled images (only task.type {kinds} does); "
+            f"remove it or add an {kinds} learner"
         )
     if source == UNLABELED_REST:
         if config.data.train_limit is None:
@@ -687,6 +766,10 @@ def _validate_unlabeled(config: Config) -> None:
         _at_least(labeler.epochs, 1, "pseudo_labels.epochs")
 
 
+def _reads_unlabeled(kind: str) -> bool:
+    return task_spec(kind).capabilities.reads_unlabeled
+
+
 def _validate_checkpoint(checkpoint: CheckpointConfig) -> None:
     if checkpoint.every_steps is not None:
         _at_least(checkpoint.every_steps, 1, "checkpoint.every_steps")
@@ -701,30 +784,7 @@ def _validate_checkpoint(checkpoint: CheckpointConfig) -> None:
 
 def _validate_learner(config: Config, name: str, learner: LearnerConfig) -> None:
     key = f"learners.{name}"
-    task = learner.task
-    _choice(task.type, TASK_TYPES, f"{key}.task.type")
-    if task.type != "natural":
-        threat, steps, step_size = config.threat_of(task, f"{key}.task")
-        _at_least(steps, 1, f"{key}.task.steps")
-        if not step_size > 0:
-            raise ConfigError(f"{key}.task.step_size: must be > 0, got {step_size:g}")
-        if steps > 1 and step_size > threat.eps and _explicit_step_size(config, task, threat):
-            raise ConfigError(
-                f"{key}.task.step_size: {step_size:g} is larger than epsilon {threat.eps:g}, so "
-                f"each of the {steps} steps overshoots the ball; use at most epsilon (or leave it "
-                "unset for 2.5·epsilon/steps)"
-            )
-        if task.beta < 0:
-            raise ConfigError(f"{key}.task.beta: must be >= 0, got {task.beta:g}")
-        if task.type in ("trades", "mart", "cure", "rst") and threat.norm == "L1":
-            raise ConfigError(f"{key}.task.norm: {task.type} supports Linf and L2, not L1")
-    else:
-        given = [f for f in ("norm", "eps", "steps", "step_size") if getattr(task, f) is not None]
-        if given:
-            raise ConfigError(
-                f"{key}.task: a natural learner has no attack; remove {'/'.join(given)}"
-            )
-    _validate_method_fields(config, f"{key}.task", task)
+    _validate_task(config, f"{key}.task", learner.task)
     opt = learner.optimizer
     _choice(opt.type, OPTIMIZERS, f"{key}.optimizer.type")
     build_schedule(opt.lr, config.epochs, f"{key}.optimizer.lr")
@@ -741,45 +801,49 @@ def _validate_learner(config: Config, name: str, learner: LearnerConfig) -> None
         raise ConfigError(f"{key}.optimizer.betas: give two numbers in [0, 1), e.g. [0.9, 0.999]")
 
 
-def _validate_method_fields(config: Config, key: str, task: TaskConfig) -> None:
-    """FAT's τ and CURE's fields: in range, and only on the task type that reads them."""
-    if task.tau is not None:
-        if task.type != "fat":
-            raise ConfigError(f"{key}.tau: only fat tasks use tau; remove it")
-        build_schedule(task.tau, config.epochs, f"{key}.tau")
-    ranges = {
-        "mask_fraction": (0.0, 1.0, False),
-        "prominence_alpha": (0.0, 1.0, True),
-        "consistency_weight": (0.0, math.inf, False),
-        "revision_rate": (0.0, 1.0, True),
-        "revision_decay": (0.0, 1.0, False),
-        "natural_warmup": (0.0, 1.0, False),
-    }
-    for name, (low, high, closed) in ranges.items():
-        value = getattr(task, name)
-        if value is None:
-            continue
-        if task.type != "cure":
-            raise ConfigError(f"{key}.{name}: only cure tasks use {name}; remove it")
-        if not (low <= value <= high if closed else low <= value < high):
-            bound = (
-                f"in [{low:g}, {high:g}{']' if closed else ')'}"
-                if math.isfinite(high)
-                else f">= {low:g}"
+def resolve_task(task: TaskConfig, key: str) -> TaskSpec:
+    """The task ``task.type`` names; turns ``task.params`` into its parameters dataclass (the
+    task's defaults filled in) and records or checks an import path's source file."""
+    spec = task_spec(task.type, key)
+    if not isinstance(task.params, spec.params):  # as written: a mapping (or null)
+        if task.params is not None and not isinstance(task.params, dict):
+            raise ConfigError(f"{key}.params: expected a mapping, got {cut(task.params)}")
+        task.params = from_dict(spec.params, task.params or {}, f"{key}.params")
+    if not is_import_path(task.type):
+        if task.source is not None:
+            raise ConfigError(f"{key}.source: only an import-path task type records one; remove it")
+    elif task.source is None or task.source.get("import_path") != task.type:
+        task.source = source_record(task.type, what=f"{key}.type")
+    else:
+        check_source_record(task.source, what=f"{key}.type")
+    return spec
+
+
+def _validate_task(config: Config, key: str, task: TaskConfig) -> None:
+    """The attack a task's capabilities ask for, and its own parameters' checks."""
+    spec = resolve_task(task, key)
+    if spec.capabilities.attack:
+        threat, steps, step_size = config.threat_of(task, key)
+        _at_least(steps, 1, f"{key}.steps")
+        if not step_size > 0:
+            raise ConfigError(f"{key}.step_size: must be > 0, got {step_size:g}")
+        if steps > 1 and step_size > threat.eps and _explicit_step_size(config, task, threat):
+            raise ConfigError(
+                f"{key}.step_size: {step_size:g} is larger than epsilon {threat.eps:g}, so "
+                f"each of the {steps} steps overshoots the ball; use at most epsilon (or leave it "
+                "unset for 2.5·epsilon/steps)"
             )
-            raise ConfigError(f"{key}.{name}: {value:g} is out of range; it must be {bound}")
-    _only_for(key, task, "mixup_alpha", "iat")
-    if task.mixup_alpha is not None and not task.mixup_alpha > 0:
-        raise ConfigError(f"{key}.mixup_alpha: must be > 0, got {task.mixup_alpha:g}")
-    _only_for(key, task, "unlabeled_fraction", "rst")
-    fraction = task.unlabeled_fraction
-    if fraction is not None and not 0 < fraction < 1:
-        raise ConfigError(f"{key}.unlabeled_fraction: {fraction:g} must be in (0, 1)")
-
-
-def _only_for(key: str, task: TaskConfig, name: str, kind: str) -> None:
-    if getattr(task, name) is not None and task.type != kind:
-        raise ConfigError(f"{key}.{name}: only {kind} tasks use {name}; remove it")
+        norms = spec.capabilities.norms
+        if threat.norm not in norms:
+            listed = " and ".join([", ".join(norms[:-1]), norms[-1]] if len(norms) > 1 else norms)
+            raise ConfigError(f"{key}.norm: {spec.name} supports {listed}, not {threat.norm}")
+    else:
+        given = [f for f in ("norm", "eps", "steps", "step_size") if getattr(task, f) is not None]
+        if given:
+            raise ConfigError(
+                f"{key}: a {spec.name} learner has no attack; remove {'/'.join(given)}"
+            )
+    spec.check(task.params, f"{key}.params", config.epochs)
 
 
 def validate_gammas(config: Config) -> None:

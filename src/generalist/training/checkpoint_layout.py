@@ -150,7 +150,7 @@ def _check_tensors(
     check_same_layout(expected, fixed, "does not fit this run")
     for index, learner in enumerate(state.learners):
         parameters = _parameters(learner.optimizer)
-        kind = learner.config.optimizer.type
+        kind = type(learner.optimizer).__name__.lower()  # sgd, adam, adamw
         prefix = f"learners/{index}/optimizer/"
         for name, tensor in tensors.items():
             if not name.startswith(prefix):

@@ -67,6 +67,7 @@ from generalist.training.state import (
     restore,
     restore_learner,
 )
+from generalist.training.tasks import task_spec
 
 T = TypeVar("T")
 INT_SPLIT = 2**24
@@ -208,10 +209,12 @@ class LearnerParallel(SingleProcess):
                 "per learner, or on_nonfinite: stop"
             )
         for name, learner in config.learners.items():
-            if learner.task.type == "cure":
+            kind = learner.task.type
+            reason = task_spec(kind, f"learners.{name}.task").capabilities.whole_batch
+            if reason is not None:
                 raise ConfigError(
-                    f"learners.{name} is a CURE learner, whose gradient masks need the whole "
-                    f"batch, so it cannot train {where}; use one process per learner"
+                    f"learners.{name} is a {kind} learner, {reason}, so it cannot train "
+                    f"{where}; use one process per learner"
                 )
         smallest = batches.num_examples % batches.batch_size or batches.batch_size
         if smallest < self.replicas:

@@ -4,9 +4,12 @@ adversarial training is in this file.
 
 Per epoch e (1-based, of E):
 
-* the mixing weights γ_i(e), read once per epoch, summing to 1 (:func:`gamma_schedules`);
+* the mixing weights γ_i(e), read once per epoch, summing to 1 (:func:`epoch_plan`);
 * whether e redistributes (:func:`redistribution_epochs`: the official e ≥ t', e mod c = 0,
   laid on E epochs).
+
+The values come as plain numbers and curves: :mod:`generalist.training.recipe` reads them off
+the run's config, so this file (like the learner and the tasks) knows no config.
 
 Per training step t (counted from 0 over the whole run, :func:`generalist_step`):
 
@@ -35,13 +38,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from generalist.config import Config, redistribute_rule
-from generalist.schedules import PiecewiseLinear, mixing_weights, parse_exact, parse_number
+from generalist.schedules import PiecewiseLinear
 
 if TYPE_CHECKING:
     from generalist.training.learner import Learner
@@ -55,38 +57,32 @@ mix summed over processes (learner-parallel training; one process sums a local l
 
 
 # ---- the schedules: fixed for a whole epoch ----------------------------------------------
+# (γ_i(e) are the learners' ``gamma`` curves; :mod:`generalist.training.recipe` reads all of
+# these values off a config.)
 
 
-def gamma_schedules(config: Config) -> list[PiecewiseLinear]:
-    """γ_i(e), one curve per learner in config order; ``remainder`` is 1 − Σ of the others."""
-    curves = mixing_weights({n: lc.gamma for n, lc in config.learners.items()}, config.epochs)
-    return list(curves.values())
-
-
-def redistribution_epochs(config: Config) -> list[int]:
-    """The epochs that redistribute, in order.
+def redistribution_epochs(
+    epochs: int, unit: str, start: Fraction, every: Fraction, min_gap: int = 1
+) -> list[int]:
+    """The epochs of E that redistribute, in order, for the rule (t' = ``start``, c = ``every``).
 
     ``unit: epoch`` is the official rule as written: e ≥ t' and e mod c = 0. ``unit: fraction``
     lays the same rule on E epochs: the points 1, 1 − c, 1 − 2c, … ≥ t' of the run (anchored
     at its end, as the official 120 mod 5 = 0 is), each at its nearest epoch (halves up). At
     E = 120, t' = 0.625, c = 1/24 that is exactly 75, 80, …, 120; shorter runs keep the last
-    epoch and as many of the ten as the integer grid holds (docs/algorithm.md).
+    epoch and as many of the ten as the integer grid holds (docs/algorithm.md), unless two
+    of them would be closer than ``min_gap`` epochs.
     """
-    if config.merge.redistribute.policy == "never":
-        return []
-    unit, start, every = redistribute_rule(config)
-    epochs = config.epochs
     if unit == "epoch":
         return [e for e in range(1, epochs + 1) if e >= start and e % every == 0]
     points = (1 - k * every for k in range(math.floor((1 - start) / every) + 1))
     laid = sorted({min(epochs, max(1, _nearest(p * epochs))) for p in points})
-    gap = config.merge.redistribute.min_gap
-    if all(later - earlier >= gap for earlier, later in itertools.pairwise(laid)):
+    if all(later - earlier >= min_gap for earlier, later in itertools.pairwise(laid)):
         return laid
     # Too close on this E's grid: step back from the last epoch by the gap instead, so the
-    # learners train apart for gap − 1 whole epochs between two copies of θ_g.
+    # learners train apart for min_gap − 1 whole epochs between two copies of θ_g.
     first = max(1, _nearest(start * epochs))
-    return list(range(epochs, first - 1, -gap))[::-1]
+    return list(range(epochs, first - 1, -min_gap))[::-1]
 
 
 def _nearest(value: Fraction) -> int:
@@ -94,49 +90,13 @@ def _nearest(value: Fraction) -> int:
     return math.floor(value + Fraction(1, 2))
 
 
-def redistributes_in(config: Config, epoch: int) -> bool:
-    return epoch in redistribution_epochs(config)
-
-
-def ema_decay_cap(config: Config, total_steps: int) -> float:
-    """d_max: ``merge.ema_decay`` as given, or for ``auto`` 1 − 1/(h·T) with h =
-    ``merge.ema_horizon`` and T the run's steps, so the EMA averages over the same share of
-    every run: the official h = 1000/46,920 at T = 120·391 gives exactly 0.999."""
-    merge = config.merge
-    if merge.ema_decay != "auto":
-        return parse_number(merge.ema_decay, "merge.ema_decay")
-    horizon = parse_exact(merge.ema_horizon, "merge.ema_horizon") * total_steps
-    return float(max(Fraction(0), 1 - 1 / horizon))
-
-
-def ema_cap_record(config: Config, steps_per_epoch: int) -> dict[str, Any]:
-    """d_max and the run length it was resolved for: what ``manifest.json`` records under
-    ``ema`` and ``train --dry-run`` prints, since with ``auto`` it depends on the data."""
-    total_steps = config.epochs * steps_per_epoch
-    return {
-        "ema_decay": config.merge.ema_decay,
-        "ema_horizon": config.merge.ema_horizon if config.merge.ema_decay == "auto" else None,
-        "epochs": config.epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "d_max": ema_decay_cap(config, total_steps),
-    }
-
-
-def describe_ema_cap(record: dict[str, Any]) -> str:
-    """One line: d_max, how it was set, and over how many steps the EMA then averages."""
-    d_max = record["d_max"]
-    how = (
-        f"merge.ema_decay auto: horizon {record['ema_horizon']} of the run"
-        if record["ema_decay"] == "auto"
-        else "merge.ema_decay as given"
-    )
-    span = f"{1 / (1 - d_max):,.0f} steps" if d_max > 0 else "1 step (no averaging)"
-    return (
-        f"EMA cap d_max = {d_max:.6g} ({how}, {record['epochs']} epochs x "
-        f"{record['steps_per_epoch']:,} steps = {record['total_steps']:,}; the EMA averages over "
-        f"~{span})"
-    )
+def ema_decay_cap(total_steps: int, *, decay: float | None, horizon: Fraction) -> float:
+    """d_max: ``decay`` as given, or (None: ``merge.ema_decay: auto``) 1 − 1/(h·T) with h =
+    ``horizon`` and T the run's steps, so the EMA averages over the same share of every run:
+    the official h = 1000/46,920 at T = 120·391 gives exactly 0.999."""
+    if decay is not None:
+        return decay
+    return float(max(Fraction(0), 1 - 1 / (horizon * total_steps)))
 
 
 @dataclass(frozen=True)
@@ -149,15 +109,18 @@ class EpochPlan:
     """Redistribute after every step of the epoch (the official rule), not once at its end."""
 
 
-def epoch_plan(config: Config, learners: Sequence[Learner], epoch: int) -> EpochPlan:
+def epoch_plan(
+    gammas: Sequence[PiecewiseLinear], epoch: int, *, redistribute: bool, per_step: bool
+) -> EpochPlan:
+    """The plan of ``epoch``: γ_i(e) of every learner's curve, and whether (and how: after
+    every step when ``per_step``) it redistributes."""
     # γ is fixed for the whole epoch, as in the official code: Σ_i γ_i(e) = 1 holds exactly at
     # the integer epochs the config check verified, and the global learner's target does not
     # drift within an epoch.
-    redistribute = redistributes_in(config, epoch)
     return EpochPlan(
-        gammas=[learner.gamma(epoch) for learner in learners],
+        gammas=[gamma(epoch) for gamma in gammas],
         redistribute=redistribute,
-        every_step=redistribute and config.merge.redistribute.policy == "per_step_in_epoch",
+        every_step=redistribute and per_step,
     )
 
 

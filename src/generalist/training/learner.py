@@ -3,6 +3,9 @@
 "Task-aware" optimisation is the point of the Generalist: the natural learner may use a small
 weight decay or Adam while the adversarial one uses SGD with a large weight decay, so each learner
 owns its optimizer outright instead of sharing one over a parameter union.
+
+A learner is built from plain values (:mod:`generalist.training.recipe` reads them off the
+config); it knows no config itself.
 """
 
 from __future__ import annotations
@@ -15,24 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from generalist.config import LearnerConfig, OptimizerConfig
 from generalist.schedules import PiecewiseLinear
 from generalist.training.tasks import AppliesGradients, Task
-
-
-def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
-    """Optimizers start at lr 0: the schedule sets the real value before every step."""
-    params = model.parameters()
-    if config.type == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=0.0,
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            weight_decay=config.weight_decay,
-        )
-    kind = torch.optim.Adam if config.type == "adam" else torch.optim.AdamW
-    return kind(params, lr=0.0, betas=tuple(config.betas), weight_decay=config.weight_decay)
 
 
 @dataclass
@@ -43,7 +30,6 @@ class Learner:
     lr_schedule: PiecewiseLinear
     gamma: PiecewiseLinear
     task: Task
-    config: LearnerConfig
     generator: torch.Generator
     """Random starts of this learner's attacks, so adding a learner never shifts another's."""
     skip_nonfinite: bool = False

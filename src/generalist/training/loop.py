@@ -52,15 +52,19 @@ from generalist.training.distributed import SingleProcess, processes
 from generalist.training.generalist import (
     EpochPlan,
     GeneralistMerge,
-    ema_cap_record,
-    epoch_plan,
-    gamma_schedules,
     generalist_step,
     mix_initial_global,
 )
 from generalist.training.init import initialize_from
-from generalist.training.learner import Learner, build_optimizer
+from generalist.training.learner import Learner
 from generalist.training.pseudo_label import PseudoLabeled, prepare_pseudo_labels
+from generalist.training.recipe import (
+    build_optimizer,
+    ema_cap_record,
+    epoch_plan,
+    gamma_schedules,
+    learner_task,
+)
 from generalist.training.save_and_resume import Checkpointer, resume_state
 from generalist.training.signals import (
     StopRequest,
@@ -69,7 +73,6 @@ from generalist.training.signals import (
     stop_on_signals,
 )
 from generalist.training.state import TrainingState
-from generalist.training.tasks import TrainingAttack, task_from_config
 from generalist.training.unlabeled_pool import PseudoLabeledPool
 
 GLOBAL = "global"
@@ -118,11 +121,8 @@ def build_learners(
         else:
             torch.manual_seed(config.seed + 1000 * (index + 1))
             model = create_model(name, **kwargs).to(device, memory_format=memory_format)
-        attack = None
-        if lc.task.type != "natural":
-            threat, steps, step_size = config.threat_of(lc.task, f"learners.{lname}.task")
-            attack = TrainingAttack(threat, steps, step_size, lc.task.random_start)
-        generator = torch.Generator(device=device).manual_seed(config.seed * 7919 + index + 1)
+        seed = config.seed * 7919 + index + 1
+        generator = torch.Generator(device=device).manual_seed(seed)
         learners.append(
             Learner(
                 name=lname,
@@ -130,17 +130,7 @@ def build_learners(
                 optimizer=build_optimizer(model, lc.optimizer),
                 lr_schedule=build_schedule(lc.optimizer.lr, config.epochs, f"learners.{lname}.lr"),
                 gamma=gammas[index],
-                task=task_from_config(
-                    lc.task,
-                    attack,
-                    model,
-                    epochs=config.epochs,
-                    seed=config.seed * 7919 + index + 1,
-                    pretrained=config.model.init_from is not None,
-                    key=f"learners.{lname}.task",
-                    pseudo_labeled=pseudo_labeled,
-                ),
-                config=lc,
+                task=learner_task(config, lname, model, seed=seed, pseudo_labeled=pseudo_labeled),
                 generator=generator,
                 skip_nonfinite=config.checkpoint.on_nonfinite == "skip",
                 autocast=autocast,
@@ -377,7 +367,7 @@ def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> N
     """One epoch from the state's (epoch, batch) position: steps, then validate, log, save."""
     config, state, parallel, checkpoints = s.config, s.state, s.parallel, s.checkpoints
     epoch_started = time.perf_counter()
-    plan = epoch_plan(config, s.learners, epoch)
+    plan = epoch_plan(config, [learner.gamma for learner in s.learners], epoch)
     bar = tqdm(
         s.source.epoch(epoch, start_batch=state.batch),
         initial=state.batch,

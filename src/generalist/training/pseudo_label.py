@@ -39,8 +39,8 @@ from generalist.evaluation.accuracy import accuracies
 from generalist.inference import eval_mode
 from generalist.rundir import RunDir
 from generalist.training.distributed import world_size
+from generalist.training.recipe import unlabeled_per_batch
 from generalist.training.signals import TrainingInterrupted, resume_hint
-from generalist.training.unlabeled_pool import unlabeled_count, unlabeled_fraction
 
 LABELS_FILE = "pseudo_labels.safetensors"
 LABELER_DIR = "pseudo-labeler"
@@ -172,15 +172,12 @@ def _split_arguments(config: Config) -> dict[str, Any]:
 
 
 def _check_pool_size(config: Config, available: int) -> None:
-    for name, learner in config.learners.items():
-        if learner.task.type != "rst":
-            continue
-        wanted = unlabeled_count(config.data.batch_size, unlabeled_fraction(learner.task))
+    for name, wanted in unlabeled_per_batch(config).items():
         if wanted > available:
             raise DataError(
                 f"data.unlabeled: {available} unlabeled images, but every batch of learner "
-                f"{name} takes {wanted}; add unlabeled images or lower "
-                f"learners.{name}.task.unlabeled_fraction"
+                f"{name} takes {wanted}; add unlabeled images or lower the unlabeled share in "
+                f"learners.{name}.task.params"
             )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from generalist.checkpoint import Checkpoint, CheckpointStore
-from generalist.config import Config, build_config, read_config_file
+from generalist.config import Config, build_config, canonical_tasks, read_config_file
 from generalist.errors import CheckpointError, ConfigError
 from generalist.rundir import RunDir
 from generalist.training.checkpoint_layout import layout_problem
@@ -220,8 +220,15 @@ def _config_refusal(record: Path, meta: dict[str, Any], run: RunDir, difference:
     )
 
 
-def config_difference(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> str:
-    """``"key: saved vs wanted"`` for the first differing key outside the resumable ones."""
+def config_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """``"key: saved vs wanted"`` for the first differing key outside the resumable ones.
+
+    Both are read as today's config reads them (:func:`canonical_tasks`): a run whose config
+    was written with flat task parameters (``beta: 6`` beside the attack) still resumes."""
+    return _difference(canonical_tasks(saved), canonical_tasks(wanted))
+
+
+def _difference(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> str:
     for key in list(saved) + [k for k in wanted if k not in saved]:
         dotted = f"{prefix}{key}"
         if dotted in RESUMABLE + IRRELEVANT_ON_RESUME:
@@ -230,7 +237,7 @@ def config_difference(saved: dict[str, Any], wanted: dict[str, Any], prefix: str
         if old is None and key not in saved and isinstance(new, dict):
             old = {}  # a section added since the run started: equal if it holds only nulls
         if isinstance(old, dict) and isinstance(new, dict):
-            inner = config_difference(old, new, f"{dotted}.")
+            inner = _difference(old, new, f"{dotted}.")
             if inner:
                 return inner
         elif old != new:

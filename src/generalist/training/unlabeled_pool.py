@@ -7,13 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from generalist.config import RST_UNLABELED_FRACTION, TaskConfig
 from generalist.data import BatchAugment, to_float
-
-
-def unlabeled_fraction(task: TaskConfig) -> float:
-    """An rst task's share of pseudo-labeled images per batch (the paper's half if unset)."""
-    return RST_UNLABELED_FRACTION if task.unlabeled_fraction is None else task.unlabeled_fraction
 
 
 def unlabeled_count(labeled: int, fraction: float) -> int:
