@@ -123,6 +123,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet18"
+    """A registered architecture (``generalist presets`` lists them; ``wrn-D-W`` too) or your own
+    as ``package.module:callable``, imported from the working directory or PYTHONPATH and given
+    the keyword arguments it accepts of num_classes, in_channels and image_size."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """More keyword arguments for a model given by import path (e.g. ``{width: 64}``)."""
     normalize: bool = False
     """Put the dataset's mean/std normalisation inside the model (the paper's recipe does not)."""
     channels_last: bool = False
@@ -560,7 +565,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express; raises ConfigError naming the key."""
-    from generalist.data import list_datasets
+    from generalist.data import is_known_dataset, list_datasets
     from generalist.models.registry import is_known_model, unknown_model_message
 
     _at_least(config.epochs, 1, "epochs")
@@ -576,7 +581,8 @@ def validate(config: Config) -> None:
     _validate_out_dir(config.out_dir)
     _validate_device(config.device)
     _choice(config.precision, PRECISIONS, "precision")
-    _choice(config.data.dataset, list_datasets(), "data.dataset")
+    if not is_known_dataset(config.data.dataset):
+        _choice(config.data.dataset, list_datasets(), "data.dataset")
     if not is_known_model(config.model.name):
         raise ConfigError(f"model.name: {unknown_model_message(config.model.name)}")
     _at_least(config.data.batch_size, 1, "data.batch_size")
