@@ -25,6 +25,7 @@ LAYERS = [
     {"evaluation"},
     {"training"},
     {"reporting"},
+    {"api"},
     {"cli", "__main__"},
 ]
 LAYER_OF = {name: index for index, names in enumerate(LAYERS) for name in names}

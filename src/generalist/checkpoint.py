@@ -243,9 +243,8 @@ def load_model(
     state = read_state_dict(weights)
     if arch is not None:
         state = _without_wrapper_prefix(state, skeleton.state_dict())
-    check_same_layout(
-        skeleton.state_dict(), state, f"{weights} does not fit the architecture in {spec_path}"
-    )
+    where = f"architecture {name}" if arch is not None else f"architecture in {spec_path}"
+    check_same_layout(skeleton.state_dict(), state, f"{weights} does not fit the {where}")
     model = _build_model(name, model_kwargs, spec_path, "cpu")
     model.load_state_dict(state)
     return model.to(device).eval(), spec

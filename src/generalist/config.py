@@ -18,6 +18,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -379,9 +380,15 @@ def build_config(
     *,
     dataset: str | None = None,
     user_yaml: str | Path | None = None,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
+    values: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Resolve preset → dataset profile → user YAML → ``--set`` overrides into a valid Config."""
+    """Resolve preset → dataset profile → user YAML → ``--set`` overrides into a valid Config.
+
+    ``overrides`` are ``"key=value"`` texts as ``--set`` takes them (the value read as YAML);
+    ``values`` maps dotted keys to Python values (``{"epochs": 30, "model.kwargs": {...}}``),
+    applied last.
+    """
     from generalist.presets import load_dataset_profile, load_method_preset
 
     user = read_config_file(user_yaml) if user_yaml is not None else {}
@@ -404,8 +411,14 @@ def build_config(
     if preset:
         tree["preset"] = preset
         tree.setdefault("name", preset)
+    if isinstance(overrides, str):
+        raise ConfigError("overrides: give a list of 'key=value' texts, not one text")
     for item in overrides:
         apply_override(tree, item)
+    for key, value in (values or {}).items():
+        if not isinstance(key, str):
+            raise ConfigError(f"overrides: key {cut(key)} is not text; write e.g. 'epochs'")
+        set_key(tree, key, copy.deepcopy(value), "overrides")
     if isinstance(tree.get("learners"), dict):  # `--set learners.X=null` removes X, as in YAML
         tree["learners"] = {k: v for k, v in tree["learners"].items() if v is not None}
     config = from_dict(Config, tree, "")
@@ -474,20 +487,26 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
         value = load_plain_yaml(text, f"--set {cut(key)}") if text.strip() else None
     except YamlSyntaxError:
         value = text
+    set_key(tree, key, value, "--set")
+
+
+def set_key(tree: dict[str, Any], key: str, value: Any, what: str = "--set") -> None:
+    """Set the dotted ``key`` of a config tree to ``value``; ``what`` names the source in
+    errors (``--set`` on the command line, ``overrides`` from Python)."""
     parts = key.split(".")
     if len(key) > 200 or len(parts) > 8:
-        raise ConfigError(f"--set {cut(key)}: no config key is that long; see --dry-run")
+        raise ConfigError(f"{what} {cut(key)}: no config key is that long; see --dry-run")
     learners = tree.get("learners") if isinstance(tree.get("learners"), dict) else {}
     if parts[0] == "learners" and len(parts) >= 3 and parts[1] not in learners:
         known = ", ".join(map(str, learners)) or "none"
-        raise ConfigError(f"--set {key}: there is no learner {parts[1]!r} (learners: {known})")
+        raise ConfigError(f"{what} {key}: there is no learner {parts[1]!r} (learners: {known})")
     node = tree
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if child is None and depth == 1 and parts[0] == "learners":
-            raise ConfigError(f"--set {key}: learner {part!r} was removed (null) before")
+            raise ConfigError(f"{what} {key}: learner {part!r} was removed (null) before")
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
+            raise ConfigError(f"{what} {key}: {'.'.join(parts[: depth + 1])} is not a section")
         node = child
     node[parts[-1]] = value
 
