@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import warnings
 
 import numpy as np
@@ -114,7 +115,7 @@ def test_a_model_by_import_path_gets_the_sizes_it_accepts_and_its_kwargs(nets):
         ("no_such_module_xyz:Net", None, "cannot import module 'no_such_module_xyz'"),
         ("{nets}:NOT_CALLABLE", None, "is a int, not a class or function"),
         ("{nets}:not_a_module", None, "returned a str, not a torch nn.Module"),
-        ("{nets}:TinyNet", {"depth": 3}, "could not be called with ['depth'] model.kwargs"),
+        ("{nets}:TinyNet", {"depth": 3}, "model.kwargs depth: '{nets}:TinyNet' takes no such"),
         ("{nets}:TinyNet", {"num_classes": 3}, "passes from the data; remove it"),
         ("tiny-cnn", {"width": 3}, "model.kwargs is only for a model given by import path"),
     ],
@@ -122,7 +123,11 @@ def test_a_model_by_import_path_gets_the_sizes_it_accepts_and_its_kwargs(nets):
 def test_a_bad_model_plugin_is_one_line(nets, name, kwargs, phrase):
     with pytest.raises(ConfigError) as info:
         create_model(name.format(nets=nets), num_classes=10, in_channels=1, kwargs=kwargs)
-    assert phrase in str(info.value) and "\n" not in str(info.value)
+    assert phrase.format(nets=nets) in str(info.value) and "\n" not in str(info.value)
+    if kwargs:  # the same refusal at config time, before any data is read
+        values = {"model.name": name.format(nets=nets), "model.kwargs": kwargs}
+        with pytest.raises(ConfigError, match=re.escape(phrase.format(nets=nets))):
+            build_config("pgd-at", dataset="digits", values=values)
 
 
 def test_dry_run_checks_the_import_path_before_anything_runs(nets, capsys):
@@ -157,6 +162,7 @@ def test_the_issue_commands_train_eval_resume_and_refuse_an_edited_file(nets, tm
     again = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert again["threats"] == first["threats"] and again["data"] == first["data"]
 
+    assert cli("report", str(run), "--out", "report") == 0
     assert cli("train", "--resume", str(run), "--epochs", "2", "--no-progress") == 0
     assert json.loads((run / "summary.json").read_text())["val"]
     capsys.readouterr()

@@ -585,7 +585,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express; raises ConfigError naming the key."""
     from generalist.data import is_known_dataset, list_datasets
-    from generalist.models.registry import is_known_model, unknown_model_message
+    from generalist.models.registry import (
+        check_model_kwargs,
+        is_known_model,
+        unknown_model_message,
+    )
 
     _at_least(config.epochs, 1, "epochs")
     _at_most(config.epochs, MAX_EPOCHS, "epochs")
@@ -604,6 +608,7 @@ def validate(config: Config) -> None:
         _choice(config.data.dataset, list_datasets(), "data.dataset")
     if not is_known_model(config.model.name):
         raise ConfigError(f"model.name: {unknown_model_message(config.model.name)}")
+    check_model_kwargs(config.model.name, config.model.kwargs)
     _at_least(config.data.batch_size, 1, "data.batch_size")
     _at_least(config.data.eval_batch_size, 1, "data.eval_batch_size")
     val_size = config.data.val_size

@@ -78,6 +78,30 @@ def is_known_model(name: str) -> bool:
     return name in _MODELS or any(p.fullmatch(name) for p, _, _ in _PATTERNS)
 
 
+def check_model_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse ``model.kwargs`` the model cannot take, at config time (before any data is read)
+    rather than when the first model is built."""
+    if not kwargs:
+        return
+    if not is_import_path(name):
+        raise ConfigError(
+            f"model.kwargs is only for a model given by import path; {cut(name)} takes none"
+        )
+    factory = _plugin(name, "model.name")
+    clash = sorted(set(kwargs) & {"num_classes", "in_channels", "image_size"})
+    if clash:
+        raise ConfigError(
+            f"model.kwargs sets {', '.join(clash)}, which generalist passes from the data; "
+            "remove it from model.kwargs"
+        )
+    unknown = sorted(set(kwargs) - set(_accepted(factory, dict(kwargs))))
+    if unknown:
+        raise ConfigError(
+            f"model.kwargs {', '.join(unknown)}: {cut(name)} takes no such argument; match "
+            "model.kwargs to its parameters"
+        )
+
+
 def model_source(name: str) -> dict[str, Any] | None:
     """What a run records about a plug-in model (import path, file, SHA-256); None for a
     registered name, which ships with generalist and needs no record."""
@@ -114,12 +138,7 @@ def _plugin_model(
     name: str, sizes: dict[str, int], kwargs: Mapping[str, Any], source: Mapping[str, Any] | None
 ) -> nn.Module:
     factory = _plugin(name, "model.name", source)
-    clash = sorted(set(kwargs) & set(sizes))
-    if clash:
-        raise ConfigError(
-            f"model.kwargs sets {', '.join(clash)}, which generalist passes from the data; "
-            "remove it from model.kwargs"
-        )
+    check_model_kwargs(name, kwargs)
     try:
         model = factory(**_accepted(factory, sizes), **kwargs)
     except TypeError as exc:
@@ -158,10 +177,7 @@ def _bare_model(
 ) -> nn.Module:
     if is_import_path(name):
         return _plugin_model(name, sizes, kwargs or {}, source)
-    if kwargs:
-        raise ConfigError(
-            f"model.kwargs is only for a model given by import path; {cut(name)} takes none"
-        )
+    check_model_kwargs(name, kwargs or {})
     factory = _MODELS.get(name)
     if factory is not None:
         return factory(**sizes)
