@@ -248,6 +248,7 @@ def test_eval_resume_needs_the_folder_and_keeps_its_settings(nets, tmp_path, cap
     assert request["dataset"] == "digits" and request["target"] == str(tmp_path / "mine.pt")
     assert cli("eval", "--resume", "ev", "--no-progress", "--seed", "5") == 2
     assert "seed: 0 there, 5 now" in one_error_line(capsys)
+    assert cli("eval", "--resume", "ev", "--no-progress") == 0  # the refusal changed nothing
     assert cli("eval", "--resume", str(tmp_path / "nowhere")) == 2
     assert "no state.json there" in one_error_line(capsys)
 
@@ -469,3 +470,48 @@ def test_load_model_takes_an_architecture_for_foreign_weights(nets, tmp_path):
     arch = {"name": f"{nets}:TinyNet", "num_classes": 3, "in_channels": 1, "image_size": 8}
     model, spec = generalist.load_model("w.pt", arch=arch)
     assert not model.training and spec["model"]["num_classes"] == 3
+
+
+class Stop(Exception):
+    """Raised from on_progress: the evaluation is killed mid-way, its state saved."""
+
+
+def test_a_killed_evaluation_resumes_from_its_folder_alone_to_the_same_result(nets, tmp_path):
+    module = __import__(nets)
+    torch.manual_seed(0)
+    torch.save(module.TinyNet().state_dict(), "mine.pt")
+    request = EvalRequest(
+        target="mine.pt",
+        arch=f"{nets}:TinyNet",
+        dataset="digits",
+        threats=("Linf:0.1", "L2:0.5"),
+        attacks=("pgd-3", "apgd-ce"),
+        n_iter=3,
+        n_examples=24,
+        batch_size=8,
+        progress=False,
+    )
+    _, whole = run_eval(request.with_values(out="whole"))
+    calls = []
+
+    def kill(progress):
+        calls.append(progress)
+        if len(calls) == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_eval(request.with_values(out="killed"), on_progress=kill)
+    assert not (tmp_path / "killed" / "eval.json").exists()
+    assert main(["eval", "--resume", "killed", "--no-progress"]) == 0
+    resumed = json.loads((tmp_path / "killed" / "eval.json").read_text())
+    assert without_seconds(resumed["threats"]) == without_seconds(whole["threats"])
+    assert resumed["union"] == whole["union"]
+
+
+def without_seconds(value):
+    """A record part without its timings, the one thing a resume may change."""
+    if isinstance(value, dict):
+        return {k: without_seconds(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [without_seconds(v) for v in value]
+    return value

@@ -441,7 +441,11 @@ def run_eval(
         data_dir=data_meta["data_dir"],
         out=str(out),
     )
-    _write_request(out, resolved)
+    # Written once, before the first attack, so an interrupted evaluation has it; a resume
+    # never rewrites it (options refused by the plan check below must not replace it).
+    first_request = not (out / REQUEST_FILE).is_file()
+    if first_request and not resume:
+        _write_request(out, resolved)
     identity = {
         "model_sha256": model_hash,
         "data_fingerprint": data_meta["fingerprint"],
@@ -456,6 +460,8 @@ def run_eval(
         on_progress=on_progress,
         device=device,
     )
+    if first_request and resume:  # a folder from an older version: its options passed the check
+        _write_request(out, resolved)
     settings = {
         "device": str(device),
         "arguments": {
