@@ -25,7 +25,7 @@ from generalist.config import build_config
 from generalist.data import load_splits, to_float
 from generalist.errors import CheckpointError, ConfigError, GeneralistError
 from generalist.evaluation import suite as suite_module
-from generalist.evaluation.cli_eval import add_eval_parser, cmd_eval, run_eval
+from generalist.evaluation.cli_eval import add_eval_parser, cmd_eval, eval_from_args
 from generalist.evaluation.records import build_record, model_info
 from generalist.evaluation.suite import EvaluationSuite, Progress
 from generalist.evaluation.tables import render_markdown
@@ -159,7 +159,7 @@ def test_eval_writes_record_tables_and_model_info(run_dir, digits, tmp_path, cap
 
 
 def test_default_threats_come_from_the_run_config(run_dir, tmp_path):
-    _, record = run_eval(
+    _, record = eval_from_args(
         eval_args(
             str(run_dir), "--no-progress", "--n-examples", "8", "--out", str(tmp_path / "e"), *CHEAP
         )
@@ -208,7 +208,7 @@ class Killed(Exception):
 
 
 def test_resume_after_kill_equals_uninterrupted(run_dir, tmp_path):
-    full_out, full = run_eval(cheap_args(run_dir, tmp_path / "full"))
+    full_out, full = eval_from_args(cheap_args(run_dir, tmp_path / "full"))
 
     events: list[Progress] = []
 
@@ -218,12 +218,12 @@ def test_resume_after_kill_equals_uninterrupted(run_dir, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        run_eval(cheap_args(run_dir, tmp_path / "killed"), on_progress=kill_midway)
+        eval_from_args(cheap_args(run_dir, tmp_path / "killed"), on_progress=kill_midway)
     assert events[-1].threat == "L2:1.0" and 0 < events[-1].done < N
     assert not (tmp_path / "killed" / "eval.json").exists()
 
     resumed_events: list[Progress] = []
-    out, resumed = run_eval(
+    out, resumed = eval_from_args(
         cheap_args(run_dir, tmp_path / "killed", "--resume", str(tmp_path / "killed")),
         on_progress=resumed_events.append,
     )
@@ -231,7 +231,7 @@ def test_resume_after_kill_equals_uninterrupted(run_dir, tmp_path):
     # nothing finished before the kill was attacked again
     total = len(events) + len(resumed_events)
     uninterrupted: list[Progress] = []
-    run_eval(cheap_args(run_dir, tmp_path / "again"), on_progress=uninterrupted.append)
+    eval_from_args(cheap_args(run_dir, tmp_path / "again"), on_progress=uninterrupted.append)
     assert total == len(uninterrupted)
     full_state = json.loads((full_out / "state.json").read_text())
     resumed_state = json.loads((out / "state.json").read_text())
@@ -268,7 +268,7 @@ def test_autoattack_resumes_mid_attack_and_reports_its_stages(run_dir, digits, t
         assert torch.equal(a.robust, b.robust)
     assert full_aa.robust.sum() < full.clean.sum()
 
-    out, record = run_eval(
+    out, record = eval_from_args(
         eval_args(
             str(run_dir),
             "--no-progress",
@@ -292,9 +292,9 @@ def test_autoattack_resumes_mid_attack_and_reports_its_stages(run_dir, digits, t
 
 
 def test_resume_with_other_settings_is_refused(run_dir, tmp_path):
-    out, _ = run_eval(cheap_args(run_dir, tmp_path / "e"))
+    out, _ = eval_from_args(cheap_args(run_dir, tmp_path / "e"))
     with pytest.raises(ConfigError, match=r"different evaluation.*seed") as info:
-        run_eval(cheap_args(run_dir, out, "--resume", str(out), "--seed", "1"))
+        eval_from_args(cheap_args(run_dir, out, "--resume", str(out), "--seed", "1"))
     assert "\n" not in str(info.value)
 
 
@@ -358,7 +358,7 @@ def test_bad_input_is_a_one_line_error(run_dir, tmp_path, argv, error, phrase):
     if "--resume" not in argv:
         argv += ["--out", str(tmp_path / "out")]
     with pytest.raises(error) as info:
-        run_eval(eval_args(*argv, "--no-progress"))
+        eval_from_args(eval_args(*argv, "--no-progress"))
     assert isinstance(info.value, GeneralistError)
     assert phrase in str(info.value) and "\n" not in str(info.value)
 
@@ -368,7 +368,7 @@ def test_bare_weights_evaluate_next_to_the_file(run_dir, tmp_path):
     bare.mkdir()
     for name in ("model.safetensors", "model.json"):
         (bare / name).write_bytes((run_dir / name).read_bytes())
-    out, record = run_eval(
+    out, record = eval_from_args(
         eval_args(
             str(bare / "model.safetensors"),
             "--no-progress",
@@ -418,11 +418,11 @@ def test_a_compiled_evaluation_with_its_own_threads_gives_the_same_results(
     """``--compile`` compiles in place (same weights hash) and ``--threads`` only sets speed."""
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager")  # no C++ build in a test
     pgd_only = ("--attacks", "pgd-5")
-    _, plain = run_eval(cheap_args(run_dir, tmp_path / "plain", *pgd_only))
+    _, plain = eval_from_args(cheap_args(run_dir, tmp_path / "plain", *pgd_only))
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # --threads 1 must bring it back to 1
     try:
-        _, compiled = run_eval(
+        _, compiled = eval_from_args(
             cheap_args(run_dir, tmp_path / "compiled", *pgd_only, "--compile", "--threads", "1")
         )
         assert torch.get_num_threads() == 1
@@ -448,7 +448,7 @@ def _with_spec(run_dir: Path, tmp_path: Path, edit) -> Path:
 
 def _eval_error(target: Path, tmp_path: Path, *extra: str) -> str:
     with pytest.raises(GeneralistError) as failed:
-        run_eval(
+        eval_from_args(
             eval_args(
                 str(target),
                 "--no-progress",

@@ -29,6 +29,7 @@ LAYERS = [
     {"evaluation"},
     {"training"},
     {"reporting"},
+    {"api"},
     {"cli", "__main__"},
 ]
 LAYER_OF = {name: index for index, names in enumerate(LAYERS) for name in names}
@@ -47,16 +48,40 @@ def _ours(module: str) -> bool:
     return module == "generalist" or module.startswith("generalist.")
 
 
+def _exported_from(name: str) -> str:
+    """The layer name of ``from generalist import name``: a subpackage, a public name of the
+    facade (``train`` lives in ``api``), or the package itself (``__version__``)."""
+    if name in LAYER_OF:
+        return name
+    module = generalist._EXPORTS.get(name)
+    return _top(module) if module else ""
+
+
+def _type_checking_only(tree: ast.Module) -> set[ast.AST]:
+    """The nodes under ``if TYPE_CHECKING:``: names for type checkers, never imported."""
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            guarded |= {inner for stmt in node.body for inner in ast.walk(stmt)}
+    return guarded
+
+
 def _imports(path: Path) -> list[tuple[int, str]]:
-    """(line, top-level module) of every ``generalist`` import, function-level ones included."""
+    """(line, top-level module) of every ``generalist`` import, function-level ones included.
+
+    The package's ``__init__.py`` is the public facade: it re-exports names of every layer,
+    imported lazily by module name, so only its type checkers' imports are left out."""
+    tree = ast.parse(path.read_text())
+    skipped = _type_checking_only(tree) if path == PACKAGE / "__init__.py" else set()
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if node in skipped:
+            continue
         if isinstance(node, ast.Import):
             found += [(node.lineno, _top(a.name)) for a in node.names if _ours(a.name)]
         elif isinstance(node, ast.ImportFrom) and _ours(node.module or ""):
             if node.module == "generalist":  # from generalist import durable / __version__
-                names = [a.name if a.name in LAYER_OF else "" for a in node.names]
-                found += [(node.lineno, name) for name in names]
+                found += [(node.lineno, _exported_from(a.name)) for a in node.names]
             elif node.module.count(".") == 1:  # from generalist.training import cure
                 top = _top(node.module)
                 names = [_top(f"{node.module}.{a.name}") for a in node.names]
@@ -96,6 +121,12 @@ def test_imports_point_down(path: Path):
         if LAYER_OF[name] > own
     ]
     assert not upward, "; ".join(upward)
+
+
+def test_the_check_sees_a_public_name_imported_from_below(tmp_path):
+    bad = tmp_path / "models.py"
+    bad.write_text("from generalist import evaluate, __version__\n")
+    assert _imports(bad) == [(1, "evaluation"), (1, "")]
 
 
 def test_the_check_sees_an_upward_import(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 
@@ -23,7 +22,7 @@ from generalist.cli import main
 from generalist.data import load_splits
 from generalist.errors import ConfigError
 from generalist.evaluation.accuracy import accuracies
-from generalist.evaluation.cli_eval import run_eval
+from generalist.evaluation.api import EvalRequest, run_eval
 from generalist.evaluation.selection import selection_score
 from generalist.reporting.runs import load_run
 
@@ -90,8 +89,8 @@ def test_select_none_keeps_no_best_and_eval_best_says_why(tmp_path, capsys):
     assert main(["eval", str(run), "--model", "best", "--attacks", "pgd-2", "--no-progress"]) != 0
     (line,) = capsys.readouterr().err.splitlines()
     assert re.search(r"no model-best\.safetensors.*--model last$", line)
-    with pytest.raises(ConfigError, match=r"--model best picks a model inside a run directory"):
-        run_eval(argparse.Namespace(target=str(run / "model.safetensors"), model="best"))
+    with pytest.raises(ConfigError, match=r"which best picks a model inside a run directory"):
+        run_eval(EvalRequest(target=str(run / "model.safetensors"), which="best"))
 
 
 def test_a_clean_gate_no_epoch_passes_selects_nothing(tmp_path):

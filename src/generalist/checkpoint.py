@@ -38,6 +38,7 @@ from torch import nn
 from generalist.durable import write_durably
 from generalist.errors import CheckpointError, GeneralistError, UnsafeFileError, cut
 from generalist.models import create_model
+from generalist.plugins import is_import_path
 
 WEIGHTS_FORMAT = "generalist-weights/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -193,52 +194,89 @@ def spec_path_of(weights: Path) -> Path:
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", *, trust_unhashed: bool = False
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    trust_unhashed: bool = False,
+    arch: dict[str, Any] | None = None,
+    trust_changed_code: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Rebuild a saved model from a run directory, a ``model.safetensors`` or a ``.pt`` state
-    dict with a ``model.json`` beside it.
+    dict with a ``model.json`` beside it; returns ``(model in eval mode, spec)``.
 
-    Before any weight is allocated, the spec is checked (a registered architecture, only
-    arguments it takes), the file against the spec's SHA-256 (a spec without one is refused
-    unless ``trust_unhashed``), and the file's tensors against the architecture built on the
-    meta device: names, shapes and dtypes must all match, so another architecture's weights or
-    a spec asking for a billion classes fail with one line instead of a traceback or an
-    allocation that never ends.
+    Before any weight is allocated, the spec is checked (a registered architecture or a
+    plug-in whose source file still has the recorded SHA-256, only arguments it takes), the
+    file against the spec's SHA-256 (a spec without one is refused unless ``trust_unhashed``),
+    and the file's tensors against the architecture built on the meta device: names, shapes
+    and dtypes must all match, so another architecture's weights or a spec asking for a
+    billion classes fail with one line instead of a traceback or an allocation that never ends.
+
+    ``arch`` (``create_model``'s arguments: ``name``, ``num_classes``, ...) replaces
+    ``model.json`` for weights saved by another program (``torch.save(model.state_dict())`` or
+    safetensors): naming the file and its architecture is the caller's consent to load a file
+    no hash vouches for; the layout check still applies, and the file is still read without
+    unpickling code. ``trust_changed_code`` builds a plug-in model from its file as it is now.
     """
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
-    spec_path = spec_path_of(weights)
     if not weights.is_file():
         raise CheckpointError(
             f"no weights at {weights}; pass a run directory or a .safetensors file"
         )
-    if not spec_path.is_file():
-        raise CheckpointError(
-            f"{spec_path} is missing; it says how to rebuild the model, copy it too"
-        )
-    spec = _read_spec(spec_path)
-    expected_hash = spec.get("sha256")
-    if not expected_hash:
-        if not trust_unhashed:
+    if arch is not None:
+        spec: dict[str, Any] = {"format": WEIGHTS_FORMAT, "model": dict(arch)}
+        spec_path = weights
+    else:
+        spec_path = spec_path_of(weights)
+        if not spec_path.is_file():
+            raise CheckpointError(
+                f"{spec_path} is missing; it says how to rebuild the model: copy it too, or "
+                "name the architecture (generalist eval --arch NAME, load_model(arch=...))"
+            )
+        spec = _read_spec(spec_path)
+        _check_hash(weights, spec_path, spec.get("sha256"), trust_unhashed)
+    model_kwargs = dict(spec["model"])
+    name = model_kwargs.pop("name")
+    if trust_changed_code:
+        model_kwargs.pop("source", None)
+    skeleton = _build_model(name, model_kwargs, spec_path, "meta")
+    state = read_state_dict(weights)
+    if arch is not None:
+        state = _without_wrapper_prefix(state, skeleton.state_dict())
+    where = f"architecture {name}" if arch is not None else f"architecture in {spec_path}"
+    check_same_layout(skeleton.state_dict(), state, f"{weights} does not fit the {where}")
+    model = _build_model(name, model_kwargs, spec_path, "cpu")
+    model.load_state_dict(state)
+    return model.to(device).eval(), spec
+
+
+def _check_hash(weights: Path, spec_path: Path, expected: str | None, trust: bool) -> None:
+    if not expected:
+        if not trust:
             raise CheckpointError(
                 f"{spec_path} has no sha256 of {weights.name}, so a damaged or swapped file "
                 "would load silently; re-save the model with generalist, add its sha256, or "
                 "pass --trust-unhashed to generalist eval if you trust the file"
             )
-    elif sha256_file(weights) != expected_hash:
+    elif sha256_file(weights) != expected:
         raise CheckpointError(
             f"{weights} does not match the hash in {spec_path}: it is truncated or was replaced"
         )
-    model_kwargs = dict(spec["model"])
-    name = model_kwargs.pop("name")
-    skeleton = _build_model(name, model_kwargs, spec_path, "meta")
-    state = read_state_dict(weights)
-    check_same_layout(
-        skeleton.state_dict(), state, f"{weights} does not fit the architecture in {spec_path}"
-    )
-    model = _build_model(name, model_kwargs, spec_path, "cpu")
-    model.load_state_dict(state)
-    return model.to(device).eval(), spec
+
+
+def _without_wrapper_prefix(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` every key of a DataParallel/DDP state dict carries, when the bare
+    names are the architecture's (a common way another program's weights arrive)."""
+    prefix = "module."
+    if (
+        state
+        and all(key.startswith(prefix) for key in state)
+        and not any(key.startswith(prefix) for key in expected)
+    ):
+        return {key[len(prefix) :]: tensor for key, tensor in state.items()}
+    return state
 
 
 def _read_spec(spec_path: Path) -> dict[str, Any]:
@@ -270,6 +308,8 @@ def _build_model(name: str, kwargs: dict[str, Any], spec_path: Path, device: str
         with torch.device(device):
             return create_model(name, **kwargs)
     except (GeneralistError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, GeneralistError) and is_import_path(name):
+            raise  # the plug-in's own line says which file and what to do
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(
             f"{spec_path} asks for a model that cannot be built ({cut(reason, 160)}); "

@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.command == "eval":
             print(
-                "\ninterrupted; continue with: generalist eval TARGET --resume EVAL_DIR",
+                "\ninterrupted; continue with: generalist eval --resume EVAL_DIR",
                 file=sys.stderr,
             )
         else:

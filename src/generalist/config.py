@@ -18,6 +18,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -106,6 +107,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet18"
+    """A registered architecture (``generalist presets`` lists them; ``wrn-D-W`` too) or your own
+    as ``package.module:callable``, imported from the working directory or PYTHONPATH and given
+    the keyword arguments it accepts of num_classes, in_channels and image_size."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """More keyword arguments for a model given by import path (e.g. ``{width: 64}``)."""
     normalize: bool = False
     """Put the dataset's mean/std normalisation inside the model (the paper's recipe does not)."""
     channels_last: bool = False
@@ -353,9 +359,15 @@ def build_config(
     *,
     dataset: str | None = None,
     user_yaml: str | Path | None = None,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
+    values: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Resolve preset → dataset profile → user YAML → ``--set`` overrides into a valid Config."""
+    """Resolve preset → dataset profile → user YAML → ``--set`` overrides into a valid Config.
+
+    ``overrides`` are ``"key=value"`` texts as ``--set`` takes them (the value read as YAML);
+    ``values`` maps dotted keys to Python values (``{"epochs": 30, "model.kwargs": {...}}``),
+    applied last.
+    """
     from generalist.presets import load_dataset_profile, load_method_preset
 
     user = read_config_file(user_yaml) if user_yaml is not None else {}
@@ -378,8 +390,14 @@ def build_config(
     if preset:
         tree["preset"] = preset
         tree.setdefault("name", preset)
+    if isinstance(overrides, str):
+        raise ConfigError("overrides: give a list of 'key=value' texts, not one text")
     for item in overrides:
         apply_override(tree, item)
+    for key, value in (values or {}).items():
+        if not isinstance(key, str):
+            raise ConfigError(f"overrides: key {cut(key)} is not text; write e.g. 'epochs'")
+        set_key(tree, key, copy.deepcopy(value), "overrides")
     if isinstance(tree.get("learners"), dict):  # `--set learners.X=null` removes X, as in YAML
         tree["learners"] = {k: v for k, v in tree["learners"].items() if v is not None}
     config = from_dict(Config, tree, "")
@@ -545,13 +563,19 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
         value = load_plain_yaml(text, f"--set {cut(key)}") if text.strip() else None
     except YamlSyntaxError:
         value = text
+    set_key(tree, key, value, "--set")
+
+
+def set_key(tree: dict[str, Any], key: str, value: Any, what: str = "--set") -> None:
+    """Set the dotted ``key`` of a config tree to ``value``; ``what`` names the source in
+    errors (``--set`` on the command line, ``overrides`` from Python)."""
     parts = key.split(".")
     if len(key) > 200 or len(parts) > 8:
-        raise ConfigError(f"--set {cut(key)}: no config key is that long; see --dry-run")
+        raise ConfigError(f"{what} {cut(key)}: no config key is that long; see --dry-run")
     learners = tree.get("learners") if isinstance(tree.get("learners"), dict) else {}
     if parts[0] == "learners" and len(parts) >= 3 and parts[1] not in learners:
         known = ", ".join(map(str, learners)) or "none"
-        raise ConfigError(f"--set {key}: there is no learner {parts[1]!r} (learners: {known})")
+        raise ConfigError(f"{what} {key}: there is no learner {parts[1]!r} (learners: {known})")
     if parts[0] == "learners" and len(parts) == 4 and parts[2] == "task":
         if parts[3] not in TASK_KEYS:  # the old flat form: --set learners.X.task.beta=1
             parts.insert(3, "params")
@@ -561,9 +585,9 @@ def apply_override(tree: dict[str, Any], item: str) -> None:
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if child is None and depth == 1 and parts[0] == "learners":
-            raise ConfigError(f"--set {key}: learner {part!r} was removed (null) before")
+            raise ConfigError(f"{what} {key}: learner {part!r} was removed (null) before")
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
+            raise ConfigError(f"{what} {key}: {'.'.join(parts[: depth + 1])} is not a section")
         node = child
     node[parts[-1]] = value
     if parts[0] == "learners" and len(parts) <= 3:  # a whole learner or task, maybe flat
@@ -643,8 +667,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express; raises ConfigError naming the key."""
-    from generalist.data import list_datasets
-    from generalist.models.registry import is_known_model, unknown_model_message
+    from generalist.data import is_known_dataset, list_datasets
+    from generalist.models.registry import (
+        check_model_kwargs,
+        is_known_model,
+        unknown_model_message,
+    )
 
     _at_least(config.epochs, 1, "epochs")
     _at_most(config.epochs, MAX_EPOCHS, "epochs")
@@ -659,9 +687,11 @@ def validate(config: Config) -> None:
     _validate_out_dir(config.out_dir)
     _validate_device(config.device)
     _choice(config.precision, PRECISIONS, "precision")
-    _choice(config.data.dataset, list_datasets(), "data.dataset")
+    if not is_known_dataset(config.data.dataset):
+        _choice(config.data.dataset, list_datasets(), "data.dataset")
     if not is_known_model(config.model.name):
         raise ConfigError(f"model.name: {unknown_model_message(config.model.name)}")
+    check_model_kwargs(config.model.name, config.model.kwargs)
     _at_least(config.data.batch_size, 1, "data.batch_size")
     _at_least(config.data.eval_batch_size, 1, "data.eval_batch_size")
     val_size = config.data.val_size

@@ -110,12 +110,18 @@ def source_record(path: str, *, what: str) -> dict[str, Any]:
     return record
 
 
-def check_source_record(record: dict[str, Any], *, what: str, trust_changed: bool = False) -> Any:
+def check_source_record(
+    record: dict[str, Any],
+    *,
+    what: str,
+    trust_changed: bool = False,
+    how_to_accept: str = "or accept it as it is now (generalist eval --trust-changed-code)",
+) -> Any:
     """Import the plug-in a run recorded and check its source file is still the same.
 
     Returns the object. A module that cannot be imported, or whose file's SHA-256 differs from
-    the recorded one, is a one-line error; ``trust_changed=True`` accepts a changed file (the
-    caller says so to the user).
+    the recorded one, is a one-line error ending in ``how_to_accept`` (what the caller offers
+    instead of restoring the file); ``trust_changed=True`` accepts a changed file.
     """
     path = record.get("import_path")
     obj = load_object(path, what=what) if isinstance(path, str) else None
@@ -128,7 +134,7 @@ def check_source_record(record: dict[str, Any], *, what: str, trust_changed: boo
         if actual != expected:
             raise ConfigError(
                 f"{what} {cut(path)}: {source} changed since the run recorded it (SHA-256 "
-                f"{actual[:12]}… now, {str(expected)[:12]}… then); restore that file, or pass "
-                "--trust-changed-code to use it as it is now"
+                f"{actual[:12]}… now, {str(expected)[:12]}… then); restore that file, "
+                f"{how_to_accept}"
             )
     return obj

@@ -29,7 +29,7 @@ from generalist.attacks.base import Attack, feasible, threat_fields
 from generalist.attacks.registry import create_attack
 from generalist.attacks.threat import ThreatModel
 from generalist.errors import ConfigError
-from generalist.inference import predicts_correctly
+from generalist.inference import eval_mode, predicts_correctly
 
 VERSION = "1"
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -227,8 +227,22 @@ class AutoAttack:
         """Run (or resume, given the ``state`` of an earlier run on the same x, y) the attacks.
 
         ``state`` is updated in place; ``on_progress`` sees it after every batch, which is the
-        moment to save it.
+        moment to save it. The model is attacked in eval mode (a model in train mode would
+        be attacked with batch statistics and have its BatchNorm running statistics moved)
+        and handed back in the mode it had.
         """
+        with eval_mode(model, freeze=True):
+            return self._run(model, x, y, state, on_progress, batch_size)
+
+    def _run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        state: AutoAttackState | None,
+        on_progress: Callable[[AutoAttackProgress], None] | None,
+        batch_size: int,
+    ) -> AutoAttackResult:
         if x.shape[0] != y.shape[0]:
             raise ConfigError(
                 f"got {x.shape[0]} images but {y.shape[0]} labels; pass one label each"

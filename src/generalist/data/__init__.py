@@ -6,7 +6,7 @@ from generalist.data.augment import BatchAugment
 from generalist.data.batches import EpochBatches
 from generalist.data.dataset import DatasetInfo, DataSplits, ImageDataset, to_float
 from generalist.data.safe_pickle import safe_load_pickle
-from generalist.data.splits import list_datasets, load_splits
+from generalist.data.splits import dataset_source, is_known_dataset, list_datasets, load_splits
 
 __all__ = [
     "BatchAugment",
@@ -14,6 +14,8 @@ __all__ = [
     "DatasetInfo",
     "EpochBatches",
     "ImageDataset",
+    "dataset_source",
+    "is_known_dataset",
     "list_datasets",
     "load_splits",
     "safe_load_pickle",

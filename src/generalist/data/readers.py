@@ -301,7 +301,7 @@ def _npz_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
     return y
 
 
-def _npz_num_classes(y_train: np.ndarray, y_test: np.ndarray, path: Path) -> int:
+def _npz_num_classes(y_train: np.ndarray, y_test: np.ndarray, path: Path | str) -> int:
     """K = largest label + 1, provided every class below it occurs somewhere.
 
     Without a class list the labels must be 0..K-1; a gap means a stray value (an "ignore"
@@ -351,21 +351,75 @@ def read_npz(data_dir: str | Path | None) -> TrainTest:
         ) from None
     except Exception as error:  # zip and format errors all mean an unusable file
         raise DataError(f"cannot read {path} as .npz ({error}); {how}") from None
-    x_train = _npz_images(arrays["x_train"], f"{path}:x_train")
-    x_test = _npz_images(arrays["x_test"], f"{path}:x_test")
+    return train_test_from_arrays(arrays, str(path), "npz")
+
+
+def train_test_from_arrays(arrays: dict[str, np.ndarray], where: str, name: str) -> TrainTest:
+    """Train and test sets from the four arrays ``NPZ_KEYS`` names, checked as an npz file is:
+    images (N, C, H, W), (N, H, W, C) or (N, H, W), uint8 or float in [0, 1]; labels the
+    class indices 0..K-1. ``where`` prefixes every error (a file, a reader's import path)."""
+    x_train = _npz_images(arrays["x_train"], f"{where}:x_train")
+    x_test = _npz_images(arrays["x_test"], f"{where}:x_test")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(
-            f"{path}: train images are {x_train.shape[1:]} but test images {x_test.shape[1:]}; "
+            f"{where}: train images are {x_train.shape[1:]} but test images {x_test.shape[1:]}; "
             "store both at the same (C, H, W)"
         )
-    y_train = _npz_labels(arrays["y_train"], len(x_train), f"{path}:y_train")
-    y_test = _npz_labels(arrays["y_test"], len(x_test), f"{path}:y_test")
+    y_train = _npz_labels(arrays["y_train"], len(x_train), f"{where}:y_train")
+    y_test = _npz_labels(arrays["y_test"], len(x_test), f"{where}:y_test")
     train, test = _dataset(x_train, y_train), _dataset(x_test, y_test)
-    num_classes = _npz_num_classes(y_train, y_test, path)
+    num_classes = _npz_num_classes(y_train, y_test, where)
     classes = tuple(str(i) for i in range(num_classes))
     return TrainTest(
-        train, test, _info("npz", train, classes, default_crop_padding=0, default_flip=False)
+        train, test, _info(name, train, classes, default_crop_padding=0, default_flip=False)
     )
+
+
+# --- a reader of your own, by import path -------------------------------------------------
+
+
+def as_array(value: object, where: str) -> np.ndarray:
+    """A NumPy view of a NumPy array, a torch tensor (any device) or a nested list."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, list | tuple):
+        return np.asarray(value)
+    raise DataError(f"{where} is a {type(value).__name__}; give a NumPy array or a torch tensor")
+
+
+def read_plugin(path: str, data_dir: str | Path | None) -> TrainTest:
+    """Call the reader ``package.module:function`` with ``data_dir`` (None when unset).
+
+    Its contract: return ``(x_train, y_train, x_test, y_test)`` (or a mapping with those keys),
+    NumPy arrays or torch tensors, images uint8 or float in [0, 1] as (N, C, H, W) (or
+    (N, H, W, C), (N, H, W)), labels the class indices 0..K-1. They are checked like an npz
+    file's, and such a run starts from the dataset profile an npz run gets.
+    """
+    from generalist.plugins import load_object
+
+    reader = load_object(path, what="data.dataset")
+    how = f"a reader returns ({', '.join(NPZ_KEYS)}) or a mapping with those keys"
+    try:
+        returned = reader(None if data_dir is None else str(data_dir))
+    except DataError:
+        raise
+    except Exception as exc:  # the user's reader may fail any way; one line, with its reason
+        raise DataError(
+            f"data.dataset {path}: the reader raised {type(exc).__name__}: {str(exc)[:200]}"
+        ) from None
+    if isinstance(returned, dict):
+        missing = [key for key in NPZ_KEYS if key not in returned]
+        if missing:
+            raise DataError(f"data.dataset {path} returned no {', '.join(missing)}; {how}")
+        values = [returned[key] for key in NPZ_KEYS]
+    elif isinstance(returned, tuple | list) and len(returned) == len(NPZ_KEYS):
+        values = list(returned)
+    else:
+        raise DataError(f"data.dataset {path} returned a {type(returned).__name__}; {how}")
+    arrays = {key: as_array(v, f"{path}:{key}") for key, v in zip(NPZ_KEYS, values, strict=True)}
+    return train_test_from_arrays(arrays, path, path)
 
 
 # --- image folders --------------------------------------------------------------------------

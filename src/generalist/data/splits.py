@@ -8,17 +8,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from generalist.data.dataset import DataSplits, ImageDataset
 from generalist.data.folders import LAYOUT, FileImages, FolderOptions, list_split
-from generalist.data.readers import FOLDER_READERS, READERS, require_dir
+from generalist.data.readers import FOLDER_READERS, READERS, read_plugin, require_dir
 from generalist.errors import DataError
+from generalist.plugins import is_import_path, source_record
 
 
 def list_datasets() -> list[str]:
+    """The built-in readers; ``package.module:function`` names a reader of your own."""
     return list(READERS)
+
+
+def is_known_dataset(name: str) -> bool:
+    """A built-in reader, or an import path naming something (a broken one raises its error)."""
+    if is_import_path(name):
+        dataset_source(name)
+        return True
+    return name in READERS
+
+
+def dataset_source(name: str) -> dict[str, Any] | None:
+    """What a run records about a reader of the user's own (import path, file SHA-256)."""
+    return source_record(name, what="data.dataset") if is_import_path(name) else None
 
 
 def load_splits(
@@ -38,9 +54,14 @@ def load_splits(
     keep a seeded random subset (in the dataset's order) of train and test, for quick runs.
     Image folders are read with ``folder`` options and say through ``echo`` how they are held.
     """
-    if name not in READERS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(READERS)}")
-    if name in FOLDER_READERS:
+    if is_import_path(name):
+        train_all, test, info = read_plugin(name, data_dir)
+    elif name not in READERS:
+        raise DataError(
+            f"unknown dataset {name!r}; choose one of {', '.join(READERS)} or name a reader of "
+            "your own as 'package.module:function'"
+        )
+    elif name in FOLDER_READERS:
         train_all, test, info = READERS[name](data_dir, folder or FolderOptions(), echo)
     else:
         train_all, test, info = READERS[name](data_dir)
@@ -106,7 +127,8 @@ def unused_training_examples(
             f"data.unlabeled: rest needs an in-memory dataset, not the {name} folder; put the "
             "unlabeled images in a folder of their own and pass that"
         )
-    train_all = READERS[name](data_dir).train
+    reader = (lambda d: read_plugin(name, d)) if is_import_path(name) else READERS[name]
+    train_all = reader(data_dir).train
     order = _permutation(len(train_all), split_seed)  # the order load_splits draws from
     return train_all.subset(
         order[_val_count(val_size, len(train_all)) + train_limit :].sort().values

@@ -4,36 +4,44 @@ Everything not given on the command line comes from the run directory: the datas
 split settings from ``config.yaml`` (else the dataset named in ``model.json``), the threat
 models from the config's adversarial learners. The test split is the default because model
 *selection* already used the validation split (docs/algorithm.md, "Model selection").
+Weights saved by another program (no ``model.json``) are evaluated with ``--arch``.
 
 Outputs, in ``--out`` (default ``RUN_DIR/eval-<timestamp>``): ``eval.json`` (the record),
 ``results.md`` (tables), ``model_info.json`` (RobustBench format; one more file per further
-threat model) and ``state.json``, from which ``--resume`` continues a killed evaluation.
+threat model), ``request.json`` (the resolved settings) and ``state.json``, from which
+``--resume`` continues a killed evaluation. This module only turns flags into an
+``evaluation.api.EvalRequest``; the work is ``evaluation.api.run_eval``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+from generalist.errors import ConfigError, GeneralistError
+from generalist.evaluation.api import (
+    AUTOATTACK,
+    DEFAULT_BATCH,
+    MODEL_CHOICES,
+    EvalRequest,
+    resumed_request,
+    run_eval,
+)
+from generalist.evaluation.suite import Progress, parse_attack_names
 
-from generalist.attacks.threat import ThreatModel
-from generalist.compiling import compile_in_place
-from generalist.devices import resolve_device
-from generalist.errors import CheckpointError, ConfigError
-from generalist.evaluation.suite import AUTOATTACK, EvaluationSuite, Progress
-from generalist.runlock import lock_folder
-from generalist.threads import apply_threads
-
-STATE_FILE = "state.json"
-RECORD_FILE = "eval.json"
-TABLES_FILE = "results.md"
-DEFAULT_BATCH = 500
-MODEL_CHOICES = ("last", "best")
+FLAGS = {
+    "n_examples": "--n-examples",
+    "num_classes": "--num-classes",
+    "which": "--model",
+    "out": "--out",
+    "resume": "--resume",
+    "device": "--device",
+    "batch_size": "--batch-size",
+    "n_iter": "--n-iter",
+}
+"""The library's parameter names and the flags that set them, for its errors' first word."""
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -44,14 +52,31 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "target",
+        nargs="?",
         metavar="RUN_DIR_OR_WEIGHTS",
-        help="a run directory from `generalist train` or a model.safetensors file",
+        help="a run directory from `generalist train`, a model.safetensors file, or (with "
+        "--arch) any weights file: safetensors or a torch.save(model.state_dict()) file; "
+        "optional with --resume",
     )
     parser.add_argument(
         "--model",
         choices=MODEL_CHOICES,
         help="which model of a run directory: last (default; the final global model, "
         "model.safetensors) or best (model-best.safetensors, selected on the validation split)",
+    )
+    parser.add_argument(
+        "--arch",
+        metavar="NAME_OR_IMPORT_PATH",
+        help="the architecture of weights saved without model.json, a registered name or your "
+        "own as package.module:callable (with --dataset); naming the file and its "
+        "architecture is your consent to load a file no model.json hash vouches for "
+        "(it is still read without unpickling code, and must fit the architecture exactly)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        metavar="K",
+        help="with --arch: the model's number of outputs (default: the dataset's classes)",
     )
     parser.add_argument(
         "--attacks",
@@ -100,7 +125,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", help="output folder (default: RUN_DIR/eval-<timestamp>)")
     parser.add_argument(
-        "--resume", metavar="EVAL_DIR", help="continue the interrupted evaluation in EVAL_DIR"
+        "--resume",
+        metavar="EVAL_DIR",
+        help="continue the interrupted evaluation in EVAL_DIR (its request.json holds the "
+        "target, threats, dataset, data dir and examples: nothing else is needed)",
     )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
     parser.add_argument(
@@ -119,6 +147,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="load weights whose model.json has no sha256 (damage or a swap goes unnoticed)",
     )
+    parser.add_argument(
+        "--trust-changed-code",
+        action="store_true",
+        help="build a model given by import path from its file as it is now, though it "
+        "changed since the run recorded its SHA-256",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=cmd_eval)
     return parser
@@ -127,259 +161,86 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_eval(args: argparse.Namespace) -> int:
     from generalist.evaluation.tables import render_markdown
 
-    out, record = run_eval(args)
+    out, record = eval_from_args(args)
     print(render_markdown(record), end="")
     print(f"\nwrote {', '.join(record['files'])} to {out}")
     return 0
 
 
-def run_eval(
+def eval_from_args(
     args: argparse.Namespace, on_progress: Callable[[Progress], None] | None = None
 ) -> tuple[Path, dict[str, Any]]:
-    """Resolve the arguments, run the suite and write every output; returns (folder, record)."""
-    from generalist.checkpoint import load_model, sha256_file
-
-    started = time.perf_counter()
-    target = Path(args.target)
-    if not target.exists():
-        raise CheckpointError(
-            f"{target} does not exist; pass a run directory from `generalist train` "
-            "or a model.safetensors file"
-        )
-    weights, which = _weights_of(target, getattr(args, "model", None))
-    run_dir = target if target.is_dir() else target.parent
-    for flag, value in (("--batch-size", args.batch_size), ("--n-iter", args.n_iter)):
+    """Check the flags, build the request (from ``--resume``'s folder too) and run it."""
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--n-iter", args.n_iter),
+        ("--num-classes", args.num_classes),
+    ):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value}: must be at least 1 (leave it out for the default)")
-    config = _run_config(run_dir)
-    suite = EvaluationSuite(
-        _threats(args, config),
-        args.attacks or [AUTOATTACK],
-        seed=args.seed,
-        batch_size=args.batch_size or (config.data.eval_batch_size if config else DEFAULT_BATCH),
-        n_iter=args.n_iter,
-        progress=not args.no_progress,
-    )
-    out = _out_dir(args, run_dir)
-    device = resolve_device(args.device, "--device")
-    apply_threads(args.threads)
-    model, spec = load_model(weights, device, trust_unhashed=args.trust_unhashed)
-    if args.compile:
-        compile_in_place(model)  # in place: the model's names and hash are unchanged
-    model_hash = sha256_file(weights)
-    data, data_meta = _evaluation_data(args, config, spec)
-    _check_fits(spec, data_meta, target)
-    out.mkdir(parents=True, exist_ok=True)
-    lock_folder(out, "evaluation folder", "a separate evaluation needs its own --out")
-    identity = {
-        "model_sha256": model_hash,
-        "data_fingerprint": data_meta["fingerprint"],
-        "dataset": data_meta["dataset"],
-        "split": data_meta["split"],
-    }
-    result = suite.run(
-        model,
-        data,
-        state_path=out / STATE_FILE,
-        identity=identity,
-        on_progress=on_progress,
-        device=device,
-    )
-    return out, _write_outputs(
-        out,
-        result,
-        suite,
-        args,
-        device,
-        started,
-        model={
-            "path": str(weights),
-            "which": which,
-            "selected": spec.get("selected"),
-            "sha256": model_hash,
-            "architecture": spec["model"]["name"],
-            "spec": spec["model"],
-            "trained_on": spec.get("dataset"),
-        },
-        data=data_meta,
-        run_name=run_dir.name,
-    )
-
-
-def _write_outputs(
-    out: Path,
-    result: Any,
-    suite: EvaluationSuite,
-    args: argparse.Namespace,
-    device: torch.device,
-    started: float,
-    *,
-    model: dict[str, Any],
-    data: dict[str, Any],
-    run_name: str,
-) -> dict[str, Any]:
-    from generalist.durable import write_text_durably
-    from generalist.evaluation.records import build_record, model_info, model_info_filename
-    from generalist.evaluation.tables import render_markdown
-
-    settings = {
-        "attacks": suite.attack_names,
-        "threats": [str(t) for t in suite.threats],
-        "seed": suite.seed,
-        "batch_size": suite.batch_size,
-        "n_iter": suite.n_iter,
-        "device": str(device),
-        "precision": "fp32",
-        "arguments": {k: v for k, v in vars(args).items() if _is_plain(v)},
-    }
-    record = build_record(
-        result, model=model, data=data, settings=settings, seconds=time.perf_counter() - started
-    )
-    infos = {
-        model_info_filename(record, i): model_info(
-            record, i, name=run_name, architecture=model["architecture"]
-        )
-        for i in range(len(record["threats"]))
-    }
-    record["files"] = [RECORD_FILE, TABLES_FILE, *infos, STATE_FILE]
-    for name, info in infos.items():
-        write_text_durably(out / name, json.dumps(info, indent=2) + "\n")
-    write_text_durably(out / TABLES_FILE, render_markdown(record))
-    write_text_durably(out / RECORD_FILE, json.dumps(record, indent=2) + "\n")
-    return record
-
-
-def _weights_of(target: Path, which: str | None) -> tuple[Path, str | None]:
-    """The weights file ``--model`` names in a run directory, and ``last``/``best`` (None for
-    a weights file given directly)."""
-    from generalist.checkpoint import BEST_STEM, WEIGHTS_FILE
-
-    if not target.is_dir():
-        if which is not None:
-            raise ConfigError(
-                f"--model {which} picks a model inside a run directory; pass the run directory "
-                f"instead of {target}"
-            )
-        return target, None
-    which = which or "last"
-    weights = target / (WEIGHTS_FILE if which == "last" else f"{BEST_STEM}.safetensors")
-    if which == "best" and not weights.is_file():
-        raise CheckpointError(
-            f"{target} has no {weights.name}: no validated model was selected (eval.select: "
-            "none, no epoch passed the clean gate, or training has not validated yet); "
-            "evaluate --model last"
-        )
-    return weights, which
-
-
-def _is_plain(value: Any) -> bool:
-    return value is None or isinstance(value, str | int | float | bool | list)
-
-
-def _run_config(run_dir: Path) -> Any:
-    """The training run's resolved config, or ``None`` for bare weights without one."""
-    from generalist.config import build_config
-
-    path = run_dir / "config.yaml"
-    return build_config(user_yaml=path) if path.is_file() else None
-
-
-def _threats(args: argparse.Namespace, config: Any) -> list[ThreatModel]:
+    if args.num_classes is not None and args.arch is None:
+        raise ConfigError("--num-classes goes with --arch; a run's model.json already says it")
     if len(args.norm) != len(args.eps):
         raise ConfigError("give --norm and --eps in pairs, e.g. --norm Linf --eps 8/255")
-    threats = [ThreatModel.parse(text) for text in args.threat]
-    threats += [ThreatModel.of(norm, eps) for norm, eps in zip(args.norm, args.eps, strict=True)]
-    if threats:
-        return threats
-    if config is not None and config.eval_threats():
-        return config.eval_threats()
-    raise ConfigError(
-        f"{args.target} has no config.yaml to take threat models from; "
-        "pass them, e.g. --threat Linf:8/255"
-    )
-
-
-def _out_dir(args: argparse.Namespace, run_dir: Path) -> Path:
-    if args.resume:
-        out = Path(args.resume)
-        if args.out and Path(args.out) != out:
-            raise ConfigError("--out and --resume name different folders; give only --resume")
-        if not (out / STATE_FILE).is_file():
-            raise ConfigError(
-                f"--resume {out}: no {STATE_FILE} there; pass the folder of an interrupted eval"
-            )
-        return out
-    if args.out:
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out} is a file; give a folder for the evaluation's files")
-    else:
-        base = run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-        out, n = base, 1
-        while out.exists():
-            n += 1
-            out = base.with_name(f"{base.name}-{n}")
-    if (out / STATE_FILE).exists():
+    if args.target is None and not args.resume:
+        raise ConfigError("name what to evaluate: a run directory or a weights file")
+    if args.model is not None and args.target and not Path(args.target).is_dir():
         raise ConfigError(
-            f"{out} already holds an evaluation; continue it with --resume {out} or another --out"
+            f"--model {args.model} picks a model inside a run directory; pass the run directory "
+            f"instead of {args.target}"
         )
-    return out
-
-
-def _evaluation_data(args: argparse.Namespace, config: Any, spec: dict[str, Any]) -> tuple:
-    """The evaluated subset (the first ``--n-examples`` of the split) and its description."""
-    from generalist.data import load_splits
-    from generalist.data.folders import FolderOptions
-
-    name = args.dataset or (config.data.dataset if config else None) or spec.get("dataset")
-    if not name:
-        raise ConfigError(
-            f"cannot tell which dataset {args.target} was trained on; pass --dataset and --data-dir"
-        )
-    data_dir = args.data_dir or (config.data.data_dir if config and not args.dataset else None)
-    split_settings = (
-        {
-            "val_size": config.data.val_size,
-            "split_seed": config.data.split_seed,
-            "train_limit": config.data.train_limit,
-        }
-        if config
-        else {}
-    )
-    size = spec.get("model", {}).get("image_size") or 224
-    folder = FolderOptions.from_settings(config.data) if config else FolderOptions(image_size=size)
-    splits = load_splits(name, data_dir, folder=folder, **split_settings)
-    data = splits.test if args.split == "test" else splits.val
-    if args.n_examples is not None:
-        if not 1 <= args.n_examples <= len(data):
-            raise ConfigError(
-                f"--n-examples {args.n_examples}: the {name} {args.split} split has "
-                f"{len(data)} examples; use 1 to {len(data)}"
-            )
-        data = data.subset(torch.arange(args.n_examples))
-    meta = {
-        "dataset": name,
-        "data_dir": None if data_dir is None else str(data_dir),
-        "split": args.split,
-        **{k: v for k, v in split_settings.items()},
-        "fingerprint": data.fingerprint(),
-        "num_classes": splits.info.num_classes,
-        "image_shape": list(splits.info.image_shape),
+    threats = (*args.threat, *(f"{n}:{e}" for n, e in zip(args.norm, args.eps, strict=True)))
+    given: dict[str, Any] = {
+        "target": args.target,
+        "which": args.model,
+        "arch": args.arch,
+        "num_classes": args.num_classes,
+        "attacks": tuple(parse_attack_names(args.attacks)) if args.attacks else None,
+        "threats": threats or None,
+        "n_examples": args.n_examples,
+        "batch_size": args.batch_size,
+        "n_iter": args.n_iter,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
     }
-    return data, meta
-
-
-def _check_fits(spec: dict[str, Any], data: dict[str, Any], target: Path) -> None:
-    """Refuse data the model cannot take, before an attack fails with a shape error."""
-    model = spec["model"]
-    expected = {
-        "num_classes": (model.get("num_classes"), data["num_classes"]),
-        "in_channels": (model.get("in_channels"), data["image_shape"][0]),
-        "image_size": (model.get("image_size"), data["image_shape"][-1]),
+    run_settings = {
+        "device": args.device,
+        "threads": args.threads,
+        "compile": args.compile,
+        "trust_unhashed": args.trust_unhashed,
+        "trust_changed_code": args.trust_changed_code,
+        "progress": not args.no_progress,
     }
-    for key, (wants, has) in expected.items():
-        if wants is not None and wants != has:
-            raise ConfigError(
-                f"{target} was built for {key}={wants} but {data['dataset']} has {has}; "
-                "pass the --dataset it was trained on"
+    try:
+        if args.resume:
+            if args.out and Path(args.out) != Path(args.resume):
+                raise ConfigError("--out and --resume name different folders; give only --resume")
+            # a seed or split given again must match the saved one (the plan check says so)
+            request = resumed_request(
+                args.resume,
+                **given,
+                seed=args.seed if args.seed != 0 else None,
+                split=args.split if args.split != "test" else None,
+            ).with_values(**run_settings)
+        else:
+            request = EvalRequest(
+                **{k: v for k, v in given.items() if v is not None},
+                seed=args.seed,
+                split=args.split,
+                out=args.out,
+                **run_settings,
             )
+        return run_eval(request, resume=bool(args.resume), on_progress=on_progress)
+    except GeneralistError as exc:
+        raise _in_flags(exc) from None
+
+
+def _in_flags(exc: GeneralistError) -> GeneralistError:
+    """The library's error with its leading parameter name written as the flag that sets it."""
+    message = str(exc)
+    for parameter, flag in FLAGS.items():
+        if message.startswith(f"{parameter} "):
+            renamed = type(exc)(flag + message[len(parameter) :])
+            renamed.__dict__.update(exc.__dict__)
+            return renamed
+    return exc

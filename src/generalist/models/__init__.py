@@ -17,6 +17,7 @@ from generalist.models.registry import (
     count_parameters,
     create_model,
     list_models,
+    model_source,
     register_model,
     register_model_pattern,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "count_parameters",
     "create_model",
     "list_models",
+    "model_source",
     "register_model",
     "register_model_pattern",
 ]

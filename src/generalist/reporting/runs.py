@@ -17,7 +17,7 @@ from typing import Any
 
 from generalist.attacks.threat import ThreatModel
 from generalist.errors import ConfigError, GeneralistError
-from generalist.evaluation.cli_eval import RECORD_FILE
+from generalist.evaluation.api import RECORD_FILE
 from generalist.evaluation.records import RECORD_FORMAT
 from generalist.evaluation.suite import AUTOATTACK
 from generalist.plain_yaml import load_plain_yaml

@@ -19,6 +19,7 @@ ranks must agree on. Alone, it does nothing.
 from __future__ import annotations
 
 import copy
+import json
 import signal
 import time
 from dataclasses import dataclass, field
@@ -31,10 +32,10 @@ from tqdm.auto import tqdm
 
 from generalist import backends
 from generalist.attacks.threat import ThreatModel
-from generalist.checkpoint import BEST_STEM, CheckpointStore, save_model
+from generalist.checkpoint import BEST_STEM, CheckpointStore, check_same_layout, save_model
 from generalist.compiling import compile_in_place
 from generalist.config import Config, validate
-from generalist.data import DataSplits, EpochBatches, ImageDataset, load_splits
+from generalist.data import DataSplits, EpochBatches, ImageDataset, dataset_source, load_splits
 from generalist.data.folders import FolderOptions
 from generalist.data.streaming import StreamingBatches, TrainBatch
 from generalist.devices import resolve_device, resolve_precision, training_autocast
@@ -42,7 +43,8 @@ from generalist.errors import TrainingError
 from generalist.evaluation.accuracy import summed_accuracies
 from generalist.evaluation.selection import selection_score
 from generalist.manifest import build_manifest, data_fingerprints, note_resume, write_manifest
-from generalist.models import create_model
+from generalist.models import NormalizedModel, create_model, model_source
+from generalist.plugins import check_source_record
 from generalist.rundir import RunDir
 from generalist.schedules import build_schedule, schedule_position
 from generalist.tensorboard import metrics_sinks
@@ -86,9 +88,11 @@ def _memory_format(config: Config) -> torch.memory_format:
 
 
 def model_spec(config: Config, splits: DataSplits) -> dict[str, Any]:
+    """``create_model``'s arguments for this run, as ``model.json`` keeps them; a plug-in model
+    adds its ``kwargs`` and ``source`` (import path and file SHA-256) so a rebuild is checked."""
     info = splits.info
     normalize = config.model.normalize
-    return {
+    spec = {
         "name": config.model.name,
         "num_classes": info.num_classes,
         "in_channels": info.image_shape[0],
@@ -96,6 +100,38 @@ def model_spec(config: Config, splits: DataSplits) -> dict[str, Any]:
         "mean": list(info.mean) if normalize else None,
         "std": list(info.std) if normalize else None,
     }
+    source = model_source(config.model.name)
+    if source is not None:
+        spec.update(kwargs=dict(config.model.kwargs), source=source)
+    return spec
+
+
+def _check_recorded_plugins(run: RunDir) -> None:
+    """On resume: the plug-ins the run started with must still be the same files."""
+    try:
+        recorded = json.loads(run.manifest_path.read_text()).get("plugins") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # no readable manifest (killed before writing it): nothing was recorded
+    for what, record in recorded.items():
+        if isinstance(record, dict):
+            check_source_record(
+                record, what=what, how_to_accept="or start a new run to train with it as it is now"
+            )
+
+
+def _start_from(base: nn.Module, initial: nn.Module) -> None:
+    """Copy a given model's weights into the one the spec built, which must have its layout:
+    the run records only how to rebuild the spec's model, so a different instance (other
+    constructor arguments) must be said now rather than found at ``generalist eval``."""
+    net = base.net if isinstance(base, NormalizedModel) else base
+    check_same_layout(
+        net.state_dict(),
+        initial.state_dict(),
+        f"model: the given {type(initial).__name__} is not what model.name builds from the data "
+        "(pass its constructor arguments as model.kwargs)",
+    )
+    with torch.no_grad():
+        net.load_state_dict(initial.state_dict())
 
 
 def build_learners(
@@ -103,14 +139,19 @@ def build_learners(
     spec: dict[str, Any],
     device: torch.device,
     pseudo_labeled: PseudoLabeledPool | None = None,
+    initial: nn.Module | None = None,
 ) -> tuple[list[Learner], nn.Module]:
     """Base learners and the global learner, all from one initialisation unless told otherwise;
-    rst learners draw from ``pseudo_labeled``."""
+    rst learners draw from ``pseudo_labeled``; ``initial`` (a model instance given from Python)
+    is that initialisation."""
     kwargs = dict(spec)
     name = kwargs.pop("name")
     torch.manual_seed(config.seed)
     memory_format = _memory_format(config)
-    base = create_model(name, **kwargs).to(device, memory_format=memory_format)
+    base = create_model(name, **kwargs)
+    if initial is not None:
+        _start_from(base, initial)
+    base = base.to(device, memory_format=memory_format)
     initialize_from(base, config.model.init_from, spec)
     gammas = gamma_schedules(config)
     autocast = training_autocast(resolve_precision(config.precision, device), device)
@@ -155,6 +196,8 @@ class TrainResult:
     best: dict[str, Any] | None = None
     """The model selected on validation, as in summary.json (epoch, criterion, val, test);
     None when nothing was selected."""
+    model: nn.Module | None = None
+    """The final global model (the one saved as ``model.safetensors``), in eval mode."""
 
 
 def train(
@@ -164,11 +207,14 @@ def train(
     resume: bool = False,
     progress: bool = True,
     echo: Any = print,
+    initial_model: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``config`` into ``run`` (a fresh run directory if None) and return the results.
 
     With ``resume``, ``run`` continues from its newest intact checkpoint (from the start if it
     has none yet). SIGTERM/SIGINT save a checkpoint and raise :class:`TrainingInterrupted`.
+    ``initial_model``: every learner starts from a copy of its weights (it must be what
+    ``config.model`` builds, so the saved run can rebuild it).
     """
     started = time.perf_counter()
     validate(config)  # a Config edited in Python after build_config fails here, before compute
@@ -187,7 +233,15 @@ def train(
         backends.configure(parallel.device, deterministic=config.deterministic)
         if device.type == "cpu":
             echo(f"CPU threads: {threads}, {why}")
-        session = _setup(config, run, parallel, resume=resume, echo=echo, pseudo=pseudo_labeled)
+        session = _setup(
+            config,
+            run,
+            parallel,
+            resume=resume,
+            echo=echo,
+            pseudo=pseudo_labeled,
+            initial=initial_model,
+        )
         with (
             stop_on_signals(session.run.path) as stop,
             session.checkpoints.reporting_write_errors(),
@@ -264,9 +318,12 @@ def _setup(
     resume: bool,
     echo: Any,
     pseudo: PseudoLabeled | None = None,
+    initial: nn.Module | None = None,
 ) -> Session:
     """Data, learners, state and run directory; with ``resume``, the state of the checkpoint."""
     device = parallel.device
+    if resume and run is not None:
+        _check_recorded_plugins(run)  # before any data is read: an edited model file stops here
     splits = load_splits(
         config.data.dataset,
         config.data.data_dir,
@@ -282,7 +339,7 @@ def _setup(
     if pseudo is not None:
         images, labels = pseudo.unlabeled.images.to(device), pseudo.labels.to(device)
         pool = PseudoLabeledPool(images, labels, batch_augment(config, splits.info))
-    learners, global_model = build_learners(config, spec, device, pool)
+    learners, global_model = build_learners(config, spec, device, pool, initial)
     batches = EpochBatches(len(splits.train), config.data.batch_size, config.seed)
     parallel.check(config, batches)
     if run is None:
@@ -314,6 +371,9 @@ def _setup(
             manifest["ema"] = ema
             if pseudo is not None:
                 manifest["pseudo_labels"] = pseudo.record
+            plugins = _plugin_records(config, spec)
+            if plugins:
+                manifest["plugins"] = plugins
             write_manifest(run, manifest)
         if resume:
             note_resume(run, resumed_from, echo)
@@ -361,6 +421,15 @@ def _setup(
         # the checkpoint's copy is the one this run continues from.
         _save_best(session)
     return session
+
+
+def _plugin_records(config: Config, spec: dict[str, Any]) -> dict[str, Any]:
+    """The user code this run depends on, keyed by the setting that names it."""
+    records = {
+        "model.name": spec.get("source"),
+        "data.dataset": dataset_source(config.data.dataset),
+    }
+    return {key: record for key, record in records.items() if record is not None}
 
 
 def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> None:
@@ -493,7 +562,7 @@ def _finish(s: Session, started: float) -> TrainResult:
             + _format_accuracies(best["test"])
         )
     s.echo(f"saved {s.run.weights_path} in {seconds:.0f} s")
-    return TrainResult(s.run, test, s.state.val, seconds, best)
+    return TrainResult(s.run, test, s.state.val, seconds, best, s.global_model.eval())
 
 
 def _epoch_record(

@@ -1,0 +1,722 @@
+"""Evaluation from Python: :func:`evaluate` on any model and tensors, :func:`run_eval` on saved
+weights (what ``generalist eval`` calls), both returning per-threat robust accuracies.
+
+Both run the same :class:`~generalist.evaluation.suite.EvaluationSuite`: the model is attacked
+in eval mode and handed back in the mode it had, the sanity checks (zero gradients, randomness
+in the forward pass, black-box beating white-box, cross-entropy masking) run and their warnings
+are raised as Python warnings and kept in the table, and with ``out`` the same folder as the
+command line's is written (``eval.json``, ``results.md``, ``model_info.json``, ``state.json``).
+
+Errors name the parameters of these functions; the command line checks its flags itself.
+``request.json`` holds a folder's resolved settings, so ``generalist eval --resume DIR``
+needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from generalist.attacks.threat import ThreatModel
+from generalist.compiling import compile_in_place
+from generalist.data import ImageDataset
+from generalist.data.readers import as_array
+from generalist.devices import resolve_device
+from generalist.errors import CheckpointError, ConfigError, DataError, cut
+from generalist.evaluation.suite import AUTOATTACK, EvaluationSuite, Progress, SuiteResult
+from generalist.runlock import lock_folder
+from generalist.threads import apply_threads
+
+STATE_FILE = "state.json"
+RECORD_FILE = "eval.json"
+TABLES_FILE = "results.md"
+REQUEST_FILE = "request.json"
+DEFAULT_BATCH = 500
+MODEL_CHOICES = ("last", "best")
+SPLITS = ("test", "val")
+
+
+# --------------------------------------------------------------------------- the result
+
+
+class ThreatAccuracies(Mapping[str, float]):
+    """Robust accuracy (%) per threat model; looked up by any spelling of the threat
+    (``"Linf:8/255"``, ``"linf:0.03137"``)."""
+
+    def __init__(self, accuracies: dict[str, float]) -> None:
+        self._accuracies = accuracies
+
+    def __getitem__(self, threat: str) -> float:
+        try:
+            key = str(ThreatModel.parse(threat))
+        except ConfigError:
+            key = threat
+        if key not in self._accuracies:
+            raise KeyError(f"{threat!r}: evaluated threats are {', '.join(self._accuracies)}")
+        return self._accuracies[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._accuracies)
+
+    def __len__(self) -> int:
+        return len(self._accuracies)
+
+    def __repr__(self) -> str:
+        return repr(self._accuracies)
+
+
+@dataclass(frozen=True)
+class EvalTable:
+    """The outcome of one evaluation, in percent of ``n_examples``.
+
+    ``robust_accuracy[threat]`` is a threat model's worst case over every attack run (a point
+    counts only if no attack broke it); ``union`` is robust to all threat models at once.
+    ``record`` is the full ``eval.json`` record; ``str(table)`` renders ``results.md``.
+    """
+
+    clean_accuracy: float
+    robust_accuracy: ThreatAccuracies
+    union: float
+    n_examples: int
+    warnings: list[str]
+    record: dict[str, Any]
+    folder: Path | None = None
+    """Where the evaluation's files were written (``out``), else None."""
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], folder: Path | None) -> EvalTable:
+        threat_warnings = [w for entry in record["threats"] for w in entry["warnings"]]
+        return cls(
+            clean_accuracy=record["clean"]["accuracy"],
+            robust_accuracy=ThreatAccuracies(
+                {entry["threat"]: entry["worst_case"]["accuracy"] for entry in record["threats"]}
+            ),
+            union=record["union"]["accuracy"],
+            n_examples=record["data"]["n_examples"],
+            warnings=[*record["warnings"], *threat_warnings],
+            record=record,
+            folder=folder,
+        )
+
+    def __str__(self) -> str:
+        from generalist.evaluation.tables import render_markdown
+
+        return render_markdown(self.record)
+
+
+# --------------------------------------------------------------------------- shared checks
+
+
+def _at_least_one(value: int | None, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{name} {cut(value)}: must be a whole number of at least 1")
+
+
+def _suite(
+    threats: Sequence[str | ThreatModel],
+    attacks: Sequence[str],
+    *,
+    seed: int,
+    batch_size: int,
+    n_iter: int | None,
+    progress: bool,
+) -> EvaluationSuite:
+    if isinstance(threats, str | ThreatModel):
+        threats = [threats]  # one threat given bare, not as a list
+    if not threats:
+        raise ConfigError("threats: give at least one threat model, e.g. ['Linf:8/255']")
+    if isinstance(attacks, str):
+        attacks = [attacks]
+    _at_least_one(batch_size, "batch_size")
+    _at_least_one(n_iter, "n_iter")
+    return EvaluationSuite(
+        threats, attacks, seed=seed, batch_size=batch_size, n_iter=n_iter, progress=progress
+    )
+
+
+def _raise_warnings(table: EvalTable) -> None:
+    for message in table.warnings:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# --------------------------------------------------------------------------- any model
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor | np.ndarray,
+    y: torch.Tensor | np.ndarray,
+    *,
+    threats: Sequence[str | ThreatModel],
+    attacks: Sequence[str] = (AUTOATTACK,),
+    batch_size: int = DEFAULT_BATCH,
+    n_iter: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    out: str | Path | None = None,
+    progress: bool = False,
+) -> EvalTable:
+    """Attack ``model`` on ``x, y`` under every threat model; AutoAttack standard by default.
+
+    ``x``: images (N, C, H, W) as uint8 or float in [0, 1] (floats are evaluated as their
+    8-bit values; a warning says when that changes them), ``y``: N class indices. ``device``
+    defaults to the model's. The model is attacked in eval mode and handed back in its own
+    mode. With ``out`` the evaluation's folder is written there, and a folder holding an
+    unfinished evaluation of the same model, data and settings is continued.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch nn.Module, got a {type(model).__name__}")
+    started = time.perf_counter()
+    suite = _suite(
+        threats,
+        attacks,
+        seed=seed,
+        batch_size=batch_size,
+        n_iter=n_iter,
+        progress=progress,
+    )
+    data = _given_data(x, y)
+    run_device = torch.device(device) if device is not None else _device_of(model)
+    model_hash = _state_sha256(model)
+    folder = None
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        lock_folder(folder, "evaluation folder", "a separate evaluation needs its own out")
+    data_meta = {
+        "dataset": "given tensors",
+        "split": "given",
+        "fingerprint": data.fingerprint(),
+        "num_classes": None,
+        "image_shape": list(data.images.shape[1:]),
+    }
+    result = suite.run(
+        model,
+        data,
+        state_path=None if folder is None else folder / STATE_FILE,
+        identity={"model_sha256": model_hash, "data_fingerprint": data_meta["fingerprint"]},
+        device=run_device,
+    )
+    model_meta = {
+        "path": f"<{type(model).__name__} in Python>",
+        "which": None,
+        "selected": None,
+        "sha256": model_hash,
+        "architecture": type(model).__name__,
+        "spec": None,
+        "trained_on": None,
+    }
+    settings = {"device": str(run_device), "arguments": {"threats": [str(t) for t in threats]}}
+    record = build_outputs(
+        result, suite, settings, started, model=model_meta, data=data_meta, out=folder
+    )
+    table = EvalTable.from_record(record, folder)
+    _raise_warnings(table)
+    return table
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _state_sha256(model: nn.Module) -> str:
+    """SHA-256 of the model's tensors (names, dtypes, shapes, bytes): which weights were
+    evaluated, as a saved file's hash would say."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {value.dtype} {tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _given_data(x: Any, y: Any) -> ImageDataset:
+    """uint8 images and int64 labels from the caller's arrays, checked with parameter names."""
+    images = as_array(x, "x")
+    labels = as_array(y, "y")
+    if images.ndim != 4:
+        raise DataError(f"x has shape {images.shape}; give images as (N, C, H, W)")
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.floating):
+            raise DataError(f"x has dtype {images.dtype}; give uint8 pixels or floats in [0, 1]")
+        if not ((images >= 0) & (images <= 1)).all():
+            raise DataError("x holds values outside [0, 1] (or NaN); scale images to [0, 1]")
+        rounded = np.rint(images * 255)
+        change = float(np.abs(rounded / 255 - images).max(initial=0))
+        if change > 1e-6:
+            warnings.warn(
+                f"x is not on the 8-bit grid: it is evaluated as its uint8 values (each pixel "
+                f"moved by at most {change:.4f}); give uint8 images to evaluate them exactly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        images = rounded.astype(np.uint8)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"y must hold one integer class index per image, got dtype {labels.dtype} "
+            f"shape {labels.shape}"
+        )
+    if len(labels) != len(images):
+        raise DataError(f"x has {len(images)} images but y {len(labels)} labels; give one each")
+    if len(labels) == 0:
+        raise DataError("x holds no images; give at least one")
+    return ImageDataset(
+        torch.from_numpy(np.ascontiguousarray(images)),
+        torch.from_numpy(labels.astype(np.int64)),
+    )
+
+
+# --------------------------------------------------------------------------- saved weights
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What ``generalist eval`` evaluates, as typed values (``None``: the run's own, or the
+    default). Written resolved to ``request.json``, so ``--resume DIR`` needs only DIR."""
+
+    target: str
+    """A run directory, or a weights file (``.safetensors``, a ``torch.save`` state dict)."""
+    which: str | None = None
+    """In a run directory: ``last`` (default) or ``best``."""
+    arch: str | None = None
+    """The architecture of weights without ``model.json``: a name or ``pkg.mod:Callable``."""
+    num_classes: int | None = None
+    """With ``arch``: the model's classes (default: the dataset's)."""
+    attacks: tuple[str, ...] = (AUTOATTACK,)
+    threats: tuple[str, ...] = ()
+    """Default: the run's training threat models."""
+    n_examples: int | None = None
+    batch_size: int | None = None
+    n_iter: int | None = None
+    seed: int = 0
+    dataset: str | None = None
+    data_dir: str | None = None
+    split: str = "test"
+    out: str | None = None
+    device: str = "auto"
+    threads: int | None = None
+    compile: bool = False
+    trust_unhashed: bool = False
+    trust_changed_code: bool = False
+    progress: bool = True
+
+    def with_values(self, **values: Any) -> EvalRequest:
+        return dataclasses.replace(self, **values)
+
+
+RESOLVED_FIELDS = (
+    "target",
+    "which",
+    "arch",
+    "num_classes",
+    "attacks",
+    "threats",
+    "n_examples",
+    "batch_size",
+    "n_iter",
+    "seed",
+    "dataset",
+    "data_dir",
+    "split",
+    "trust_unhashed",
+    "trust_changed_code",
+)
+"""What a resumed evaluation takes from ``request.json``: everything its results depend on."""
+
+
+def resumed_request(folder: str | Path, **given: Any) -> EvalRequest:
+    """The request saved in ``folder`` with the ``given`` values (those not None) on top.
+
+    A given value that changes the evaluation is refused later by the state file's plan check,
+    naming the key, rather than silently mixing two evaluations.
+    """
+    path = Path(folder) / REQUEST_FILE
+    given = {key: value for key, value in given.items() if value is not None}
+    if not (Path(folder) / STATE_FILE).is_file():
+        raise ConfigError(
+            f"resume {folder}: no {STATE_FILE} there; pass the folder of an interrupted eval"
+        )
+    if not path.is_file():  # written by an older version: the options must come again
+        if "target" not in given:
+            raise ConfigError(
+                f"resume {folder}: it has no {REQUEST_FILE} (an older version wrote it); give "
+                "the target and the options it was started with again"
+            )
+        return EvalRequest(**given, out=str(folder))
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(f"{path} is not readable JSON; start a new evaluation") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("target"), str):
+        raise ConfigError(f"{path} is not an evaluation request; start a new evaluation")
+    values = {key: saved[key] for key in RESOLVED_FIELDS if key in saved}
+    for key in ("attacks", "threats"):
+        values[key] = tuple(values.get(key) or ())
+    values.update(given)
+    return EvalRequest(**values, out=str(folder))
+
+
+def run_eval(
+    request: EvalRequest,
+    *,
+    resume: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Evaluate saved weights as ``request`` says, write every output; ``(folder, record)``.
+
+    ``resume`` continues the unfinished evaluation in ``request.out`` (see
+    :func:`resumed_request`).
+    """
+    from generalist.checkpoint import load_model, sha256_file
+
+    started = time.perf_counter()
+    target = Path(request.target)
+    if not target.exists():
+        raise CheckpointError(
+            f"{target} does not exist; pass a run directory from `generalist train` "
+            "or a weights file"
+        )
+    if request.split not in SPLITS:
+        raise ConfigError(f"split {cut(request.split)}: use one of {', '.join(SPLITS)}")
+    _at_least_one(request.n_examples, "n_examples")
+    _at_least_one(request.num_classes, "num_classes")
+    weights, which = _weights_of(target, request.which)
+    run_dir = target if target.is_dir() else target.parent
+    config = _run_config(run_dir) if request.arch is None else None
+    suite = _suite(
+        _threats(request, config),
+        request.attacks or [AUTOATTACK],
+        seed=request.seed,
+        batch_size=request.batch_size or (config.data.eval_batch_size if config else DEFAULT_BATCH),
+        n_iter=request.n_iter,
+        progress=request.progress,
+    )
+    out = _out_dir(request, run_dir, resume)
+    device = resolve_device(request.device, "device")
+    apply_threads(request.threads)
+    dataset_name = _dataset_name(request, config, weights)
+    if request.arch is not None:
+        data, data_meta = _evaluation_data(request, None, dataset_name, 0)
+        model, spec = load_model(
+            weights,
+            device,
+            arch=_arch_spec(request, data_meta),
+            trust_changed_code=request.trust_changed_code,
+        )
+    else:
+        model, spec = load_model(
+            weights,
+            device,
+            trust_unhashed=request.trust_unhashed,
+            trust_changed_code=request.trust_changed_code,
+        )
+        size = spec["model"].get("image_size") or 224
+        data, data_meta = _evaluation_data(request, config, dataset_name, size)
+    if request.compile:
+        compile_in_place(model)  # in place: the model's names and hash are unchanged
+    model_hash = sha256_file(weights)
+    _check_fits(spec, data_meta, target, more_classes_ok=request.num_classes is not None)
+    out.mkdir(parents=True, exist_ok=True)
+    lock_folder(out, "evaluation folder", "a separate evaluation needs its own --out")
+    resolved = request.with_values(
+        target=str(target.resolve()),
+        which=which,
+        threats=tuple(str(t) for t in suite.threats),
+        attacks=tuple(suite.attack_names),
+        batch_size=suite.batch_size,
+        dataset=data_meta["dataset"],
+        data_dir=data_meta["data_dir"],
+        out=str(out),
+    )
+    # Written once, before the first attack, so an interrupted evaluation has it; a resume
+    # never rewrites it (options refused by the plan check below must not replace it).
+    first_request = not (out / REQUEST_FILE).is_file()
+    if first_request and not resume:
+        _write_request(out, resolved)
+    identity = {
+        "model_sha256": model_hash,
+        "data_fingerprint": data_meta["fingerprint"],
+        "dataset": data_meta["dataset"],
+        "split": data_meta["split"],
+    }
+    result = suite.run(
+        model,
+        data,
+        state_path=out / STATE_FILE,
+        identity=identity,
+        on_progress=on_progress,
+        device=device,
+    )
+    if first_request and resume:  # a folder from an older version: its options passed the check
+        _write_request(out, resolved)
+    settings = {
+        "device": str(device),
+        "arguments": {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(resolved).items()
+        },
+    }
+    model_meta = {
+        "path": str(weights),
+        "which": which,
+        "selected": spec.get("selected"),
+        "sha256": model_hash,
+        "architecture": spec["model"]["name"],
+        "spec": spec["model"],
+        "trained_on": spec.get("dataset"),
+    }
+    record = build_outputs(
+        result,
+        suite,
+        settings,
+        started,
+        model=model_meta,
+        data=data_meta,
+        out=out,
+        run_name=run_dir.name,
+    )
+    return out, record
+
+
+def _write_request(out: Path, request: EvalRequest) -> None:
+    from generalist.durable import write_text_durably
+
+    values = {key: getattr(request, key) for key in RESOLVED_FIELDS}
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    write_text_durably(out / REQUEST_FILE, json.dumps(values, indent=2) + "\n")
+
+
+def build_outputs(
+    result: SuiteResult,
+    suite: EvaluationSuite,
+    settings: dict[str, Any],
+    started: float,
+    *,
+    model: dict[str, Any],
+    data: dict[str, Any],
+    out: Path | None,
+    run_name: str | None = None,
+) -> dict[str, Any]:
+    """The record of a finished suite; with ``out``, every file of the evaluation folder."""
+    from generalist.durable import write_text_durably
+    from generalist.evaluation.records import build_record, model_info, model_info_filename
+    from generalist.evaluation.tables import render_markdown
+
+    settings = {
+        "attacks": suite.attack_names,
+        "threats": [str(t) for t in suite.threats],
+        "seed": suite.seed,
+        "batch_size": suite.batch_size,
+        "n_iter": suite.n_iter,
+        "precision": "fp32",
+        **settings,
+    }
+    record = build_record(
+        result, model=model, data=data, settings=settings, seconds=time.perf_counter() - started
+    )
+    if out is None:
+        return record
+    infos = {
+        model_info_filename(record, i): model_info(
+            record, i, name=run_name or model["architecture"], architecture=model["architecture"]
+        )
+        for i in range(len(record["threats"]))
+    }
+    written = [RECORD_FILE, TABLES_FILE, *infos, STATE_FILE]
+    if (out / REQUEST_FILE).is_file():
+        written.append(REQUEST_FILE)
+    record["files"] = written
+    for name, info in infos.items():
+        write_text_durably(out / name, json.dumps(info, indent=2) + "\n")
+    write_text_durably(out / TABLES_FILE, render_markdown(record))
+    write_text_durably(out / RECORD_FILE, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _weights_of(target: Path, which: str | None) -> tuple[Path, str | None]:
+    """The weights file ``which`` names in a run directory, and ``last``/``best`` (None for a
+    weights file given directly)."""
+    from generalist.checkpoint import BEST_STEM, WEIGHTS_FILE
+
+    if which is not None and which not in MODEL_CHOICES:
+        raise ConfigError(f"which {cut(which)}: use one of {', '.join(MODEL_CHOICES)}")
+    if not target.is_dir():
+        if which is not None:
+            raise ConfigError(
+                f"which {which} picks a model inside a run directory; pass the run directory "
+                f"instead of {target}"
+            )
+        return target, None
+    which = which or "last"
+    weights = target / (WEIGHTS_FILE if which == "last" else f"{BEST_STEM}.safetensors")
+    if which == "best" and not weights.is_file():
+        raise CheckpointError(
+            f"{target} has no {weights.name}: no validated model was selected (eval.select: "
+            "none, no epoch passed the clean gate, or training has not validated yet); "
+            "evaluate the last model instead: which='last' in Python, --model last"
+        )
+    return weights, which
+
+
+def _run_config(run_dir: Path) -> Any:
+    """The training run's resolved config, or ``None`` for bare weights without one."""
+    from generalist.config import build_config
+
+    path = run_dir / "config.yaml"
+    return build_config(user_yaml=path) if path.is_file() else None
+
+
+def _threats(request: EvalRequest, config: Any) -> list[ThreatModel]:
+    threats = [ThreatModel.parse(text) for text in request.threats]
+    if threats:
+        return threats
+    if config is not None and config.eval_threats():
+        return config.eval_threats()
+    raise ConfigError(
+        f"{request.target} has no config.yaml to take threat models from; "
+        "name them, e.g. --threat Linf:8/255 (threats=['Linf:8/255'] in Python)"
+    )
+
+
+def _out_dir(request: EvalRequest, run_dir: Path, resume: bool) -> Path:
+    if resume:
+        out = Path(request.out or "")
+        if not (out / STATE_FILE).is_file():
+            raise ConfigError(
+                f"resume {out}: no {STATE_FILE} there; pass the folder of an interrupted eval"
+            )
+        return out
+    if request.out:
+        out = Path(request.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"out {out} is a file; give a folder for the evaluation's files")
+    else:
+        base = run_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+        out, n = base, 1
+        while out.exists():
+            n += 1
+            out = base.with_name(f"{base.name}-{n}")
+    if (out / STATE_FILE).exists():
+        raise ConfigError(
+            f"{out} already holds an evaluation; continue it with --resume {out} or another --out"
+        )
+    return out
+
+
+def _dataset_name(request: EvalRequest, config: Any, weights: Path) -> str:
+    """The dataset given, else the run's, else the one ``model.json`` names."""
+    from generalist.checkpoint import spec_path_of
+
+    if request.dataset:
+        return request.dataset
+    if config is not None:
+        return config.data.dataset
+    spec_path = spec_path_of(weights)
+    if request.arch is None and spec_path.is_file():
+        try:
+            named = json.loads(spec_path.read_text()).get("dataset")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            named = None
+        if isinstance(named, str) and named:
+            return named
+    raise ConfigError(
+        f"cannot tell which dataset {request.target} was trained on; name it "
+        "(--dataset and --data-dir)"
+    )
+
+
+def _arch_spec(request: EvalRequest, data: dict[str, Any]) -> dict[str, Any]:
+    """``create_model``'s arguments for ``arch`` on this data (a plug-in with its source)."""
+    from generalist.models import model_source
+
+    spec: dict[str, Any] = {
+        "name": request.arch,
+        "num_classes": request.num_classes or data["num_classes"],
+        "in_channels": data["image_shape"][0],
+        "image_size": data["image_shape"][-1],
+    }
+    source = model_source(str(request.arch))
+    if source is not None:
+        spec["source"] = source
+    return spec
+
+
+def _evaluation_data(
+    request: EvalRequest, config: Any, name: str, image_size: int
+) -> tuple[ImageDataset, dict[str, Any]]:
+    """The evaluated subset (the first ``n_examples`` of the split) and its description.
+
+    ``image_size`` is what an image folder is decoded at without a run config (0: the
+    folder default)."""
+    from generalist.data import load_splits
+    from generalist.data.folders import FolderOptions
+
+    data_dir = request.data_dir or (
+        config.data.data_dir if config and not request.dataset else None
+    )
+    split_settings = (
+        {
+            "val_size": config.data.val_size,
+            "split_seed": config.data.split_seed,
+            "train_limit": config.data.train_limit,
+        }
+        if config
+        else {}
+    )
+    if config is not None:
+        folder = FolderOptions.from_settings(config.data)
+    else:
+        folder = FolderOptions(image_size=image_size) if image_size else FolderOptions()
+    splits = load_splits(name, data_dir, folder=folder, **split_settings)
+    data = splits.test if request.split == "test" else splits.val
+    if request.n_examples is not None:
+        if not 1 <= request.n_examples <= len(data):
+            raise ConfigError(
+                f"n_examples {request.n_examples}: the {name} {request.split} split has "
+                f"{len(data)} examples; use 1 to {len(data)}"
+            )
+        data = data.subset(torch.arange(request.n_examples))
+    meta = {
+        "dataset": name,
+        "data_dir": None if data_dir is None else str(data_dir),
+        "split": request.split,
+        **split_settings,
+        "fingerprint": data.fingerprint(),
+        "num_classes": splits.info.num_classes,
+        "image_shape": list(splits.info.image_shape),
+    }
+    return data, meta
+
+
+def _check_fits(
+    spec: dict[str, Any], data: dict[str, Any], target: Path, *, more_classes_ok: bool
+) -> None:
+    """Refuse data the model cannot take, before an attack fails with a shape error;
+    ``more_classes_ok``: a model with more outputs than the dataset's classes, as asked."""
+    model = spec["model"]
+    expected = {
+        "num_classes": (model.get("num_classes"), data["num_classes"]),
+        "in_channels": (model.get("in_channels"), data["image_shape"][0]),
+        "image_size": (model.get("image_size"), data["image_shape"][-1]),
+    }
+    for key, (wants, has) in expected.items():
+        if key == "num_classes" and more_classes_ok and wants is not None and wants > has:
+            continue
+        if wants is not None and wants != has:
+            raise ConfigError(
+                f"{target} was built for {key}={wants} but {data['dataset']} has {has}; "
+                "evaluate it on the dataset it was trained on"
+            )
