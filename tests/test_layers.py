@@ -20,7 +20,7 @@ LAYERS = [
     | {"backends", "threads", "compiling"}
     | {"runlock", "plain_yaml", "plugins"}
     | {"attacks", "data", "models", "presets"},
-    {"config"},
+    {"config", "preflight"},
     {"checkpoint", "rundir", "manifest"},
     {"evaluation"},
     {"training"},
