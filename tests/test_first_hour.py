@@ -102,9 +102,10 @@ def test_an_npz_run_takes_the_recipe_of_its_images_band_and_says_which(
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if line.startswith("recipe: ")]
     assert line.startswith("recipe: x_train in d.npz holds ")
-    assert re.search(
-        rf"band '[a-z-]+' .*, so the \w+ recipe: {recipe_model}, {epochs} epochs", line
-    )
+    assert re.search(rf"band '[a-z-]+' .*, so the \w+ recipe; this run: {recipe_model}, ", line)
+    assert f", {epochs} epochs" in line
+    changed = build_config("pgd-at", dataset="npz", overrides=[f"data.data_dir={data}", "epochs=3"])
+    assert f"this run: {recipe_model}, 3 epochs" in start_notes(changed)[0]  # what it came to
 
 
 def test_bands_cover_grey_and_colour_at_every_size():
@@ -191,9 +192,27 @@ def test_a_validation_split_under_a_hundred_images_is_named_and_none_refused():
         validation_split_warning(0, config)
 
 
-def test_val_size_zero_is_refused_before_training():
-    with pytest.raises(ConfigError, match=r"^data\.val_size: 0 leaves no validation split"):
-        build_config("pgd-at", dataset="digits", overrides=["data.val_size=0"])
+def test_val_size_zero_trains_without_validation_or_selection_and_says_so(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz", (1, 8, 8), n=40)
+    config = build_config(
+        "standard",
+        dataset="npz",
+        overrides=[
+            f"data.data_dir={data}",
+            "data.val_size=0",
+            "epochs=2",
+            "eval.test_steps=0",
+            f"out_dir={tmp_path / 'runs'}",
+        ],
+    )
+    lines: list[str] = []
+    result = train(config, progress=False, echo=lines.append)
+    assert lines.count(validation_split_warning(0, config)) == 1
+    assert "no model-best is chosen (eval.select=clean+robust is not used)" in "\n".join(lines)
+    assert [("val" in record) for record in result.run.read_metrics()] == [False, False]
+    assert result.best is None and not (result.run.path / "model-best.safetensors").exists()
+    assert main(["report", str(result.run.path)]) == 0  # the report reads such a run too
+    capsys.readouterr()
 
 
 def test_a_run_on_a_tiny_npz_says_its_traps_at_the_start_and_its_chance_level_loss(tmp_path):
@@ -217,7 +236,7 @@ def test_a_run_on_a_tiny_npz_says_its_traps_at_the_start_and_its_chance_level_lo
     result = train(config, progress=False, echo=lines.append)
     assert len(result.run.read_metrics()) == 2  # warned, not stopped
     text = "\n".join(lines)
-    assert "recipe: x_train in tiny.npz holds 1×8 px images, band 'tiny-gray'" in text
+    assert "recipe: x_train in tiny.npz holds 1-channel 8 px images, band 'tiny-gray'" in text
     assert "holds float32 pixels" in text
     assert "warning: the validation split holds 20 images (data.val_size=20)" in text
     (chance,) = [i for i, line in enumerate(lines) if "chance level" in line]

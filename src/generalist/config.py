@@ -614,13 +614,6 @@ def validate(config: Config) -> None:
     val_size = config.data.val_size
     if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
         raise ConfigError("data.val_size: use a fraction in [0, 1) or a whole count of examples")
-    if val_size == 0:  # validation and model selection read it every epoch
-        raise ConfigError(
-            "data.val_size: 0 leaves no validation split, which every epoch's validation and "
-            "the choice of model-best read; use a count of at least "
-            f"{MIN_VALIDATION_IMAGES} images (e.g. data.val_size={MIN_VALIDATION_IMAGES * 5}) "
-            "or a fraction such as 0.02"
-        )
     if config.data.crop_padding is not None:
         _at_least(config.data.crop_padding, 0, "data.crop_padding")
     _at_least(config.data.image_size, 8, "data.image_size")

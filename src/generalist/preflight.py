@@ -12,7 +12,7 @@ from __future__ import annotations
 from generalist.config import MIN_VALIDATION_IMAGES, Config
 from generalist.data.probe import probe_images
 from generalist.errors import DataError
-from generalist.presets import describe_recipe
+from generalist.presets import list_profiles, recipe_band
 
 UINT8_ROUNDING = 1 / 510
 """Half a uint8 level in [0, 1]: the most a float pixel moves when stored as uint8."""
@@ -20,14 +20,36 @@ UINT8_ROUNDING = 1 / 510
 
 def start_notes(config: Config) -> list[str]:
     """The lines a run (or ``--dry-run``) prints before training; empty when all is plain."""
-    data = config.data
     notes = []
-    recipe = describe_recipe(data.dataset, data.data_dir)
+    recipe = _recipe_note(config)
     if recipe is not None:
         notes.append(recipe)
     notes += _image_notes(config)
     notes += attack_reach_warnings(config)
     return notes
+
+
+def _recipe_note(config: Config) -> str | None:
+    """Which band's recipe an ``npz``/``imagefolder`` run took, and what it came to."""
+    data = config.data
+    if data.dataset in list_profiles():
+        return None
+    found = recipe_band(data.dataset, data.data_dir)
+    if found is None:
+        return (
+            f"recipe: no {data.dataset} images readable at {data.data_dir} yet, so the cifar10 "
+            "recipe; change any of it with --set"
+        )
+    probe, band = found
+    low, high = probe.sides
+    size = f"{probe.side} px" + (f" ({low}-{high} px)" if low != high else "")
+    linf = config.budgets.get("Linf")
+    budget = f", Linf ε {linf.eps} in {linf.steps} steps" if linf is not None else ""
+    return (
+        f"recipe: {probe.source} holds {probe.channels}-channel {size} images, band "
+        f"{band.name!r} ({band.rule}), so the {band.like} recipe; this run: {config.model.name}, "
+        f"{config.epochs} epochs, batch {data.batch_size}{budget}; change any of it with --set"
+    )
 
 
 def _image_notes(config: Config) -> list[str]:
@@ -82,9 +104,19 @@ def attack_reach_warnings(config: Config) -> list[str]:
 
 
 def validation_split_warning(val_images: int, config: Config) -> str | None:
-    """The line a run with a validation split under :data:`MIN_VALIDATION_IMAGES` starts with;
-    a split with no image at all (a fraction that rounds to 0) is an error."""
+    """The line a run with a validation split under :data:`MIN_VALIDATION_IMAGES` starts with.
+
+    ``data.val_size: 0`` asks for no split: the run validates nothing and selects no model,
+    which is said here once. A positive size that leaves no image (a fraction that rounds to
+    0) is an error: validation was asked for and would silently not happen.
+    """
     val_size = config.data.val_size
+    if val_size == 0:
+        return (
+            "data: data.val_size=0, so no validation split: no epoch is validated and no "
+            f"model-best is chosen (eval.select={config.eval.select} is not used); the last model "
+            "is the run's result"
+        )
     if val_images == 0:
         raise DataError(
             f"data.val_size={val_size:g} leaves no validation image, which every epoch's "

@@ -40,7 +40,7 @@ class ImageProbe:
     dtype: str
     """The stored pixel type: ``uint8``, ``float32``, ... (``file`` for an image folder)."""
     source: str
-    """Where they were seen, for messages: ``x_train in data.npz``, ``32 files of DIR/train``."""
+    """Where they were seen, for messages: ``x_train in d.npz``, ``DIR/train (32 files read)``."""
 
 
 def probe_images(dataset: str, data_dir: str | Path | None) -> ImageProbe | None:
@@ -91,7 +91,7 @@ def _probe_folder(train: Path) -> ImageProbe | None:
     if not sides:
         return None
     side = Counter(sides).most_common(1)[0][0]
-    where = f"{len(sides)} files of {train}"
+    where = f"{train} ({len(sides)} files read)"
     # Folders are always decoded to RGB, whatever the files hold.
     return ImageProbe(3, side, (min(sides), max(sides)), "file", where)
 

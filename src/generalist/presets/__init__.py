@@ -102,29 +102,10 @@ def load_dataset_profile(name: str, data_dir: str | Path | None = None) -> dict[
     return dataset_profile(name, data_dir)[1]
 
 
-def describe_recipe(name: str, data_dir: str | Path | None) -> str | None:
-    """One line saying which recipe a run on ``npz``/``imagefolder`` data took and why (None for
-    a benchmark, whose recipe is its name)."""
+def recipe_band(name: str, data_dir: str | Path | None) -> tuple[ImageProbe, Band] | None:
+    """The images of an ``npz``/``imagefolder`` dataset and the band whose recipe they took
+    (None for a benchmark, whose recipe is its name, or for images not readable yet)."""
     if name in list_profiles():
         return None
     probe = probe_images(name, data_dir)
-    if probe is None:
-        return (
-            f"recipe: {name} data not readable yet at {data_dir}, so the cifar10 recipe "
-            "(ResNet-18, ε∞ 8/255); every value can be changed with --set"
-        )
-    band = band_of(probe)
-    profile = _load("datasets", band.like, "dataset", list_profiles())
-    linf = (profile.get("budgets") or {}).get("Linf", {})
-    low, high = probe.sides
-    kind = f"{probe.channels}×{probe.side} px" + (f" ({low}-{high} px)" if low != high else "")
-    return (
-        f"recipe: {probe.source} holds {kind} images, band {band.name!r} ({band.rule}), so the "
-        f"{band.like} recipe: {profile['model']['name']}, {profile['epochs']} epochs, batch "
-        f"{profile['data']['batch_size']}, Linf ε {linf.get('eps')} in {linf.get('steps')} "
-        "steps; change any of it with --set"
-    )
-
-
-def describe_preset(name: str) -> str:
-    return str(load_method_preset(name).get("description", ""))
+    return None if probe is None else (probe, band_of(probe))

@@ -421,7 +421,8 @@ def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> N
     if plan.redistribute and not plan.every_step:  # once_per_c_epochs: at the epoch's end
         s.merge.redistribute()
     record = _epoch_record(state, epoch, plan, epoch_started, config.schedule_granularity)
-    if epoch % config.eval.every == 0 or epoch == config.epochs:
+    validated = len(s.splits.val) > 0  # data.val_size: 0 validates and selects nothing
+    if validated and (epoch % config.eval.every == 0 or epoch == config.epochs):
         state.val = record["val"] = _validate(s)
         if _select(s, epoch):
             record["selected"] = True
