@@ -110,7 +110,8 @@ class DataConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     image_size: int = 224
-    """Image folders (imagefolder, imagenet): side length images are cropped and resized to."""
+    """Image folders (imagefolder, imagenet): side length images are cropped and resized to.
+    ``build_config`` gives an ``imagefolder`` its images' own size unless a layer sets it."""
     storage: str = "auto"
     """Image folders: ``memory`` (decoded once, on the device), ``stream`` (decoded by loader
     workers every epoch) or ``auto`` (memory while the decoded splits fit memory_budget_gb)."""
