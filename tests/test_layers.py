@@ -24,7 +24,7 @@ LAYERS = [
     # never a config (training/recipe.py reads those off the config)
     {"training.tasks", "training.generalist", "training.learner"}
     | {"training.cure", "training.mixup", "training.unlabeled_pool"},
-    {"config"},
+    {"config", "preflight"},
     {"checkpoint", "rundir", "manifest"},
     {"evaluation"},
     {"training"},

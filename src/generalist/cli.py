@@ -100,8 +100,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 release_folder(run.path)  # torchrun's rank 0 takes it
             return launch(args.nproc, args.argv)
     if args.dry_run:
+        from generalist.preflight import start_notes
+
         print(config.to_yaml(), end="")
         print(f"# {_ema_cap_line(config)}")  # a YAML comment: the output still loads as a config
+        for line in start_notes(config):  # stderr: stdout stays the YAML a file can take
+            print(line, file=sys.stderr)
         return 0
     try:
         train(config, run, resume=run is not None, progress=not args.no_progress)

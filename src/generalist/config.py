@@ -39,6 +39,7 @@ from generalist.schedules import (
     mixing_weights,
     parse_exact,
     parse_number,
+    parse_step_size,
 )
 from generalist.threads import MAX_THREADS
 from generalist.training.tasks import ATTACK_FIELDS, TaskSpec, list_tasks, task_spec
@@ -61,6 +62,9 @@ MAX_NAME_BYTES = 200
 MAX_IMAGE_SIZE = 4096
 """Image folders: a side length beyond any dataset's (ImageNet trains at 224); a typo such as
 224000 would otherwise pass --dry-run and run out of memory at the first decoded batch."""
+MIN_VALIDATION_IMAGES = 100
+"""Below this many validation images one image moves an accuracy by more than a point, so
+choosing ``model-best`` by it is mostly noise: a run with fewer says so when it starts."""
 MAX_WORKERS = 256
 """Loader processes: beyond any machine's cores; more would fail when the loader starts."""
 INT_LIMITS = {
@@ -89,7 +93,8 @@ class DataConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     image_size: int = 224
-    """Image folders (imagefolder, imagenet): side length images are cropped and resized to."""
+    """Image folders (imagefolder, imagenet): side length images are cropped and resized to.
+    ``build_config`` gives an ``imagefolder`` its images' own size unless a layer sets it."""
     storage: str = "auto"
     """Image folders: ``memory`` (decoded once, on the device), ``stream`` (decoded by loader
     workers every epoch) or ``auto`` (memory while the decoded splits fit memory_budget_gb)."""
@@ -319,10 +324,10 @@ class Config:
         if budget is None and (task.eps is None or task.steps is None):
             raise ConfigError(f"{key}.norm: no budgets.{norm} for this dataset; set {key}.eps")
         eps_text = task.eps if task.eps is not None else budget.eps
+        where = f"{key}.eps" if task.eps is not None else f"budgets.{norm}.eps"
         try:
             threat = ThreatModel.of(norm, eps_text)
         except ConfigError as error:
-            where = f"{key}.eps" if task.eps is not None else f"budgets.{norm}.eps"
             raise ConfigError(f"{where}: {error}") from None
         steps = task.steps if task.steps is not None else budget.steps
         step_text = (
@@ -333,7 +338,7 @@ class Config:
         step_size = (
             threat.default_step_size(steps)
             if step_text is None
-            else parse_number(step_text, f"{key}.step_size")
+            else parse_step_size(step_text, parse_exact(eps_text, where), f"{key}.step_size")
         )
         return threat, steps, step_size
 
@@ -368,7 +373,7 @@ def build_config(
     ``values`` maps dotted keys to Python values (``{"epochs": 30, "model.kwargs": {...}}``),
     applied last.
     """
-    from generalist.presets import load_dataset_profile, load_method_preset
+    from generalist.presets import dataset_profile, load_method_preset
 
     user = read_config_file(user_yaml) if user_yaml is not None else {}
     method = load_method_preset(preset) if preset else {}
@@ -380,11 +385,14 @@ def build_config(
     dataset = dataset or "cifar10"
     if not isinstance(dataset, str):
         raise ConfigError(f"data.dataset: expected a dataset name, got {cut(dataset)}")
+    # npz and image folders take the recipe of their images' band: look where they are first
+    data_dir = _layered_value([method, user], overrides, "data", "data_dir")
+    recipe, profile = dataset_profile(dataset, data_dir if isinstance(data_dir, str) else None)
     tree: dict[str, Any] = {}
-    tree = merge_layer(tree, load_dataset_profile(dataset))
+    tree = merge_layer(tree, profile)
     by_dataset = method.pop("by_dataset", {}) or {}
     tree = merge_layer(tree, method)
-    tree = merge_layer(tree, by_dataset.get(dataset, {}))
+    tree = merge_layer(tree, by_dataset.get(recipe, {}))
     tree = merge_layer(tree, user)
     tree.setdefault("data", {})["dataset"] = dataset
     if preset:
@@ -403,6 +411,22 @@ def build_config(
     config = from_dict(Config, tree, "")
     validate(config)
     return config
+
+
+def _layered_value(layers: list[dict], overrides: Sequence[str], *keys: str) -> Any:
+    """The value of ``keys`` that the layers and ``--set`` overrides leave, later ones winning,
+    read before the tree is built (the dataset profile depends on it)."""
+    value = None
+    for layer in layers:
+        found = _dig(layer, *keys)
+        value = found if found is not None else value
+    dotted = ".".join(keys)
+    for item in overrides:
+        if item.partition("=")[0].strip() == dotted:
+            scratch: dict[str, Any] = {}
+            apply_override(scratch, item)
+            value = _dig(scratch, *keys)
+    return value
 
 
 def _dig(tree: dict, *keys: str) -> Any:
@@ -573,6 +597,11 @@ def set_key(tree: dict[str, Any], key: str, value: Any, what: str = "--set") -> 
     if len(key) > 200 or len(parts) > 8:
         raise ConfigError(f"{what} {cut(key)}: no config key is that long; see --dry-run")
     learners = tree.get("learners") if isinstance(tree.get("learners"), dict) else {}
+    if parts == ["learners", parts[-1]] and value is None and parts[1] not in learners:
+        known = ", ".join(map(str, learners)) or "none"
+        raise ConfigError(
+            f"--set {key}=null: there is no learner {parts[1]!r} to remove (learners: {known})"
+        )
     if parts[0] == "learners" and len(parts) >= 3 and parts[1] not in learners:
         known = ", ".join(map(str, learners)) or "none"
         raise ConfigError(f"{what} {key}: there is no learner {parts[1]!r} (learners: {known})")
@@ -668,11 +697,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express; raises ConfigError naming the key."""
     from generalist.data import is_known_dataset, list_datasets
-    from generalist.models.registry import (
-        check_model_kwargs,
-        is_known_model,
-        unknown_model_message,
-    )
+    from generalist.models.registry import check_model_kwargs, model_name_problem
 
     _at_least(config.epochs, 1, "epochs")
     _at_most(config.epochs, MAX_EPOCHS, "epochs")
@@ -689,8 +714,9 @@ def validate(config: Config) -> None:
     _choice(config.precision, PRECISIONS, "precision")
     if not is_known_dataset(config.data.dataset):
         _choice(config.data.dataset, list_datasets(), "data.dataset")
-    if not is_known_model(config.model.name):
-        raise ConfigError(f"model.name: {unknown_model_message(config.model.name)}")
+    problem = model_name_problem(config.model.name)
+    if problem is not None:
+        raise ConfigError(f"model.name: {problem}")
     check_model_kwargs(config.model.name, config.model.kwargs)
     _at_least(config.data.batch_size, 1, "data.batch_size")
     _at_least(config.data.eval_batch_size, 1, "data.eval_batch_size")
@@ -718,9 +744,11 @@ def validate(config: Config) -> None:
             raise ConfigError(f"budgets.{norm}.eps: {error}") from None
         _at_least(budget.steps, 0, f"budgets.{norm}.steps")
         if budget.step_size is not None:
-            _positive(parse_number(budget.step_size, f"budgets.{norm}.step_size"), norm)
+            eps = parse_exact(budget.eps, f"budgets.{norm}.eps")
+            _positive(parse_step_size(budget.step_size, eps, f"budgets.{norm}.step_size"), norm)
     if not config.learners:
         raise ConfigError("learners: at least one learner is needed; pick a --preset")
+    _validate_robust_preset_keeps_an_attack(config)
     for name, learner in config.learners.items():
         _validate_learner(config, name, learner)
     validate_gammas(config)
@@ -750,6 +778,30 @@ def validate(config: Config) -> None:
         from generalist.tensorboard import require_tensorboard
 
         require_tensorboard()
+
+
+def _validate_robust_preset_keeps_an_attack(config: Config) -> None:
+    """A robust preset whose every adversarial learner was removed (``learners.X=null``) is
+    standard training under a robust method's name: refused, not run. (A learner whose task
+    type the user set to ``natural`` is a choice made by name, and is kept.)"""
+    from generalist.presets import list_presets, load_method_preset
+
+    if config.preset not in list_presets():
+        return
+    if any(lc.task.type != "natural" for lc in config.learners.values()):
+        return
+    robust = [
+        name
+        for name, learner in (load_method_preset(config.preset).get("learners") or {}).items()
+        if (learner or {}).get("task", {}).get("type", "natural") != "natural"
+        and name not in config.learners
+    ]
+    if robust:
+        raise ConfigError(
+            f"learners.{robust[0]}: the {config.preset} preset without its adversarial "
+            f"learner{'s' if len(robust) > 1 else ''} ({', '.join(robust)}) is standard "
+            "training; use --preset standard, or keep a learner with an attack"
+        )
 
 
 def _validate_unlabeled(config: Config) -> None:
@@ -992,9 +1044,13 @@ def _validate_out_dir(out_dir: str) -> None:
 
 
 def _validate_device(device: str) -> None:
+    """A device that exists on this machine: ``mps`` without Apple's GPU, or ``cuda:3`` on a
+    two-GPU machine, fails here at ``--dry-run`` rather than when the weights are moved."""
     if device == "auto":
         return
     import torch
+
+    from generalist.devices import resolve_device
 
     try:
         kind = torch.device(device).type
@@ -1002,6 +1058,7 @@ def _validate_device(device: str) -> None:
         kind = None
     if kind not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device: {cut(device)} cannot train; use auto, cpu, cuda or cuda:N")
+    resolve_device(device)
 
 
 def _explicit_step_size(config: Config, task: TaskConfig, threat: ThreatModel) -> bool:

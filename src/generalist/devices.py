@@ -38,6 +38,17 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
         raise ConfigError(f"{key}: {cut(name)} is not a device; use auto, cpu or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key}: CUDA was asked for but no GPU is visible; use --device cpu")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ConfigError(
+                f"{key}: {name} asks for GPU {device.index}, but {count} "
+                f"{'is' if count == 1 else 'are'} visible (cuda:0 to cuda:{count - 1})"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"{key}: mps (Apple's GPU) is not available on this machine; use --device cpu or auto"
+        )
     return device
 
 

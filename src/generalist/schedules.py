@@ -34,6 +34,30 @@ def parse_number(value: Any, key: str) -> float:
     return float(parse_exact(value, key))
 
 
+_RELATIVE_TO_EPS = re.compile(r"(?:(?P<factor>[^*]+)\*)?eps(?:/(?P<divisor>[^*/]+))?")
+"""``eps``, ``eps/4``, ``2/3*eps``, ``0.25*eps``: a step size written as a share of ε."""
+
+
+def parse_step_size(value: Any, eps: Fraction, key: str) -> float:
+    """A PGD step size: a number (``0.007``, ``2/255``), or a share of ε (``eps/4``,
+    ``2/3*eps``) that follows ε when only ε is changed.
+
+    The shipped profiles write theirs relative to ε, so ``--set budgets.Linf.eps=0.3`` keeps
+    the attack able to cross the ball; a plain number stays as written (a run whose
+    steps × step size fall short of ε says so when it starts). Computed exactly, so
+    ``eps/4`` of ``8/255`` is bit for bit the float of ``2/255``.
+    """
+    if isinstance(value, str):
+        match = _RELATIVE_TO_EPS.fullmatch(value.replace(" ", ""))
+        if match is not None:
+            factor = parse_exact(match["factor"], key) if match["factor"] else Fraction(1)
+            divisor = parse_exact(match["divisor"], key) if match["divisor"] else Fraction(1)
+            if divisor == 0:
+                raise ConfigError(f"{key}: {cut(value)} divides by zero; write it like eps/4")
+            return float(eps * factor / divisor)
+    return parse_number(value, key)
+
+
 def parse_exact(value: Any, key: str) -> Fraction:
     """:func:`parse_number` as an exact rational, for rules that must land on whole epochs or
     steps without float rounding (``1/24`` of 120 epochs is exactly 5)."""

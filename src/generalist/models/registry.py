@@ -29,6 +29,10 @@ class ModelFactory(Protocol):
     def __call__(self, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module: ...
 
 
+NameCheck = Callable[[re.Match[str]], "str | None"]
+"""A pattern family's check of a matching name: the problem (one line), or None if buildable."""
+
+
 class PatternFactory(Protocol):
     def __call__(
         self, match: re.Match[str], *, num_classes: int, in_channels: int, image_size: int
@@ -36,7 +40,7 @@ class PatternFactory(Protocol):
 
 
 _MODELS: dict[str, ModelFactory] = {}
-_PATTERNS: list[tuple[re.Pattern[str], str, PatternFactory]] = []
+_PATTERNS: list[tuple[re.Pattern[str], str, PatternFactory, NameCheck | None]] = []
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -51,11 +55,17 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     return decorate
 
 
-def register_model_pattern(pattern: str, hint: str) -> Callable[[PatternFactory], PatternFactory]:
-    """Register a factory for every name fully matching ``pattern``; ``hint`` is shown to users."""
+def register_model_pattern(
+    pattern: str, hint: str, check: NameCheck | None = None
+) -> Callable[[PatternFactory], PatternFactory]:
+    """Register a factory for every name fully matching ``pattern``; ``hint`` is shown to users.
+
+    ``check`` vets a matching name before anything is built (``wrn-10-0`` matches the pattern
+    but has no channels), so a config naming it fails at ``--dry-run``, not at model creation.
+    """
 
     def decorate(factory: PatternFactory) -> PatternFactory:
-        _PATTERNS.append((re.compile(pattern), hint, factory))
+        _PATTERNS.append((re.compile(pattern), hint, factory, check))
         return factory
 
     return decorate
@@ -67,15 +77,27 @@ def list_models() -> list[str]:
 
 
 def is_known_model(name: str) -> bool:
-    """Whether ``create_model`` knows ``name``: lets configs fail before any data is loaded.
+    """Whether ``create_model`` can build ``name``: lets configs fail before any data is loaded.
 
     An import path is "known" when it names a callable (importing its module to find out);
     a broken one raises its own one-line :class:`ConfigError` instead of returning False.
     """
+    return model_name_problem(name) is None
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why ``create_model`` cannot build ``name`` (one line), or None if it can (an import
+    path is imported to find out; a broken one raises its own one-line ConfigError)."""
     if is_import_path(name):
         _plugin(name, "model.name")
-        return True
-    return name in _MODELS or any(p.fullmatch(name) for p, _, _ in _PATTERNS)
+        return None
+    if name in _MODELS:
+        return None
+    for pattern, _, _, check in _PATTERNS:
+        match = pattern.fullmatch(name)
+        if match is not None:
+            return None if check is None else check(match)
+    return unknown_model_message(name)
 
 
 def check_model_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
@@ -154,7 +176,7 @@ def _plugin_model(
 
 
 def unknown_model_message(name: str) -> str:
-    hints = "".join(f" or {hint}" for _, hint, _ in _PATTERNS)
+    hints = "".join(f" or {hint}" for _, hint, _, _ in _PATTERNS)
     return f"unknown model {cut(name)}; use one of {', '.join(list_models())}{hints}"
 
 
@@ -181,9 +203,12 @@ def _bare_model(
     factory = _MODELS.get(name)
     if factory is not None:
         return factory(**sizes)
-    for pattern, _, pattern_factory in _PATTERNS:
+    for pattern, _, pattern_factory, check in _PATTERNS:
         match = pattern.fullmatch(name)
         if match is not None:
+            problem = None if check is None else check(match)
+            if problem is not None:
+                raise ConfigError(problem)
             return pattern_factory(match, **sizes)
     raise ConfigError(unknown_model_message(name))
 

@@ -11,7 +11,7 @@ import re
 
 from torch import nn
 
-from generalist.errors import ConfigError
+from generalist.errors import cut
 from generalist.models.registry import register_model, register_model_pattern
 from generalist.models.resnet import PreActResNet
 
@@ -43,17 +43,35 @@ def wide_resnet(
     return model
 
 
-@register_model_pattern(r"wrn-(\d+)-(\d+)", "wrn-DEPTH-WIDTH with (DEPTH-4) divisible by 6")
+MAX_WRN_DEPTH = 1000
+MAX_WRN_WIDTH = 100
+"""Far beyond any published WRN (RobustBench's largest are WRN-106-16 and WRN-70-16); a
+larger name is a typo, and a 5000-digit depth would otherwise reach ``int()`` and allocation."""
+
+
+def _wrn_problem(match: re.Match[str]) -> str | None:
+    """Why ``wrn-DEPTH-WIDTH`` names no network, or None (see ``register_model_pattern``)."""
+    depth_text, width_text = match.group(1), match.group(2)
+    rule = (
+        f"WRN depth must be 10, 16, 22, 28, 34, ... ((DEPTH-4) divisible by 6, at most "
+        f"{MAX_WRN_DEPTH}) and width 1 to {MAX_WRN_WIDTH}, e.g. wrn-28-10 or wrn-34-10"
+    )
+    if len(depth_text) > 4 or len(width_text) > 4:  # before int(): no 5000-digit parse
+        return f"{cut(match.group(0))}: {rule}"
+    depth, width = int(depth_text), int(width_text)
+    if not 10 <= depth <= MAX_WRN_DEPTH or (depth - 4) % 6 != 0 or not 1 <= width <= MAX_WRN_WIDTH:
+        return f"{match.group(0)}: {rule}"
+    return None
+
+
+@register_model_pattern(
+    r"wrn-(\d+)-(\d+)", "wrn-DEPTH-WIDTH with (DEPTH-4) divisible by 6", check=_wrn_problem
+)
 def wide_resnet_from_name(
     match: re.Match[str], *, num_classes: int, in_channels: int, image_size: int
 ) -> nn.Module:
     del image_size  # adaptive pooling accepts any size
-    depth, width = int(match.group(1)), int(match.group(2))
-    if depth < 10 or (depth - 4) % 6 != 0 or width < 1:
-        raise ConfigError(
-            f"{match.group(0)}: WRN depth must be 10, 16, 22, 28, 34, ... ((DEPTH-4) divisible "
-            "by 6) and width at least 1, e.g. wrn-28-10 or wrn-34-10"
-        )
+    depth, width = int(match.group(1)), int(match.group(2))  # checked by _wrn_problem
     return wide_resnet((depth - 4) // 6, width, num_classes=num_classes, in_channels=in_channels)
 
 

@@ -8,8 +8,9 @@ without seeing it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from generalist.reporting.runs import FinalResults, Run, threat_key
 
@@ -23,6 +24,13 @@ class Table:
     rows: list[list[str]]
     numeric: list[bool]
     """Right-aligned columns."""
+    notes: list[str] = field(default_factory=list)
+    """Lines printed under the table (what the rows do not share)."""
+
+
+SETUP = ("dataset", "model", "epochs")
+"""What a row's numbers depend on beyond the method: runs that differ in one do not compare."""
+UNSHARED = " *"
 
 
 def format_seconds(seconds: float) -> str:
@@ -49,8 +57,36 @@ def _result_cells(result: FinalResults) -> dict[tuple, float]:
     return cells
 
 
+def _setup_cells(runs: Sequence[Run]) -> tuple[list[list[str]], list[str]]:
+    """Each run's dataset, model and epochs, a cell marked :data:`UNSHARED` where it differs
+    from most runs' value (the first run's on a tie), and the note naming what differs."""
+    values = [[run.dataset or MISSING, _model_name(run), str(run.epochs)] for run in runs]
+    differing = []
+    for column, name in enumerate(SETUP):
+        seen = [row[column] for row in values]
+        if len(set(seen)) == 1:
+            continue
+        common = Counter(seen).most_common(1)[0][0]
+        differing.append(f"{name} ({', '.join(dict.fromkeys(seen))})")
+        for row in values:
+            if row[column] != common:
+                row[column] += UNSHARED
+    notes = []
+    if differing:
+        notes.append(
+            f"{UNSHARED.strip()} these runs differ in {'; '.join(differing)}: the marked rows do "
+            "not compare like with like with the others"
+        )
+    return values, notes
+
+
+def _model_name(run: Run) -> str:
+    return str((run.config.get("model") or {}).get("name") or MISSING)
+
+
 def comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
-    """One row per run: clean, each threat's attacks and worst case, union, training time."""
+    """One row per run: clean, each threat's attacks and worst case, union, the setup (dataset,
+    model, epochs; marked where the runs differ) and training time."""
     results = [run.final_results() for run in runs]
     per_run = [{} if r is None else _result_cells(r) for r in results]
     columns: dict[tuple, str] = {}  # (threat key, name) -> header, first-seen order
@@ -58,7 +94,10 @@ def comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
         for key, text, name in cells:
             columns.setdefault((key, name), f"{text} {name}")
     rows = []
-    for run, label, result, cells in zip(runs, labels, results, per_run, strict=True):
+    setups, notes = _setup_cells(runs)
+    for run, label, result, cells, setup in zip(
+        runs, labels, results, per_run, setups, strict=True
+    ):
         by_column = {(key, name): value for (key, _, name), value in cells.items()}
         numbers = [by_column.get(column) for column in columns]
         if result is None:
@@ -72,13 +111,15 @@ def comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
                 label,
                 run.preset or MISSING,
                 *(MISSING if v is None else f"{v:.2f}" for v in [clean, *numbers, union]),
+                *setup,
                 MISSING if seconds is None else format_seconds(seconds),
                 source,
             ]
         )
-    headers = ["run", "preset", "clean", *columns.values(), "union", "train time", "results from"]
-    numeric = [False, False] + [True] * (len(columns) + 3) + [False]
-    return Table(headers, rows, numeric)
+    headers = ["run", "preset", "clean", *columns.values(), "union", *SETUP, "train time"]
+    headers.append("results from")
+    numeric = [False, False] + [True] * (len(columns) + 2) + [False, False, False, True, False]
+    return Table(headers, rows, numeric, notes)
 
 
 def render_text(table: Table) -> str:
@@ -96,7 +137,8 @@ def render_text(table: Table) -> str:
         return "  ".join(parts).rstrip()
 
     rule = "  ".join("-" * width for width in widths)
-    return "\n".join([line(table.columns), rule, *(line(row) for row in table.rows)]) + "\n"
+    lines = [line(table.columns), rule, *(line(row) for row in table.rows), *table.notes]
+    return "\n".join(lines) + "\n"
 
 
 def render_markdown(table: Table) -> str:
@@ -104,4 +146,6 @@ def render_markdown(table: Table) -> str:
         return "| " + " | ".join(cells) + " |"
 
     align = ["---:" if numeric else "---" for numeric in table.numeric]
-    return "\n".join([line(table.columns), line(align), *(line(row) for row in table.rows)]) + "\n"
+    lines = [line(table.columns), line(align), *(line(row) for row in table.rows)]
+    notes = ["", *table.notes] if table.notes else []
+    return "\n".join(lines + notes) + "\n"

@@ -45,11 +45,13 @@ from generalist.evaluation.selection import selection_score
 from generalist.manifest import build_manifest, data_fingerprints, note_resume, write_manifest
 from generalist.models import NormalizedModel, create_model, model_source
 from generalist.plugins import check_source_record
+from generalist.preflight import start_notes, validation_split_warning
 from generalist.rundir import RunDir
 from generalist.schedules import build_schedule, schedule_position
 from generalist.tensorboard import metrics_sinks
 from generalist.threads import apply_threads
 from generalist.training.batch_source import MemoryBatches, batch_augment, training_batches
+from generalist.training.chance import chance_level_warnings
 from generalist.training.distributed import SingleProcess, processes
 from generalist.training.generalist import (
     EpochPlan,
@@ -233,6 +235,8 @@ def train(
         backends.configure(parallel.device, deterministic=config.deterministic)
         if device.type == "cpu":
             echo(f"CPU threads: {threads}, {why}")
+        for line in start_notes(config):
+            echo(line)
         session = _setup(
             config,
             run,
@@ -335,6 +339,9 @@ def _setup(
         echo=echo,
     )
     spec = model_spec(config, splits)
+    small_validation = validation_split_warning(len(splits.val), config)
+    if small_validation is not None:
+        echo(small_validation)
     pool = None
     if pseudo is not None:
         images, labels = pseudo.unlabeled.images.to(device), pseudo.labels.to(device)
@@ -472,10 +479,13 @@ def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> N
     if plan.redistribute and not plan.every_step:  # once_per_c_epochs: at the epoch's end
         s.merge.redistribute()
     record = _epoch_record(state, epoch, plan, epoch_started, config.schedule_granularity)
-    if epoch % config.eval.every == 0 or epoch == config.epochs:
+    validated = len(s.splits.val) > 0  # data.val_size: 0 validates and selects nothing
+    if validated and (epoch % config.eval.every == 0 or epoch == config.epochs):
         state.val = record["val"] = _validate(s)
         if _select(s, epoch):
             record["selected"] = True
+    if epoch == 1:
+        _warn_at_chance_level(s, record.get("val", {}))
     state.finish_epoch(record)
     if parallel.is_main:
         s.run.append_metrics(record)
@@ -484,6 +494,19 @@ def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> N
     (signum,) = parallel.agree(stop.signum or 0)
     if signum:
         raise _interrupted(saved, signum, state, len(s.batches), s.run.path)
+
+
+def _warn_at_chance_level(s: Session, val: dict[str, dict[str, float]]) -> None:
+    """After the first epoch: name each learner whose loss is still a uniform guess (and, if
+    validated, its clean accuracy too)."""
+    names = [learner.name for learner in s.state.learners]
+    clean = {name: accuracies["clean"] for name, accuracies in val.items()}
+    if len(names) == 1 and GLOBAL in clean:  # one learner: the global model is its EMA
+        clean.setdefault(names[0], clean[GLOBAL])
+    for line in chance_level_warnings(
+        s.state.epoch_losses, names, s.splits.info.num_classes, s.config.model.name, clean
+    ):
+        s.echo(line)
 
 
 def _select(s: Session, epoch: int) -> bool:
