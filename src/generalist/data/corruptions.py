@@ -338,7 +338,7 @@ def _glass_blur(image, constant, rng):
     x = (_blur(_unit(image), sigma) * 255).astype(np.uint8)
     h, w = x.shape[:2]
     for _ in range(iterations):
-        rows, cols = range(h - delta - 1, delta, -1), range(w - delta - 1, delta, -1)
+        rows, cols = range(h - delta, delta, -1), range(w - delta, delta, -1)
         offsets = rng.integers(-delta, delta, size=(len(rows), len(cols), 2))
         for i, row in enumerate(rows):
             for j, col in enumerate(cols):

@@ -8,6 +8,9 @@ models from the config's adversarial learners. The test split is the default bec
 Outputs, in ``--out`` (default ``RUN_DIR/eval-<timestamp>``): ``eval.json`` (the record),
 ``results.md`` (tables), ``model_info.json`` (RobustBench format; one more file per further
 threat model) and ``state.json``, from which ``--resume`` continues a killed evaluation.
+``--corruptions SOURCE`` adds the common-corruptions track (:mod:`generalist.evaluation.
+corruptions`): its table, ``model_info_corruptions.json`` and ``corruptions-state.json``; alone
+(no ``--attacks``/``--threat``) it runs instead of the attacks.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from generalist.attacks.threat import ThreatModel
 from generalist.compiling import compile_in_place
 from generalist.devices import resolve_device
 from generalist.errors import CheckpointError, ConfigError
-from generalist.evaluation.suite import AUTOATTACK, EvaluationSuite, Progress
+from generalist.evaluation.suite import AUTOATTACK, EvaluationSuite, Progress, SuiteResult
 from generalist.runlock import lock_folder
 from generalist.threads import apply_threads
 
 STATE_FILE = "state.json"
+CORRUPTIONS_STATE_FILE = "corruptions-state.json"
 RECORD_FILE = "eval.json"
 TABLES_FILE = "results.md"
 DEFAULT_BATCH = 500
@@ -88,6 +92,14 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         metavar="K",
         help="iterations of the iterative attacks (default: each attack's standard)",
+    )
+    parser.add_argument(
+        "--corruptions",
+        metavar="SOURCE",
+        help="also score common corruptions (alone: only them): a CIFAR-10-C/-100-C folder "
+        "(<corruption>.npy + labels.npy, the reference protocol), an ImageNet-C folder "
+        "(<corruption>/<severity>/<class>/*), or `generated` (made at run time from the split, "
+        "14 of the 15; not CIFAR-10-C)",
     )
     parser.add_argument("--seed", type=int, default=0, help="attack seed (default 0)")
     parser.add_argument("--dataset", help="dataset to evaluate on (default: the run's)")
@@ -152,13 +164,19 @@ def run_eval(
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value}: must be at least 1 (leave it out for the default)")
     config = _run_config(run_dir)
-    suite = EvaluationSuite(
-        _threats(args, config),
-        args.attacks or [AUTOATTACK],
-        seed=args.seed,
-        batch_size=args.batch_size or (config.data.eval_batch_size if config else DEFAULT_BATCH),
-        n_iter=args.n_iter,
-        progress=not args.no_progress,
+    batch_size = args.batch_size or (config.data.eval_batch_size if config else DEFAULT_BATCH)
+    corruption_source = getattr(args, "corruptions", None)
+    suite = (
+        None
+        if corruption_source and not (args.attacks or args.threat or args.norm)
+        else EvaluationSuite(
+            _threats(args, config),
+            args.attacks or [AUTOATTACK],
+            seed=args.seed,
+            batch_size=batch_size,
+            n_iter=args.n_iter,
+            progress=not args.no_progress,
+        )
     )
     out = _out_dir(args, run_dir)
     device = resolve_device(args.device, "--device")
@@ -177,14 +195,35 @@ def run_eval(
         "dataset": data_meta["dataset"],
         "split": data_meta["split"],
     }
-    result = suite.run(
-        model,
-        data,
-        state_path=out / STATE_FILE,
-        identity=identity,
-        on_progress=on_progress,
-        device=device,
+    result = (
+        suite.run(
+            model,
+            data,
+            state_path=out / STATE_FILE,
+            identity=identity,
+            on_progress=on_progress,
+            device=device,
+        )
+        if suite is not None
+        else None
     )
+    corruptions = None
+    if corruption_source:
+        from generalist.evaluation.corruptions import run_corruptions
+
+        corruptions = run_corruptions(
+            model,
+            data,
+            corruption_source,
+            seed=args.seed,
+            batch_size=batch_size,
+            image_size=data_meta["image_shape"][-1],
+            state_path=out / CORRUPTIONS_STATE_FILE,
+            identity=identity,
+            device=device,
+            on_progress=on_progress,
+            progress=not args.no_progress,
+        )
     return out, _write_outputs(
         out,
         result,
@@ -203,13 +242,14 @@ def run_eval(
         },
         data=data_meta,
         run_name=run_dir.name,
+        corruptions=corruptions,
     )
 
 
 def _write_outputs(
     out: Path,
     result: Any,
-    suite: EvaluationSuite,
+    suite: EvaluationSuite | None,
     args: argparse.Namespace,
     device: torch.device,
     started: float,
@@ -217,17 +257,21 @@ def _write_outputs(
     model: dict[str, Any],
     data: dict[str, Any],
     run_name: str,
+    corruptions: Any = None,
 ) -> dict[str, Any]:
     from generalist.durable import write_text_durably
+    from generalist.evaluation import corruptions as track
     from generalist.evaluation.records import build_record, model_info, model_info_filename
     from generalist.evaluation.tables import render_markdown
 
+    if result is None:  # the corruption track alone: its clean pass is the record's
+        result = SuiteResult(corruptions.clean, corruptions.clean_seconds, [], [])
     settings = {
-        "attacks": suite.attack_names,
-        "threats": [str(t) for t in suite.threats],
-        "seed": suite.seed,
-        "batch_size": suite.batch_size,
-        "n_iter": suite.n_iter,
+        "attacks": suite.attack_names if suite else [],
+        "threats": [str(t) for t in suite.threats] if suite else [],
+        "seed": args.seed,
+        "batch_size": suite.batch_size if suite else corruptions.batch_size,
+        "n_iter": args.n_iter,
         "device": str(device),
         "precision": "fp32",
         "arguments": {k: v for k, v in vars(args).items() if _is_plain(v)},
@@ -241,7 +285,16 @@ def _write_outputs(
         )
         for i in range(len(record["threats"]))
     }
-    record["files"] = [RECORD_FILE, TABLES_FILE, *infos, STATE_FILE]
+    record["files"] = [RECORD_FILE, TABLES_FILE, *infos] + ([STATE_FILE] if suite else [])
+    if corruptions is not None:
+        record["corruptions"] = track.corruption_section(corruptions)
+        infos[track.MODEL_INFO_FILE] = track.corruption_model_info(
+            record["corruptions"],
+            dataset=data["dataset"],
+            name=run_name,
+            architecture=model["architecture"],
+        )
+        record["files"] += [track.MODEL_INFO_FILE, CORRUPTIONS_STATE_FILE]
     for name, info in infos.items():
         write_text_durably(out / name, json.dumps(info, indent=2) + "\n")
     write_text_durably(out / TABLES_FILE, render_markdown(record))
@@ -304,7 +357,7 @@ def _out_dir(args: argparse.Namespace, run_dir: Path) -> Path:
         out = Path(args.resume)
         if args.out and Path(args.out) != out:
             raise ConfigError("--out and --resume name different folders; give only --resume")
-        if not (out / STATE_FILE).is_file():
+        if not any((out / name).is_file() for name in (STATE_FILE, CORRUPTIONS_STATE_FILE)):
             raise ConfigError(
                 f"--resume {out}: no {STATE_FILE} there; pass the folder of an interrupted eval"
             )
@@ -319,7 +372,7 @@ def _out_dir(args: argparse.Namespace, run_dir: Path) -> Path:
         while out.exists():
             n += 1
             out = base.with_name(f"{base.name}-{n}")
-    if (out / STATE_FILE).exists():
+    if any((out / name).exists() for name in (STATE_FILE, CORRUPTIONS_STATE_FILE)):
         raise ConfigError(
             f"{out} already holds an evaluation; continue it with --resume {out} or another --out"
         )
