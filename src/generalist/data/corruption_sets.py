@@ -40,7 +40,7 @@ class CifarC:
         """uint8 (stop - start, C, H, W): images ``start:stop`` of one corruption and severity."""
         images = np.load(self.folder / f"{corruption}.npy", mmap_mode="r")
         offset = (severity - 1) * self.per_severity
-        block = np.ascontiguousarray(images[offset + start : offset + stop])
+        block = np.array(images[offset + start : offset + stop])  # a copy: the map is read-only
         return torch.from_numpy(block).permute(0, 3, 1, 2).contiguous()
 
 
@@ -103,19 +103,18 @@ class ImageNetC:
             self._listings[key] = (files, labels)
         return self._listings[key]
 
-    def decode(self, files: list[str], size: int) -> torch.Tensor:
-        """uint8 (N, 3, size, size): each file as RGB, resized (not cropped: the published
-        images are already the 224-px centre crops) only when its size differs."""
-        out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+    def decode(self, files: list[str], channels: int, size: int) -> torch.Tensor:
+        """uint8 (N, channels, size, size): each file as RGB (or grey), resized (not cropped:
+        the published images are already the 224-px centre crops) only when its size differs."""
+        out = torch.empty((len(files), channels, size, size), dtype=torch.uint8)
         for row, path in enumerate(files):
             try:
                 with Image.open(path) as image:
-                    image = image.convert("RGB")
+                    image = image.convert("L" if channels == 1 else "RGB")
                     if image.size != (size, size):
                         image = image.resize((size, size), Image.Resampling.BILINEAR)
-                    out[row] = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(
-                        2, 0, 1
-                    )
+                    pixels = np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
+                    out[row] = torch.from_numpy(pixels.copy()).permute(2, 0, 1)
             except (OSError, ValueError, SyntaxError) as error:
                 raise DataError(f"cannot read {path} ({error}); replace or delete it") from None
         return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,11 +70,14 @@ class CorruptedCells:
     warnings: list[str] = field(default_factory=list)
 
 
-def corrupted_cells(source: str, data: Any, *, seed: int, image_size: int) -> CorruptedCells:
-    """The cells for ``--corruptions SOURCE`` over ``data`` (the evaluated clean points)."""
+def corrupted_cells(
+    source: str, data: Any, *, seed: int, image_shape: Sequence[int], num_classes: int
+) -> CorruptedCells:
+    """The cells for ``--corruptions SOURCE`` over ``data`` (the evaluated clean points);
+    ``image_shape`` (C, H, W) and ``num_classes`` are the model's."""
     n = len(data)
     if source == GENERATED_SOURCE:
-        profile = profile_for(image_size)
+        profile = profile_for(image_shape[-1])
 
         def generated(corruption: str, severity: int, start: int, stop: int):
             clean = data.images[start:stop]
@@ -115,6 +118,11 @@ def corrupted_cells(source: str, data: Any, *, seed: int, image_size: int) -> Co
         }
         return CorruptedCells(description, CORRUPTIONS, published, warnings=warnings)
     folder_c = read_imagenet_c(source)
+    if len(folder_c.classes) != num_classes:
+        raise ConfigError(
+            f"{source} has {len(folder_c.classes)} class folders but the model has "
+            f"{num_classes} classes; its class folders must be the dataset's (sorted names)"
+        )
 
     def streamed(corruption: str, severity: int, start: int, stop: int):
         files, labels = folder_c.cell_files(corruption, severity)
@@ -123,7 +131,8 @@ def corrupted_cells(source: str, data: Any, *, seed: int, image_size: int) -> Co
                 f"{folder_c.folder / corruption / str(severity)} holds {len(files)} images but "
                 f"{n} points are evaluated; pass --n-examples {len(files)} or less"
             )
-        return folder_c.decode(files[start:stop], image_size), torch.tensor(labels[start:stop])
+        images = folder_c.decode(files[start:stop], image_shape[0], image_shape[-1])
+        return images, torch.tensor(labels[start:stop])
 
     absent = {name: "not in the folder" for name in CORRUPTIONS if name not in folder_c.corruptions}
     description = {
@@ -156,7 +165,8 @@ def run_corruptions(
     *,
     seed: int,
     batch_size: int,
-    image_size: int,
+    image_shape: Sequence[int],
+    num_classes: int,
     state_path: Path | None,
     identity: dict[str, Any] | None = None,
     device: torch.device | str = "cpu",
@@ -169,7 +179,9 @@ def run_corruptions(
     if len(data) == 0:
         raise ConfigError("there are no examples to evaluate; raise --n-examples")
     device = torch.device(device)
-    cells = corrupted_cells(source, data, seed=seed, image_size=image_size)
+    cells = corrupted_cells(
+        source, data, seed=seed, image_shape=image_shape, num_classes=num_classes
+    )
     plan = {"corruptions": cells.description, "n_examples": len(data), **(identity or {})}
     state = SuiteState(state_path, _json(plan))
     n = len(data)
