@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -333,3 +334,29 @@ def test_the_official_cifar_c_entries_check_the_published_md5(server, tmp_path, 
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and "not the published" in err
     assert not (tmp_path / "CIFAR-100-C").exists()
+
+
+# --- report and compare -----------------------------------------------------------------------
+
+
+def test_report_draws_the_heat_map_and_compare_gets_a_column(run_dir, tmp_path, capsys):
+    """An evaluation of the corruptions alone adds to a run's results; it does not replace its
+    ℓp numbers (it has no threat models)."""
+    from generalist.reporting.runs import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = load_run(run).final_results()
+    _, record = run_eval(
+        eval_args(run, run / "eval-corruptions", "--corruptions", "generated", "--n-examples", "3")
+    )
+    after = load_run(run)
+    assert after.final_results() == before and after.corruptions == record["corruptions"]
+    assert main(["compare", str(run)]) == 0
+    header, _, row = capsys.readouterr().out.splitlines()[:3]
+    assert "corruptions (generated)" in header
+    assert f"{record['corruptions']['mean']:.2f}" in row
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "corruptions.png").stat().st_size > 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Common corruptions" in text and "(corruptions.png)" in text

@@ -49,14 +49,22 @@ def _result_cells(result: FinalResults) -> dict[tuple, float]:
     return cells
 
 
+def _corruption_columns(runs: Sequence[Run]) -> list[str]:
+    """One column per kind of corruption source seen (generated numbers are not CIFAR-C's)."""
+    kinds = [run.corruptions["source"]["kind"] for run in runs if run.corruptions]
+    return list(dict.fromkeys(kinds))
+
+
 def comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
-    """One row per run: clean, each threat's attacks and worst case, union, training time."""
+    """One row per run: clean, each threat's attacks and worst case, union, the mean accuracy
+    over the corruption cells (when evaluated), training time."""
     results = [run.final_results() for run in runs]
     per_run = [{} if r is None else _result_cells(r) for r in results]
     columns: dict[tuple, str] = {}  # (threat key, name) -> header, first-seen order
     for cells in per_run:
         for key, text, name in cells:
             columns.setdefault((key, name), f"{text} {name}")
+    kinds = _corruption_columns(runs)
     rows = []
     for run, label, result, cells in zip(runs, labels, results, per_run, strict=True):
         by_column = {(key, name): value for (key, _, name), value in cells.items()}
@@ -67,17 +75,31 @@ def comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
         else:
             source, clean, union = result.describe(), result.clean, result.union
         seconds = (run.summary or {}).get("seconds")
+        corruptions = run.corruptions
+        means = [
+            corruptions["mean"] if corruptions and corruptions["source"]["kind"] == kind else None
+            for kind in kinds
+        ]
         rows.append(
             [
                 label,
                 run.preset or MISSING,
-                *(MISSING if v is None else f"{v:.2f}" for v in [clean, *numbers, union]),
+                *(MISSING if v is None else f"{v:.2f}" for v in [clean, *numbers, union, *means]),
                 MISSING if seconds is None else format_seconds(seconds),
                 source,
             ]
         )
-    headers = ["run", "preset", "clean", *columns.values(), "union", "train time", "results from"]
-    numeric = [False, False] + [True] * (len(columns) + 3) + [False]
+    headers = [
+        "run",
+        "preset",
+        "clean",
+        *columns.values(),
+        "union",
+        *(f"corruptions ({kind})" for kind in kinds),
+        "train time",
+        "results from",
+    ]
+    numeric = [False, False] + [True] * (len(columns) + len(kinds) + 3) + [False]
     return Table(headers, rows, numeric)
 
 
