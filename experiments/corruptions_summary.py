@@ -108,6 +108,11 @@ def _values(rows: list[dict], value) -> list[float]:
     return [v for row in rows if (v := value(row["section"])) is not None]
 
 
+def _cell(values: list[float]) -> str:
+    """mean ± std, or a dash where no corruption of a family was covered."""
+    return mean_std(values) if values else "—"
+
+
 def main_table(rows: list[dict]) -> str:
     groups: dict[tuple[int, str], list[dict]] = defaultdict(list)
     for row in rows:
@@ -123,7 +128,7 @@ def main_table(rows: list[dict]) -> str:
         "| --- | --- | --- | ---: |" + " ---: |" * len(columns),
     ]
     for (rung, model), members in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
-        cells = [mean_std(_values(members, value)) for value in columns.values()]
+        cells = [_cell(_values(members, value)) for value in columns.values()]
         seeds = ",".join(str(row["seed"]) for row in sorted(members, key=lambda r: r["seed"]))
         lines.append(f"| {rung} | {RUNGS[rung]} | {model} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -360,3 +361,45 @@ def test_report_draws_the_heat_map_and_compare_gets_a_column(run_dir, tmp_path, 
     assert (tmp_path / "report" / "corruptions.png").stat().st_size > 0
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Common corruptions" in text and "(corruptions.png)" in text
+
+
+# --- experiments/corruptions_summary.py -------------------------------------------------------
+
+
+def _record(folder: Path, mean: float, clean: float, kind: str = "generated") -> None:
+    section = {
+        "source": {"kind": kind},
+        "n_examples": 100,
+        "covered": ["gaussian_noise", "fog"],
+        "left_out": {"frost": "no photographs"},
+        "clean": {"accuracy": clean, "count": int(clean)},
+        "mean": mean,
+        "mean_relative_to_clean": 100 * mean / clean,
+        "per_corruption": {
+            name: {"accuracy": mean, "relative_to_clean": 100 * mean / clean}
+            for name in ("gaussian_noise", "fog")
+        },
+        "cells": [],
+    }
+    (folder / "eval-corruptions-best").mkdir(parents=True)
+    (folder / "eval-corruptions-best" / "eval.json").write_text(
+        json.dumps({"corruptions": section})
+    )
+    (folder / "config.yaml").write_text("epochs: 20\n")
+
+
+def test_the_claim_table_pairs_generalist_d_with_each_pgd_at_rung_by_seed(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+    import corruptions_summary
+
+    means = {(2, 0): 40.0, (2, 1): 42.0, (3, 0): 44.0, (3, 1): 45.0, (5, 0): 50.0, (5, 1): 49.0}
+    for (rung, seed), mean in means.items():
+        _record(tmp_path / f"r{rung}-s{seed}-20261204-120000", mean, clean=80.0)
+    text = corruptions_summary.build(tmp_path)
+    assert "**not CIFAR-10-C**" in text and "left out: frost" in text and "20 epochs" in text
+    assert "| 5 | Generalist-D | best | 0,1 | 80.0 ± 0.0 | 49.5 ± 0.7 | 61.9 ± 0.9 |" in text
+    assert "| rung 5 − rung 2 | best | 2 | 0.0 ± 0.0 | 8.5 ± 2.1 |" in text  # 10 and 7 points
+    assert "| rung 5 − rung 3 | best | 2 | 0.0 ± 0.0 | 5.0 ± 1.4 |" in text  # 6 and 4 points
+    _record(tmp_path / "r2-s2-20261204-120000", 40.0, 80.0, kind="cifar-c")
+    with pytest.raises(SystemExit, match="mix sources"):
+        corruptions_summary.build(tmp_path)
