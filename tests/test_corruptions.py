@@ -172,6 +172,23 @@ def test_generated_track_is_the_same_across_runs_batch_sizes_and_resumes(run_dir
     assert "gaussian_noise/1" not in {call.attack for call in resumed_calls}  # not redone
 
 
+def test_with_attacks_both_tracks_run_and_keep_their_own_state(run_dir, tmp_path):
+    extra = ("--attacks", "pgd-5", "--threat", "Linf:0.1", "--n-examples", "3")
+    out, record = run_eval(eval_args(run_dir, tmp_path / "e", "--corruptions", "generated", *extra))
+    assert [t["threat"] for t in record["threats"]] == ["Linf:0.1"] and record["corruptions"]
+    assert {"state.json", "corruptions-state.json", "model_info.json"} <= set(record["files"])
+    assert all((out / name).is_file() for name in record["files"])
+    tables = (out / "results.md").read_text()
+    assert "### Summary" in tables and "### Common corruptions" in tables
+    _, again = run_eval(
+        eval_args(run_dir, out, "--corruptions", "generated", *extra, "--resume", str(out))
+    )
+    assert (
+        cells_only(again) == cells_only(record)
+        and again["threats"][0]["worst_case"] == record["threats"][0]["worst_case"]
+    )
+
+
 def test_a_resume_with_another_seed_is_refused(run_dir, tmp_path):
     base = ("--corruptions", "generated", "--n-examples", "3")
     out, _ = run_eval(eval_args(run_dir, tmp_path / "e", *base))
