@@ -20,7 +20,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,9 @@ from generalist.errors import CheckpointError, ConfigError
 from generalist.evaluation.suite import AUTOATTACK, EvaluationSuite, Progress, SuiteResult
 from generalist.runlock import lock_folder
 from generalist.threads import apply_threads
+
+if TYPE_CHECKING:
+    from generalist.evaluation.corruptions import CorruptionOutcome
 
 STATE_FILE = "state.json"
 CORRUPTIONS_STATE_FILE = "corruptions-state.json"
@@ -101,7 +104,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "(<corruption>/<severity>/<class>/*), or `generated` (made at run time from the split, "
         "14 of the 15; not CIFAR-10-C)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="attack seed (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="attack seed, and that of generated corruptions (default 0)",
+    )
     parser.add_argument("--dataset", help="dataset to evaluate on (default: the run's)")
     parser.add_argument("--data-dir", help="where that dataset lives (default: the run's)")
     parser.add_argument(
@@ -258,10 +266,9 @@ def _write_outputs(
     model: dict[str, Any],
     data: dict[str, Any],
     run_name: str,
-    corruptions: Any = None,
+    corruptions: CorruptionOutcome | None = None,
 ) -> dict[str, Any]:
     from generalist.durable import write_text_durably
-    from generalist.evaluation import corruptions as track
     from generalist.evaluation.records import build_record, model_info, model_info_filename
     from generalist.evaluation.tables import render_markdown
 
@@ -288,6 +295,8 @@ def _write_outputs(
     }
     record["files"] = [RECORD_FILE, TABLES_FILE, *infos] + ([STATE_FILE] if suite else [])
     if corruptions is not None:
+        from generalist.evaluation import corruptions as track
+
         record["corruptions"] = track.corruption_section(corruptions)
         infos[track.MODEL_INFO_FILE] = track.corruption_model_info(
             record["corruptions"],
@@ -360,7 +369,8 @@ def _out_dir(args: argparse.Namespace, run_dir: Path) -> Path:
             raise ConfigError("--out and --resume name different folders; give only --resume")
         if not any((out / name).is_file() for name in (STATE_FILE, CORRUPTIONS_STATE_FILE)):
             raise ConfigError(
-                f"--resume {out}: no {STATE_FILE} there; pass the folder of an interrupted eval"
+                f"--resume {out}: no {STATE_FILE} or {CORRUPTIONS_STATE_FILE} there; pass the "
+                "folder of an interrupted eval"
             )
         return out
     if args.out:
