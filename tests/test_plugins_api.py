@@ -250,7 +250,7 @@ def test_eval_resume_needs_the_folder_and_keeps_its_settings(nets, tmp_path, cap
     assert "seed: 0 there, 5 now" in one_error_line(capsys)
     assert cli("eval", "--resume", "ev", "--no-progress") == 0  # the refusal changed nothing
     assert cli("eval", "--resume", str(tmp_path / "nowhere")) == 2
-    assert "no state.json there" in one_error_line(capsys)
+    assert "no state.json or corruptions-state.json there" in one_error_line(capsys)
 
 
 # --------------------------------------------------------------------------- dataset readers

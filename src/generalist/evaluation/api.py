@@ -6,6 +6,8 @@ in eval mode and handed back in the mode it had, the sanity checks (zero gradien
 in the forward pass, black-box beating white-box, cross-entropy masking) run and their warnings
 are raised as Python warnings and kept in the table, and with ``out`` the same folder as the
 command line's is written (``eval.json``, ``results.md``, ``model_info.json``, ``state.json``).
+``corruptions`` adds the common-corruptions track (:mod:`generalist.evaluation.corruptions`,
+loaded only then), beside the attacks or, with no threat models asked, alone.
 
 Errors name the parameters of these functions; the command line checks its flags itself.
 ``request.json`` holds a folder's resolved settings, so ``generalist eval --resume DIR``
@@ -22,7 +24,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,7 +40,13 @@ from generalist.evaluation.suite import AUTOATTACK, EvaluationSuite, Progress, S
 from generalist.runlock import lock_folder
 from generalist.threads import apply_threads
 
+if TYPE_CHECKING:
+    from generalist.evaluation.corruptions import CorruptionOutcome
+
 STATE_FILE = "state.json"
+CORRUPTIONS_STATE_FILE = "corruptions-state.json"
+STATE_FILES = (STATE_FILE, CORRUPTIONS_STATE_FILE)
+"""A folder holding either one is an evaluation, which ``resume`` continues."""
 RECORD_FILE = "eval.json"
 TABLES_FILE = "results.md"
 REQUEST_FILE = "request.json"
@@ -77,6 +85,32 @@ class ThreatAccuracies(Mapping[str, float]):
 
 
 @dataclass(frozen=True)
+class CorruptionAccuracies:
+    """Accuracy (%) under common corruptions: ``mean`` over every corruption × severity cell
+    (RobustBench's number), ``per_corruption[name]`` over its five severities, ``cells[(name,
+    severity)]``; ``section`` is ``eval.json``'s ``corruptions`` entry (source, what is left out,
+    relative to clean)."""
+
+    mean: float
+    mean_relative_to_clean: float | None
+    per_corruption: dict[str, float]
+    cells: dict[tuple[str, int], float]
+    left_out: dict[str, str]
+    section: dict[str, Any]
+
+    @classmethod
+    def from_section(cls, section: dict[str, Any]) -> CorruptionAccuracies:
+        return cls(
+            mean=section["mean"],
+            mean_relative_to_clean=section["mean_relative_to_clean"],
+            per_corruption={k: v["accuracy"] for k, v in section["per_corruption"].items()},
+            cells={(c["corruption"], c["severity"]): c["accuracy"] for c in section["cells"]},
+            left_out=dict(section["left_out"]),
+            section=section,
+        )
+
+
+@dataclass(frozen=True)
 class EvalTable:
     """The outcome of one evaluation, in percent of ``n_examples``.
 
@@ -93,10 +127,13 @@ class EvalTable:
     record: dict[str, Any]
     folder: Path | None = None
     """Where the evaluation's files were written (``out``), else None."""
+    corruptions: CorruptionAccuracies | None = None
+    """The common-corruptions track's results, when ``corruptions`` was given."""
 
     @classmethod
     def from_record(cls, record: dict[str, Any], folder: Path | None) -> EvalTable:
         threat_warnings = [w for entry in record["threats"] for w in entry["warnings"]]
+        section = record.get("corruptions")
         return cls(
             clean_accuracy=record["clean"]["accuracy"],
             robust_accuracy=ThreatAccuracies(
@@ -107,6 +144,7 @@ class EvalTable:
             warnings=[*record["warnings"], *threat_warnings],
             record=record,
             folder=folder,
+            corruptions=None if section is None else CorruptionAccuracies.from_section(section),
         )
 
     def __str__(self) -> str:
@@ -158,8 +196,9 @@ def evaluate(
     x: torch.Tensor | np.ndarray,
     y: torch.Tensor | np.ndarray,
     *,
-    threats: Sequence[str | ThreatModel],
+    threats: Sequence[str | ThreatModel] = (),
     attacks: Sequence[str] = (AUTOATTACK,),
+    corruptions: str | None = None,
     batch_size: int = DEFAULT_BATCH,
     n_iter: int | None = None,
     seed: int = 0,
@@ -168,6 +207,10 @@ def evaluate(
     progress: bool = False,
 ) -> EvalTable:
     """Attack ``model`` on ``x, y`` under every threat model; AutoAttack standard by default.
+
+    ``corruptions``: also score common corruptions of ``x`` (``"generated"``, or a CIFAR-C /
+    ImageNet-C folder whose images are ``x``'s), in ``table.corruptions``; with no ``threats``
+    only them.
 
     ``x``: images (N, C, H, W) as uint8 or float in [0, 1] (floats are evaluated as their
     8-bit values; a warning says when that changes them), ``y``: N class indices. ``device``
@@ -178,13 +221,18 @@ def evaluate(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch nn.Module, got a {type(model).__name__}")
     started = time.perf_counter()
-    suite = _suite(
-        threats,
-        attacks,
-        seed=seed,
-        batch_size=batch_size,
-        n_iter=n_iter,
-        progress=progress,
+    _at_least_one(batch_size, "batch_size")
+    suite = (
+        None
+        if corruptions and not threats
+        else _suite(
+            threats,
+            attacks,
+            seed=seed,
+            batch_size=batch_size,
+            n_iter=n_iter,
+            progress=progress,
+        )
     )
     data = _given_data(x, y)
     run_device = torch.device(device) if device is not None else _device_of(model)
@@ -201,12 +249,29 @@ def evaluate(
         "num_classes": None,
         "image_shape": list(data.images.shape[1:]),
     }
-    result = suite.run(
+    identity = {"model_sha256": model_hash, "data_fingerprint": data_meta["fingerprint"]}
+    result = (
+        None
+        if suite is None
+        else suite.run(
+            model,
+            data,
+            state_path=None if folder is None else folder / STATE_FILE,
+            identity=identity,
+            device=run_device,
+        )
+    )
+    track = _corruption_track(
+        corruptions,
         model,
         data,
-        state_path=None if folder is None else folder / STATE_FILE,
-        identity={"model_sha256": model_hash, "data_fingerprint": data_meta["fingerprint"]},
+        data_meta,
+        seed=seed,
+        batch_size=batch_size,
+        folder=folder,
+        identity=identity,
         device=run_device,
+        progress=progress,
     )
     model_meta = {
         "path": f"<{type(model).__name__} in Python>",
@@ -217,13 +282,66 @@ def evaluate(
         "spec": None,
         "trained_on": None,
     }
-    settings = {"device": str(run_device), "arguments": {"threats": [str(t) for t in threats]}}
+    arguments = {"threats": [str(t) for t in threats], "corruptions": corruptions}
+    settings = {"device": str(run_device), "seed": seed, "arguments": arguments}
     record = build_outputs(
-        result, suite, settings, started, model=model_meta, data=data_meta, out=folder
+        result,
+        suite,
+        settings,
+        started,
+        model=model_meta,
+        data=data_meta,
+        out=folder,
+        corruptions=track,
     )
     table = EvalTable.from_record(record, folder)
     _raise_warnings(table)
     return table
+
+
+def _output_classes(model: nn.Module, data: ImageDataset, device: torch.device) -> int:
+    """The model's number of outputs, from one image (what an ImageNet-C folder must match)."""
+    from generalist.data import to_float
+    from generalist.inference import eval_mode
+
+    with eval_mode(model), torch.no_grad():
+        return int(model(to_float(data.images[:1]).to(device)).shape[-1])
+
+
+def _corruption_track(
+    source: str | None,
+    model: nn.Module,
+    data: ImageDataset,
+    data_meta: dict[str, Any],
+    *,
+    seed: int,
+    batch_size: int,
+    folder: Path | None,
+    identity: dict[str, Any],
+    device: torch.device,
+    progress: bool,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> CorruptionOutcome | None:
+    """The common-corruptions track over the evaluated points when ``source`` is given,
+    resumable from ``folder``'s :data:`CORRUPTIONS_STATE_FILE`; else None."""
+    if not source:
+        return None
+    from generalist.evaluation.corruptions import run_corruptions
+
+    return run_corruptions(
+        model,
+        data,
+        source,
+        seed=seed,
+        batch_size=batch_size,
+        image_shape=data_meta["image_shape"],
+        num_classes=data_meta["num_classes"] or _output_classes(model, data, device),
+        state_path=None if folder is None else folder / CORRUPTIONS_STATE_FILE,
+        identity=identity,
+        device=device,
+        on_progress=on_progress,
+        progress=progress,
+    )
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -298,6 +416,9 @@ class EvalRequest:
     attacks: tuple[str, ...] = (AUTOATTACK,)
     threats: tuple[str, ...] = ()
     """Default: the run's training threat models."""
+    corruptions: str | None = None
+    """The common-corruptions track's source: ``generated``, a CIFAR-10-C/-100-C folder or an
+    ImageNet-C folder. With ``attacks`` and ``threats`` both empty it runs alone."""
     n_examples: int | None = None
     batch_size: int | None = None
     n_iter: int | None = None
@@ -324,6 +445,7 @@ RESOLVED_FIELDS = (
     "num_classes",
     "attacks",
     "threats",
+    "corruptions",
     "n_examples",
     "batch_size",
     "n_iter",
@@ -345,10 +467,7 @@ def resumed_request(folder: str | Path, **given: Any) -> EvalRequest:
     """
     path = Path(folder) / REQUEST_FILE
     given = {key: value for key, value in given.items() if value is not None}
-    if not (Path(folder) / STATE_FILE).is_file():
-        raise ConfigError(
-            f"resume {folder}: no {STATE_FILE} there; pass the folder of an interrupted eval"
-        )
+    _check_resumable(Path(folder))
     if not path.is_file():  # written by an older version: the options must come again
         if "target" not in given:
             raise ConfigError(
@@ -393,16 +512,23 @@ def run_eval(
         raise ConfigError(f"split {cut(request.split)}: use one of {', '.join(SPLITS)}")
     _at_least_one(request.n_examples, "n_examples")
     _at_least_one(request.num_classes, "num_classes")
+    _at_least_one(request.batch_size, "batch_size")
     weights, which = _weights_of(target, request.which)
     run_dir = target if target.is_dir() else target.parent
     config = _run_config(run_dir) if request.arch is None else None
-    suite = _suite(
-        _threats(request, config),
-        request.attacks or [AUTOATTACK],
-        seed=request.seed,
-        batch_size=request.batch_size or (config.data.eval_batch_size if config else DEFAULT_BATCH),
-        n_iter=request.n_iter,
-        progress=request.progress,
+    batch_size = request.batch_size or (config.data.eval_batch_size if config else DEFAULT_BATCH)
+    alone = bool(request.corruptions) and not (request.attacks or request.threats)
+    suite = (
+        None  # the corruption track alone
+        if alone
+        else _suite(
+            _threats(request, config),
+            request.attacks or [AUTOATTACK],
+            seed=request.seed,
+            batch_size=batch_size,
+            n_iter=request.n_iter,
+            progress=request.progress,
+        )
     )
     out = _out_dir(request, run_dir, resume)
     device = resolve_device(request.device, "device")
@@ -434,9 +560,10 @@ def run_eval(
     resolved = request.with_values(
         target=str(target.resolve()),
         which=which,
-        threats=tuple(str(t) for t in suite.threats),
-        attacks=tuple(suite.attack_names),
-        batch_size=suite.batch_size,
+        threats=tuple(str(t) for t in suite.threats) if suite else (),
+        attacks=tuple(suite.attack_names) if suite else (),
+        corruptions=_resolved_source(request.corruptions),
+        batch_size=batch_size,
         dataset=data_meta["dataset"],
         data_dir=data_meta["data_dir"],
         out=str(out),
@@ -452,18 +579,36 @@ def run_eval(
         "dataset": data_meta["dataset"],
         "split": data_meta["split"],
     }
-    result = suite.run(
+    result = (
+        None
+        if suite is None
+        else suite.run(
+            model,
+            data,
+            state_path=out / STATE_FILE,
+            identity=identity,
+            on_progress=on_progress,
+            device=device,
+        )
+    )
+    corruptions = _corruption_track(
+        resolved.corruptions,
         model,
         data,
-        state_path=out / STATE_FILE,
+        data_meta,
+        seed=request.seed,
+        batch_size=batch_size,
+        folder=out,
         identity=identity,
-        on_progress=on_progress,
         device=device,
+        progress=request.progress,
+        on_progress=on_progress,
     )
     if first_request and resume:  # a folder from an older version: its options passed the check
         _write_request(out, resolved)
     settings = {
         "device": str(device),
+        "seed": request.seed,
         "arguments": {
             k: list(v) if isinstance(v, tuple) else v
             for k, v in dataclasses.asdict(resolved).items()
@@ -487,8 +632,18 @@ def run_eval(
         data=data_meta,
         out=out,
         run_name=run_dir.name,
+        corruptions=corruptions,
     )
     return out, record
+
+
+def _resolved_source(source: str | None) -> str | None:
+    """A corruptions folder as an absolute path (a resume may start elsewhere)."""
+    if not source:
+        return None
+    from generalist.evaluation.corruptions import GENERATED_SOURCE
+
+    return source if source == GENERATED_SOURCE else str(Path(source).resolve())
 
 
 def _write_request(out: Path, request: EvalRequest) -> None:
@@ -500,8 +655,8 @@ def _write_request(out: Path, request: EvalRequest) -> None:
 
 
 def build_outputs(
-    result: SuiteResult,
-    suite: EvaluationSuite,
+    result: SuiteResult | None,
+    suite: EvaluationSuite | None,
     settings: dict[str, Any],
     started: float,
     *,
@@ -509,33 +664,52 @@ def build_outputs(
     data: dict[str, Any],
     out: Path | None,
     run_name: str | None = None,
+    corruptions: CorruptionOutcome | None = None,
 ) -> dict[str, Any]:
-    """The record of a finished suite; with ``out``, every file of the evaluation folder."""
+    """The record of a finished suite and/or corruption track (``result`` and ``suite`` are
+    None for the corruption track alone); with ``out``, every file of the evaluation folder."""
     from generalist.durable import write_text_durably
     from generalist.evaluation.records import build_record, model_info, model_info_filename
     from generalist.evaluation.tables import render_markdown
 
+    if suite is None or result is None:
+        if corruptions is None:
+            raise ValueError("build_outputs needs a suite result, a corruption track or both")
+        result = SuiteResult(corruptions.clean, corruptions.clean_seconds, [], [])
     settings = {
-        "attacks": suite.attack_names,
-        "threats": [str(t) for t in suite.threats],
-        "seed": suite.seed,
-        "batch_size": suite.batch_size,
-        "n_iter": suite.n_iter,
+        "attacks": suite.attack_names if suite else [],
+        "threats": [str(t) for t in suite.threats] if suite else [],
+        "seed": suite.seed if suite else None,
+        "batch_size": suite.batch_size if suite else corruptions.batch_size,
+        "n_iter": suite.n_iter if suite else None,
         "precision": "fp32",
         **settings,
     }
     record = build_record(
         result, model=model, data=data, settings=settings, seconds=time.perf_counter() - started
     )
+    name = run_name or model["architecture"]
+    if corruptions is not None:
+        from generalist.evaluation import corruptions as track
+
+        record["corruptions"] = track.corruption_section(corruptions)
     if out is None:
         return record
     infos = {
         model_info_filename(record, i): model_info(
-            record, i, name=run_name or model["architecture"], architecture=model["architecture"]
+            record, i, name=name, architecture=model["architecture"]
         )
         for i in range(len(record["threats"]))
     }
-    written = [RECORD_FILE, TABLES_FILE, *infos, STATE_FILE]
+    written = [RECORD_FILE, TABLES_FILE, *infos] + ([STATE_FILE] if suite else [])
+    if corruptions is not None:
+        infos[track.MODEL_INFO_FILE] = track.corruption_model_info(
+            record["corruptions"],
+            dataset=data["dataset"],
+            name=name,
+            architecture=model["architecture"],
+        )
+        written += [track.MODEL_INFO_FILE, CORRUPTIONS_STATE_FILE]
     if (out / REQUEST_FILE).is_file():
         written.append(REQUEST_FILE)
     record["files"] = written
@@ -594,10 +768,7 @@ def _threats(request: EvalRequest, config: Any) -> list[ThreatModel]:
 def _out_dir(request: EvalRequest, run_dir: Path, resume: bool) -> Path:
     if resume:
         out = Path(request.out or "")
-        if not (out / STATE_FILE).is_file():
-            raise ConfigError(
-                f"resume {out}: no {STATE_FILE} there; pass the folder of an interrupted eval"
-            )
+        _check_resumable(out)
         return out
     if request.out:
         out = Path(request.out)
@@ -609,11 +780,19 @@ def _out_dir(request: EvalRequest, run_dir: Path, resume: bool) -> Path:
         while out.exists():
             n += 1
             out = base.with_name(f"{base.name}-{n}")
-    if (out / STATE_FILE).exists():
+    if any((out / name).exists() for name in STATE_FILES):
         raise ConfigError(
             f"{out} already holds an evaluation; continue it with --resume {out} or another --out"
         )
     return out
+
+
+def _check_resumable(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in STATE_FILES):
+        raise ConfigError(
+            f"resume {folder}: no {STATE_FILE} or {CORRUPTIONS_STATE_FILE} there; pass the "
+            "folder of an interrupted eval"
+        )
 
 
 def _dataset_name(request: EvalRequest, config: Any, weights: Path) -> str:

@@ -9,7 +9,10 @@ Weights saved by another program (no ``model.json``) are evaluated with ``--arch
 Outputs, in ``--out`` (default ``RUN_DIR/eval-<timestamp>``): ``eval.json`` (the record),
 ``results.md`` (tables), ``model_info.json`` (RobustBench format; one more file per further
 threat model), ``request.json`` (the resolved settings) and ``state.json``, from which
-``--resume`` continues a killed evaluation. This module only turns flags into an
+``--resume`` continues a killed evaluation. ``--corruptions SOURCE`` adds the
+common-corruptions track (:mod:`generalist.evaluation.corruptions`): its table,
+``model_info_corruptions.json`` and ``corruptions-state.json``; alone (no ``--attacks``,
+``--threat`` or ``--norm``) it runs instead of the attacks. This module only turns flags into an
 ``evaluation.api.EvalRequest``; the work is ``evaluation.api.run_eval``.
 """
 
@@ -40,6 +43,7 @@ FLAGS = {
     "device": "--device",
     "batch_size": "--batch-size",
     "n_iter": "--n-iter",
+    "corruptions": "--corruptions",
 }
 """The library's parameter names and the flags that set them, for its errors' first word."""
 
@@ -114,7 +118,20 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="K",
         help="iterations of the iterative attacks (default: each attack's standard)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="attack seed (default 0)")
+    parser.add_argument(
+        "--corruptions",
+        metavar="SOURCE",
+        help="also score common corruptions (alone: only them): a CIFAR-10-C/-100-C folder "
+        "(<corruption>.npy + labels.npy, the reference protocol), an ImageNet-C folder "
+        "(<corruption>/<severity>/<class>/*), or `generated` (made at run time from the split, "
+        "14 of the 15; not CIFAR-10-C)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="attack seed, and that of generated corruptions (default 0)",
+    )
     parser.add_argument("--dataset", help="dataset to evaluate on (default: the run's)")
     parser.add_argument("--data-dir", help="where that dataset lives (default: the run's)")
     parser.add_argument(
@@ -127,8 +144,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         metavar="EVAL_DIR",
-        help="continue the interrupted evaluation in EVAL_DIR (its request.json holds the "
-        "target, threats, dataset, data dir and examples: nothing else is needed)",
+        help="continue the interrupted evaluation in EVAL_DIR, a folder with state.json or "
+        "corruptions-state.json (its request.json holds the target, threats, corruptions, "
+        "dataset, data dir and examples: nothing else is needed)",
     )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
     parser.add_argument(
@@ -190,18 +208,22 @@ def eval_from_args(
             f"instead of {args.target}"
         )
     threats = (*args.threat, *(f"{n}:{e}" for n, e in zip(args.norm, args.eps, strict=True)))
+    attacks = tuple(parse_attack_names(args.attacks)) if args.attacks else None
+    if args.corruptions and not (attacks or threats) and not args.resume:
+        attacks = ()  # the corruption track alone
     given: dict[str, Any] = {
         "target": args.target,
         "which": args.model,
         "arch": args.arch,
         "num_classes": args.num_classes,
-        "attacks": tuple(parse_attack_names(args.attacks)) if args.attacks else None,
+        "attacks": attacks,
         "threats": threats or None,
         "n_examples": args.n_examples,
         "batch_size": args.batch_size,
         "n_iter": args.n_iter,
         "dataset": args.dataset,
         "data_dir": args.data_dir,
+        "corruptions": args.corruptions,
     }
     run_settings = {
         "device": args.device,

@@ -86,5 +86,10 @@ def render_markdown(record: dict[str, Any]) -> str:
     ]
     parts = ["\n".join(head)]
     parts += [threat_table(record, entry) for entry in record["threats"]]
-    parts.append("### Summary\n\n" + summary_table(record))
+    if record["threats"]:
+        parts.append("### Summary\n\n" + summary_table(record))
+    if record.get("corruptions"):
+        from generalist.evaluation.corruptions import corruption_markdown
+
+        parts.append(corruption_markdown(record["corruptions"]))
     return "\n\n".join(parts) + "\n"

@@ -84,15 +84,23 @@ def _model_name(run: Run) -> str:
     return str((run.config.get("model") or {}).get("name") or MISSING)
 
 
+def _corruption_columns(runs: Sequence[Run]) -> list[str]:
+    """One column per kind of corruption source seen (generated numbers are not CIFAR-C's)."""
+    kinds = [run.corruptions["source"]["kind"] for run in runs if run.corruptions]
+    return list(dict.fromkeys(kinds))
+
+
 def comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
-    """One row per run: clean, each threat's attacks and worst case, union, the setup (dataset,
-    model, epochs; marked where the runs differ) and training time."""
+    """One row per run: clean, each threat's attacks and worst case, union, the mean accuracy
+    over the corruption cells (when evaluated), the setup (dataset, model, epochs; marked where
+    the runs differ) and training time."""
     results = [run.final_results() for run in runs]
     per_run = [{} if r is None else _result_cells(r) for r in results]
     columns: dict[tuple, str] = {}  # (threat key, name) -> header, first-seen order
     for cells in per_run:
         for key, text, name in cells:
             columns.setdefault((key, name), f"{text} {name}")
+    kinds = _corruption_columns(runs)
     rows = []
     setups, notes = _setup_cells(runs)
     for run, label, result, cells, setup in zip(
@@ -106,19 +114,34 @@ def comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
         else:
             source, clean, union = result.describe(), result.clean, result.union
         seconds = (run.summary or {}).get("seconds")
+        corruptions = run.corruptions
+        means = [
+            corruptions["mean"] if corruptions and corruptions["source"]["kind"] == kind else None
+            for kind in kinds
+        ]
         rows.append(
             [
                 label,
                 run.preset or MISSING,
-                *(MISSING if v is None else f"{v:.2f}" for v in [clean, *numbers, union]),
+                *(MISSING if v is None else f"{v:.2f}" for v in [clean, *numbers, union, *means]),
                 *setup,
                 MISSING if seconds is None else format_seconds(seconds),
                 source,
             ]
         )
-    headers = ["run", "preset", "clean", *columns.values(), "union", *SETUP, "train time"]
-    headers.append("results from")
-    numeric = [False, False] + [True] * (len(columns) + 2) + [False, False, False, True, False]
+    headers = [
+        "run",
+        "preset",
+        "clean",
+        *columns.values(),
+        "union",
+        *(f"corruptions ({kind})" for kind in kinds),
+        *SETUP,
+        "train time",
+        "results from",
+    ]
+    numeric = [False, False] + [True] * (len(columns) + len(kinds) + 2)
+    numeric += [False, False, False, True, False]
     return Table(headers, rows, numeric, notes)
 
 

@@ -361,3 +361,47 @@ def norm_bars(runs: Sequence[Run], labels: Sequence[str]) -> Figure | None:
     figure.legend(handles=handles, loc="outside right upper", fontsize=8)
     _title(figure, "Per-norm worst case and union (robust to all norms at once)")
     return figure
+
+
+# --------------------------------------------------------------------------- corruptions
+
+
+def corruption_heatmap(runs: Sequence[Run], labels: Sequence[str]) -> Figure | None:
+    """Accuracy per corruption × severity, one panel per run with a corruption evaluation;
+    ``None`` when no run has one. One colour scale (0-100 %) for every panel."""
+    chosen = [
+        (label, section)
+        for run, label in zip(runs, labels, strict=True)
+        if (section := run.corruptions) is not None
+    ]
+    if not chosen:
+        return None
+    rows = max(len(section["covered"]) for _, section in chosen)
+    figure = _figure(PANEL_INCHES * len(chosen) + 1.5, 0.3 * rows + 2.2)
+    panels = figure.subplots(1, len(chosen), squeeze=False)[0]
+    image = None
+    for axes, (label, section) in zip(panels, chosen, strict=True):
+        names = section["covered"]
+        severities = sorted({cell["severity"] for cell in section["cells"]})
+        grid = [[float("nan")] * len(severities) for _ in names]
+        for cell in section["cells"]:
+            grid[names.index(cell["corruption"])][severities.index(cell["severity"])] = cell[
+                "accuracy"
+            ]
+        image = axes.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                shade = "black" if value > 60 else "white"
+                axes.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color=shade)
+        axes.set_xticks(range(len(severities)), [str(s) for s in severities])
+        axes.set_yticks(range(len(names)), names, fontsize=8)
+        axes.set_xlabel("severity")
+        kind = section["source"]["kind"]
+        axes.set_title(
+            f"{label}\n{kind}, mean {section['mean']:.1f} % (clean "
+            f"{section['clean']['accuracy']:.1f} %)",
+            fontsize=9,
+        )
+    figure.colorbar(image, ax=list(panels), label="accuracy (%)", shrink=0.8)
+    _title(figure, "Common corruptions: accuracy per corruption and severity")
+    return figure

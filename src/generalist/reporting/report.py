@@ -25,6 +25,7 @@ from generalist.reporting.runs import Run, run_labels
 REPORT_FILE = "report.md"
 TRADEOFF_FILE = "tradeoff.png"
 NORMS_FILE = "norms.png"
+CORRUPTIONS_FILE = "corruptions.png"
 
 
 @dataclass
@@ -76,6 +77,19 @@ def write_report(runs: Sequence[Run], out: str | Path) -> Report:
                 NORMS_FILE,
                 "Clean, worst-case accuracy under each threat model, and union accuracy of the "
                 "runs evaluated under more than one threat model.",
+            )
+        )
+    heatmap = figures.corruption_heatmap(runs, labels)
+    if heatmap is not None:
+        sections.append(
+            figure_section(
+                "## Common corruptions",
+                heatmap,
+                CORRUPTIONS_FILE,
+                "Test accuracy on each corruption at each severity, from each run's newest "
+                "`generalist eval --corruptions`. Panels marked `generated` were corrupted at "
+                "run time by this package (not CIFAR-10-C, whose published images differ); "
+                "`cifar-c` panels read the published files.",
             )
         )
     sections.append("## Training curves")

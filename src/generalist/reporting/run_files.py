@@ -40,6 +40,18 @@ THREAT = {
     "worst_case": SCORE,
     "warnings": [TEXT],
 }
+CELL = {"corruption": TEXT, "severity": COUNT, "accuracy": NUMBER, "count": COUNT}
+CORRUPTIONS = {
+    "source": {"kind": TEXT},
+    "n_examples": COUNT,
+    "covered": [TEXT],
+    "left_out": {"*": TEXT},
+    "clean": SCORE,
+    "mean": NUMBER,
+    "mean_relative_to_clean": (NUMBER, None),
+    "per_corruption": {"*": {"accuracy": NUMBER, "relative_to_clean": (NUMBER, None)}},
+    "cells": [CELL],
+}
 EVALUATION = {
     "format": TEXT,
     "created?": TEXT,
@@ -50,6 +62,7 @@ EVALUATION = {
     "threats": [THREAT],
     "union": SCORE,
     "warnings": [TEXT],
+    "corruptions?": CORRUPTIONS,
 }
 SUMMARY = {
     "test": {"clean": NUMBER, "*": NUMBER},

@@ -133,13 +133,20 @@ class Run:
         return self.summary is not None
 
     def final_results(self) -> FinalResults | None:
-        """``None`` while the run is unfinished and unevaluated."""
-        tested = [e for e in self.evaluations if e.split == "test"]
+        """``None`` while the run is unfinished and unevaluated (an evaluation of the
+        corruptions alone has no threat models: it does not count here)."""
+        tested = [e for e in self.evaluations if e.split == "test" and e.record["threats"]]
         if tested:
             return _from_evaluation(tested[-1])
         if self.summary is not None:
             return _from_summary(self.summary)
         return None
+
+    @property
+    def corruptions(self) -> dict[str, Any] | None:
+        """The ``corruptions`` section of the newest test-split evaluation that has one."""
+        found = [e for e in self.evaluations if e.split == "test" and "corruptions" in e.record]
+        return found[-1].record["corruptions"] if found else None
 
 
 def _from_evaluation(evaluation: Evaluation) -> FinalResults:
