@@ -18,7 +18,7 @@ LAYERS = [
     # shared building blocks: no knowledge of configs, runs or training
     {"", "errors", "durable", "schedules", "devices", "inference", "tensorboard"}
     | {"backends", "threads", "compiling"}
-    | {"runlock", "plain_yaml", "plugins"}
+    | {"runlock", "plain_yaml", "plugins", "torchrun"}
     | {"attacks", "data", "models", "presets"},
     {"config"},
     {"checkpoint", "rundir", "manifest"},

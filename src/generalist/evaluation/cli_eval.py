@@ -8,6 +8,8 @@ models from the config's adversarial learners. The test split is the default bec
 Outputs, in ``--out`` (default ``RUN_DIR/eval-<timestamp>``): ``eval.json`` (the record),
 ``results.md`` (tables), ``model_info.json`` (RobustBench format; one more file per further
 threat model) and ``state.json``, from which ``--resume`` continues a killed evaluation.
+With ``--nproc N`` (or under torchrun) the points are split over the processes, each with its
+own state file in ``shards/``, and rank 0 merges them (:mod:`generalist.evaluation.sharding`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ from generalist.attacks.threat import ThreatModel
 from generalist.compiling import compile_in_place
 from generalist.devices import resolve_device
 from generalist.errors import CheckpointError, ConfigError
+from generalist.evaluation.sharding import (
+    SHARD_FOLDER,
+    Processes,
+    check_resumable,
+    evaluation_processes,
+    holds_evaluation,
+    launch_evaluation,
+    run_sharded,
+)
 from generalist.evaluation.suite import AUTOATTACK, EvaluationSuite, Progress
 from generalist.runlock import lock_folder
 from generalist.threads import apply_threads
@@ -57,7 +68,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--attacks",
         action="append",
         metavar="LIST",
-        help=f"comma list, repeatable: {AUTOATTACK} (default), pgd-20, apgd-ce, ...",
+        help=f"comma list, repeatable: {AUTOATTACK} (default; the reference's standard "
+        "version), autoattack-plus, autoattack-rand (EoT, for randomised models), pgd-20, "
+        "apgd-ce, ...",
     )
     parser.add_argument(
         "--threat",
@@ -104,6 +117,14 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
     parser.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="split the points over N processes of this machine (one GPU each; gloo on the CPU): "
+        "runs `torchrun --standalone --nproc-per-node N` for you; per-point results are those "
+        "of one process",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         metavar="N",
@@ -127,7 +148,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_eval(args: argparse.Namespace) -> int:
     from generalist.evaluation.tables import render_markdown
 
+    if args.nproc not in (None, 1):  # one process needs no launcher
+        device = resolve_device(args.device, "--device")
+        return launch_evaluation(args.nproc, args.argv, device)
     out, record = run_eval(args)
+    if record is None:  # another rank than 0 of a sharded evaluation: rank 0 reports
+        return 0
     print(render_markdown(record), end="")
     print(f"\nwrote {', '.join(record['files'])} to {out}")
     return 0
@@ -135,8 +161,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def run_eval(
     args: argparse.Namespace, on_progress: Callable[[Progress], None] | None = None
-) -> tuple[Path, dict[str, Any]]:
-    """Resolve the arguments, run the suite and write every output; returns (folder, record)."""
+) -> tuple[Path, dict[str, Any] | None]:
+    """Resolve the arguments, run the suite and write every output; returns (folder, record).
+
+    Under torchrun every rank evaluates its shard of the points and only rank 0 writes the
+    outputs; the record is ``None`` on the other ranks."""
+    with evaluation_processes(resolve_device(args.device, "--device")) as processes:
+        return _evaluate(args, processes, on_progress)
+
+
+def _evaluate(
+    args: argparse.Namespace,
+    processes: Processes,
+    on_progress: Callable[[Progress], None] | None,
+) -> tuple[Path, dict[str, Any] | None]:
     from generalist.checkpoint import load_model, sha256_file
 
     started = time.perf_counter()
@@ -158,10 +196,10 @@ def run_eval(
         seed=args.seed,
         batch_size=args.batch_size or (config.data.eval_batch_size if config else DEFAULT_BATCH),
         n_iter=args.n_iter,
-        progress=not args.no_progress,
+        progress=not args.no_progress and processes.is_main,
     )
-    out = _out_dir(args, run_dir)
-    device = resolve_device(args.device, "--device")
+    out = processes.agree(lambda: _out_dir(args, run_dir, processes.count))
+    device = processes.device
     apply_threads(args.threads)
     model, spec = load_model(weights, device, trust_unhashed=args.trust_unhashed)
     if args.compile:
@@ -169,22 +207,25 @@ def run_eval(
     model_hash = sha256_file(weights)
     data, data_meta = _evaluation_data(args, config, spec)
     _check_fits(spec, data_meta, target)
-    out.mkdir(parents=True, exist_ok=True)
-    lock_folder(out, "evaluation folder", "a separate evaluation needs its own --out")
+    processes.agree(lambda: _claim(out))
     identity = {
         "model_sha256": model_hash,
         "data_fingerprint": data_meta["fingerprint"],
         "dataset": data_meta["dataset"],
         "split": data_meta["split"],
     }
-    result = suite.run(
+    result = run_sharded(
+        suite,
         model,
         data,
-        state_path=out / STATE_FILE,
+        folder=out,
+        state_file=STATE_FILE,
         identity=identity,
+        processes=processes,
         on_progress=on_progress,
-        device=device,
     )
+    if result is None:
+        return out, None
     return out, _write_outputs(
         out,
         result,
@@ -203,6 +244,7 @@ def run_eval(
         },
         data=data_meta,
         run_name=run_dir.name,
+        processes=processes.count,
     )
 
 
@@ -217,6 +259,7 @@ def _write_outputs(
     model: dict[str, Any],
     data: dict[str, Any],
     run_name: str,
+    processes: int,
 ) -> dict[str, Any]:
     from generalist.durable import write_text_durably
     from generalist.evaluation.records import build_record, model_info, model_info_filename
@@ -229,6 +272,7 @@ def _write_outputs(
         "batch_size": suite.batch_size,
         "n_iter": suite.n_iter,
         "device": str(device),
+        "processes": processes,
         "precision": "fp32",
         "arguments": {k: v for k, v in vars(args).items() if _is_plain(v)},
     }
@@ -241,7 +285,8 @@ def _write_outputs(
         )
         for i in range(len(record["threats"]))
     }
-    record["files"] = [RECORD_FILE, TABLES_FILE, *infos, STATE_FILE]
+    shards = [f"{SHARD_FOLDER}/"] if processes > 1 else []
+    record["files"] = [RECORD_FILE, TABLES_FILE, *infos, STATE_FILE, *shards]
     for name, info in infos.items():
         write_text_durably(out / name, json.dumps(info, indent=2) + "\n")
     write_text_durably(out / TABLES_FILE, render_markdown(record))
@@ -299,15 +344,17 @@ def _threats(args: argparse.Namespace, config: Any) -> list[ThreatModel]:
     )
 
 
-def _out_dir(args: argparse.Namespace, run_dir: Path) -> Path:
+def _claim(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lock_folder(out, "evaluation folder", "a separate evaluation needs its own --out")
+
+
+def _out_dir(args: argparse.Namespace, run_dir: Path, processes: int) -> Path:
     if args.resume:
         out = Path(args.resume)
         if args.out and Path(args.out) != out:
             raise ConfigError("--out and --resume name different folders; give only --resume")
-        if not (out / STATE_FILE).is_file():
-            raise ConfigError(
-                f"--resume {out}: no {STATE_FILE} there; pass the folder of an interrupted eval"
-            )
+        check_resumable(out, STATE_FILE, processes)
         return out
     if args.out:
         out = Path(args.out)
@@ -319,7 +366,7 @@ def _out_dir(args: argparse.Namespace, run_dir: Path) -> Path:
         while out.exists():
             n += 1
             out = base.with_name(f"{base.name}-{n}")
-    if (out / STATE_FILE).exists():
+    if holds_evaluation(out, STATE_FILE):
         raise ConfigError(
             f"{out} already holds an evaluation; continue it with --resume {out} or another --out"
         )

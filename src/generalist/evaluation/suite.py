@@ -16,6 +16,7 @@ call on a fixed batch, ends with exactly the masks an uninterrupted run would ha
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -50,10 +51,18 @@ from generalist.attacks.threat import ThreatModel
 from generalist.data import ImageDataset, to_float
 from generalist.durable import write_text_durably
 from generalist.errors import ConfigError, cut
+from generalist.evaluation.passes import PassCounter, Passes
 from generalist.inference import eval_mode, predicts_correctly
 
 STATE_FORMAT = "generalist-eval-state/1"
 AUTOATTACK = "autoattack"
+AUTOATTACK_VERSIONS = {
+    AUTOATTACK: "standard",
+    f"{AUTOATTACK}-plus": "plus",
+    f"{AUTOATTACK}-rand": "rand",
+}
+"""AutoAttack's versions by the name ``--attacks`` takes: the reference's standard, plus (more
+restarts, untargeted APGD-DLR and FAB) and rand (EoT, for randomised defences)."""
 CHECK_EXAMPLES = 64
 """Examples used by the once-per-model sanity checks (zero gradients, randomness)."""
 
@@ -81,6 +90,7 @@ class StageOutcome:
     name: str
     robust: torch.Tensor
     seconds: float
+    passes: Passes = field(default_factory=Passes)
 
 
 @dataclass
@@ -93,6 +103,8 @@ class AttackOutcome:
     stages: list[StageOutcome] = field(default_factory=list)
     rejected: int = 0
     """Adversarial examples outside the ε-ball or [0,1]: never counted as breaking a point."""
+    passes: Passes = field(default_factory=Passes)
+    """The model's forward and backward passes this attack spent (AutoAttack: all stages)."""
 
 
 @dataclass
@@ -123,6 +135,18 @@ class SuiteResult:
     threats: list[ThreatOutcome]
     warnings: list[str]
     """Model-level sanity warnings (zero gradients, randomness in the forward pass)."""
+    clean_passes: Passes = field(default_factory=Passes)
+    check_passes: Passes = field(default_factory=Passes)
+    """What the once-per-model sanity checks cost."""
+
+    @property
+    def passes(self) -> Passes:
+        """Every pass of the evaluation: clean, checks and every attack of every threat."""
+        total = self.clean_passes + self.check_passes
+        for threat in self.threats:
+            for attack in threat.attacks:
+                total = total + attack.passes
+        return total
 
     @property
     def n_examples(self) -> int:
@@ -240,8 +264,8 @@ class EvaluationSuite:
     """Runs ``attacks`` under each of ``threats`` and keeps per-point results.
 
     Attack names are those of :func:`generalist.attacks.list_attacks` plus ``autoattack``
-    (AutoAttack *standard*). Every attack object is built here, so an unknown name or an
-    unsupported threat/attack pair fails before any compute.
+    (AutoAttack *standard*), ``autoattack-plus`` and ``autoattack-rand``. Every attack object is
+    built here, so an unknown name or an unsupported threat/attack pair fails before any compute.
     """
 
     def __init__(
@@ -286,6 +310,10 @@ class EvaluationSuite:
             }
         )
 
+    def full_plan(self, n_examples: int, identity: dict[str, Any] | None) -> dict[str, Any]:
+        """:meth:`plan` with the ``identity`` of model and data, as the state file holds it."""
+        return _plan_json({**self.plan(n_examples), **(identity or {})})
+
     def run(
         self,
         model: nn.Module,
@@ -295,16 +323,26 @@ class EvaluationSuite:
         identity: dict[str, Any] | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         device: torch.device | str = "cpu",
+        indices: torch.Tensor | None = None,
+        model_checks: bool = True,
     ) -> SuiteResult:
         """Evaluate ``model`` on ``data``, resuming from ``state_path`` if it exists.
 
         ``identity`` (model and data hashes, split...) joins the plan, so resuming with another
-        model or other data is refused instead of silently mixing results.
+        model or other data is refused instead of silently mixing results. ``indices`` are the
+        points' places in the whole evaluation (default ``0..N-1``): the attacks seed each
+        point's random draws by it, so a shard of a larger evaluation, or the points in another
+        order, get the same per-point results. ``model_checks=False`` leaves the once-per-model
+        sanity checks to the caller (shards: the merge runs them once, on the whole data).
         """
         if len(data) == 0:
             raise ConfigError("there are no examples to evaluate; raise --n-examples")
-        state = SuiteState(state_path, _plan_json({**self.plan(len(data)), **(identity or {})}))
-        runner = _Runner(self, model, data, state, on_progress, torch.device(device))
+        indices = torch.arange(len(data)) if indices is None else indices.cpu().long()
+        if indices.shape != (len(data),) or len(set(indices.tolist())) != len(data):
+            raise ConfigError(f"indices must be {len(data)} distinct point numbers, one per point")
+        state = SuiteState(state_path, self.full_plan(len(data), identity))
+        runner = _Runner(self, model, data, state, on_progress, torch.device(device), indices)
+        runner.model_checks = model_checks
         with eval_mode(model, freeze=True), backends.for_evaluation():  # never TF32 in a figure
             return runner.run()
 
@@ -320,11 +358,14 @@ class _Runner:
         state: SuiteState,
         on_progress: Callable[[Progress], None] | None,
         device: torch.device,
+        indices: torch.Tensor,
     ) -> None:
         self.suite = suite
-        self.model = model
+        self.model = PassCounter(model)  # every pass below is counted, whoever makes it
         self.x = to_float(data.images.cpu())
         self.y = data.labels.cpu()
+        self.indices = indices
+        self.model_checks = True
         if device.type == "cuda":  # page-locked, so each batch's copy runs without a stall
             self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
         self.state = state
@@ -352,8 +393,8 @@ class _Runner:
         )
 
     def run(self) -> SuiteResult:
-        clean, clean_seconds = self._clean()
-        warnings = self._model_checks(clean)
+        clean, clean_seconds, clean_passes = self._clean()
+        warnings, check_passes = self._model_checks(clean)
         threats = []
         for threat in self.suite.threats:
             outcomes = [self._job(threat, name, clean) for name in self.suite.attack_names]
@@ -366,13 +407,14 @@ class _Runner:
             threat_warnings += _black_box_warnings(outcomes, clean)
             threat_warnings += _cross_entropy_warnings(outcomes, clean)
             threats.append(ThreatOutcome(threat, clean, outcomes, threat_warnings))
-        return SuiteResult(clean, clean_seconds, threats, warnings)
+        return SuiteResult(clean, clean_seconds, threats, warnings, clean_passes, check_passes)
 
-    def _clean(self) -> tuple[torch.Tensor, float]:
+    def _clean(self) -> tuple[torch.Tensor, float, Passes]:
         saved = self.state.data.get("clean")
         if saved is not None:
-            return decode_mask(saved["correct"]), saved["seconds"]
-        start = time.perf_counter()
+            passes = Passes.from_dict(saved.get("passes"))
+            return decode_mask(saved["correct"]), saved["seconds"], passes
+        start, before = time.perf_counter(), self.model.read()
         correct = torch.cat(
             [
                 predicts_correctly(
@@ -387,14 +429,21 @@ class _Runner:
                 )
             ]
         )
-        seconds = time.perf_counter() - start
-        self.state.data["clean"] = {"correct": encode_mask(correct), "seconds": seconds}
+        seconds, passes = time.perf_counter() - start, self.model.read() - before
+        self.state.data["clean"] = {
+            "correct": encode_mask(correct),
+            "seconds": seconds,
+            "passes": passes.to_dict(),
+        }
         self._saved("", "clean", self.n)
-        return correct, seconds
+        return correct, seconds, passes
 
-    def _model_checks(self, clean: torch.Tensor) -> list[str]:
-        """AutoAttack's sanity checks on the model itself, run once (they cost forward passes)."""
+    def _model_checks(self, clean: torch.Tensor) -> tuple[list[str], Passes]:
+        """AutoAttack's sanity checks on the model itself, run once (they cost passes too)."""
+        if not self.model_checks:
+            return [], Passes()
         if "checks" not in self.state.data:
+            before = self.model.read()
             idx = clean.nonzero().squeeze(1)[:CHECK_EXAMPLES]
             if idx.numel() == 0:
                 idx = torch.arange(min(CHECK_EXAMPLES, self.n))
@@ -404,32 +453,41 @@ class _Runner:
             )
             found = check_zero_gradients(self.model, x, y) + check_randomness(self.model, x)
             self.state.data["checks"] = list(found)
+            self.state.data["check_passes"] = (self.model.read() - before).to_dict()
             self._saved("", "checks", self.n)
-        return list(self.state.data["checks"])
+        passes = Passes.from_dict(self.state.data.get("check_passes"))
+        return list(self.state.data["checks"]), passes
 
     def _job(self, threat: ThreatModel, name: str, clean: torch.Tensor) -> AttackOutcome:
         attack = self.suite.attacks[(str(threat), name)]
         key = f"{threat} {name}"
-        if name == AUTOATTACK:
-            return self._autoattack(key, threat, attack, clean)
+        if isinstance(attack, AutoAttack):
+            return self._autoattack(key, name, threat, attack, clean)
         job = self.state.job(key)
         robust = decode_mask(job["robust"])
         with self._bar(key, job["done"]) as bar:
             for start in range(job["done"], self.n, self.suite.batch_size):
                 stop = min(start + self.suite.batch_size, self.n)
-                began = time.perf_counter()
+                began, before = time.perf_counter(), self.model.read()
                 survived, rejected = self._attack_batch(threat, attack, clean, start, stop)
                 robust = torch.cat([robust, survived])
+                passes = Passes.from_dict(job.get("passes")) + (self.model.read() - before)
                 job.update(
                     done=stop,
                     robust=encode_mask(robust),
                     seconds=job["seconds"] + time.perf_counter() - began,
                     rejected=job["rejected"] + rejected,
+                    passes=passes.to_dict(),
                 )
                 self._saved(str(threat), name, stop)
                 bar.update(stop - start)
         return AttackOutcome(
-            name, attack.describe(), robust, job["seconds"], rejected=job["rejected"]
+            name,
+            attack.describe(),
+            robust,
+            job["seconds"],
+            rejected=job["rejected"],
+            passes=Passes.from_dict(job.get("passes")),
         )
 
     def _attack_batch(
@@ -444,14 +502,15 @@ class _Runner:
             self.x[idx].to(self.device, non_blocking=True),
             self.y[idx].to(self.device, non_blocking=True),
         )
-        x_adv = attack(self.model, x, y)
+        per_point = {"indices": self.indices[idx].to(self.device)} if _takes_indices(attack) else {}
+        x_adv = attack(self.model, x, y, **per_point)
         bad = ~feasible(threat, x, x_adv)
         still_right = predicts_correctly(self.model, x_adv, y) | bad
         survived[idx - start] = still_right.cpu()
         return survived, int(bad.sum())
 
     def _autoattack(
-        self, key: str, threat: ThreatModel, attack: AutoAttack, clean: torch.Tensor
+        self, key: str, name: str, threat: ThreatModel, attack: AutoAttack, clean: torch.Tensor
     ) -> AttackOutcome:
         """AutoAttack keeps its own resumable state; it is stored inside the suite's file.
 
@@ -465,10 +524,16 @@ class _Runner:
         else:
             aa_state = AutoAttackState.from_dict(saved)
         bars: dict[str, tqdm] = {}
+        passes = job.setdefault("passes", {})
+        last = self.model.read()
 
         def saved_progress(progress: AutoAttackProgress) -> None:
+            nonlocal last
+            now = self.model.read()
+            spent = Passes.from_dict(passes.get(progress.attack)) + (now - last)
+            passes[progress.attack], last = spent.to_dict(), now
             job["autoattack"] = progress.state.to_dict()
-            stage = f"{AUTOATTACK}/{progress.attack}"
+            stage = f"{name}/{progress.attack}"
             self._saved(str(threat), stage, progress.done, progress.total)
             if progress.attack == "clean":
                 return
@@ -483,6 +548,7 @@ class _Runner:
                 self.model,
                 self.x.to(self.device, non_blocking=True),
                 self.y.to(self.device, non_blocking=True),
+                indices=self.indices.to(self.device),
                 state=aa_state,
                 on_progress=saved_progress,
                 batch_size=self.suite.batch_size,
@@ -493,28 +559,41 @@ class _Runner:
         job["warnings"] = check_black_box_beats_white_box(result)
         job["warnings"] += check_cross_entropy_against_margin(result)
         stages = [
-            StageOutcome(name, result.robust_after[name].cpu(), result.seconds.get(name, 0.0))
-            for name in result.attacks
+            StageOutcome(
+                stage,
+                result.robust_after[stage].cpu(),
+                result.seconds.get(stage, 0.0),
+                Passes.from_dict(passes.get(stage)),
+            )
+            for stage in result.attacks
         ]
+        total = sum((Passes.from_dict(p) for p in passes.values()), Passes())
         return AttackOutcome(
-            AUTOATTACK,
+            name,
             attack.describe(),
             result.robust.cpu(),
             sum(result.seconds.values()),
             stages=stages,
             rejected=sum(result.rejected.values()),
+            passes=total,
         )
 
 
+def _takes_indices(attack: Any) -> bool:
+    """Whether the attack seeds its draws by the points' global indices (an attack without
+    randomness, or a user's plug-in, may not take them)."""
+    return "indices" in inspect.signature(attack).parameters
+
+
 def _build_attack(name: str, threat: ThreatModel, *, seed: int, n_iter: int | None) -> Any:
-    if name == AUTOATTACK:
+    if name in AUTOATTACK_VERSIONS:
         iterations = {} if n_iter is None else {"n_iter": n_iter}
-        return AutoAttack(threat, version="standard", seed=seed, **iterations)
+        return AutoAttack(threat, version=AUTOATTACK_VERSIONS[name], seed=seed, **iterations)
     try:
         return create_attack(name, threat, seed=seed, n_iter=n_iter)
     except ConfigError as exc:
         if str(exc).startswith("unknown attack"):
-            raise ConfigError(f"{exc}, or {AUTOATTACK}") from None
+            raise ConfigError(f"{exc}, or {', '.join(AUTOATTACK_VERSIONS)}") from None
         raise
 
 
