@@ -40,6 +40,21 @@ def test_standard_version_per_norm() -> None:
         AutoAttack("L1:12")
 
 
+def test_plus_and_rand_versions_follow_the_reference() -> None:
+    plus = AutoAttack("Linf:8/255", version="plus").describe()
+    assert plus["autoattack_version"] == "plus"
+    assert [a["name"] for a in plus["attacks"]] == [
+        "apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"
+    ]  # fmt: skip
+    assert [a["n_restarts"] for a in plus["attacks"]] == [5, 5, 5, 5, 1, 1]
+    assert plus["attacks"][4]["n_target_classes"] == plus["attacks"][5]["n_target_classes"] == 9
+    assert plus["attacks"][3]["n_queries"] == 5000
+    rand = AutoAttack("L2:0.5", version="rand").describe()
+    assert [(a["name"], a["n_restarts"], a["eot_iter"]) for a in rand["attacks"]] == [
+        ("apgd-ce", 1, 20), ("apgd-dlr", 1, 20)
+    ]  # fmt: skip
+
+
 def test_custom_lists_and_bad_requests() -> None:
     custom = AutoAttack("Linf:0.1", attacks=["pgd-5", create_attack("cw", "Linf:0.1")])
     assert custom.version == "custom" and custom.attack_names == ["pgd", "cw"]
@@ -47,8 +62,8 @@ def test_custom_lists_and_bad_requests() -> None:
         AutoAttack("Linf:0.1", attacks=["pgd-5", "pgd-10"])
     with pytest.raises(ConfigError, match="same threat model"):
         AutoAttack("Linf:0.1", attacks=[create_attack("cw", "Linf:0.2")])
-    with pytest.raises(ConfigError, match="'standard' or 'custom'"):
-        AutoAttack("Linf:0.1", version="plus")
+    with pytest.raises(ConfigError, match="standard, plus, rand or custom"):
+        AutoAttack("Linf:0.1", version="fast")
     model, x, y, _ = linear_classifier(10, 8)
     with pytest.raises(ConfigError, match="start a new run"):
         AutoAttack("Linf:0.1").run(model, x, y, state=AutoAttackState(9, ["apgd-ce"]))
