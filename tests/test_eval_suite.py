@@ -24,7 +24,6 @@ from generalist.config import build_config
 from generalist.data import load_splits, to_float
 from generalist.errors import CheckpointError, ConfigError, GeneralistError
 from generalist.evaluation.cli_eval import add_eval_parser, cmd_eval, run_eval
-from generalist.evaluation.passes import Passes
 from generalist.evaluation.records import build_record, model_info
 from generalist.evaluation.suite import EvaluationSuite, Progress
 from generalist.evaluation.tables import render_markdown
@@ -388,10 +387,10 @@ def test_the_clean_pass_runs_once_for_the_suite_and_its_autoattacks(run_dir, dig
     result = suite.run(model, data, state_path=tmp_path / "state.json")
     # one forward pass per point for the suite's clean pass, and no AutoAttack of the two
     # threat models classifies the points again: each starts from the suite's clean mask
-    assert result.clean_passes == Passes(forward=24, backward=0)
+    assert (result.clean_passes.forward, result.clean_passes.backward) == (24, 0)
     state = json.loads((tmp_path / "state.json").read_text())
     for threat in THREAT_LIST:
-        spent = state["jobs"][f"{threat} autoattack"]["passes"]
+        spent = state["jobs"][f"{threat} autoattack"]["autoattack"]["cost"]
         assert set(spent) == {"apgd-ce", "apgd-t", "fab-t", "square"}
     with torch.no_grad():
         expected = model(to_float(data.images)).argmax(dim=1) == data.labels

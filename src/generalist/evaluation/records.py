@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
+from generalist.attacks.cost import PassCount
 from generalist.devices import software_versions
-from generalist.evaluation.passes import Passes
 from generalist.evaluation.suite import (
     AUTOATTACK_VERSIONS,
     AttackOutcome,
     SuiteResult,
     ThreatOutcome,
+    passes_dict,
 )
 
 RECORD_FORMAT = "generalist-eval/1"
@@ -35,11 +36,11 @@ def _score(mask: torch.Tensor) -> dict[str, Any]:
     return {"accuracy": _percent(count, mask.numel()), "count": count}
 
 
-def _cost(passes: Passes, n: int) -> dict[str, Any]:
+def _cost(passes: PassCount, n: int) -> dict[str, Any]:
     """Passes in all and per evaluated point (clean-wrong points included, as adv-lib counts),
     so evaluations of different sizes compare at equal cost."""
     return {
-        **passes.to_dict(),
+        **passes_dict(passes),
         "forward_per_point": round(passes.forward / n, 2) if n else 0.0,
         "backward_per_point": round(passes.backward / n, 2) if n else 0.0,
     }

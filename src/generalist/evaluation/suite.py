@@ -47,11 +47,11 @@ from generalist.attacks.checks import (
     cross_entropy_masking_warning,
     is_cross_entropy,
 )
+from generalist.attacks.cost import CountingModel, PassCount
 from generalist.attacks.threat import ThreatModel
 from generalist.data import ImageDataset, to_float
 from generalist.durable import write_text_durably
 from generalist.errors import ConfigError, cut
-from generalist.evaluation.passes import PassCounter, Passes
 from generalist.inference import eval_mode, predicts_correctly
 
 STATE_FORMAT = "generalist-eval-state/1"
@@ -90,7 +90,7 @@ class StageOutcome:
     name: str
     robust: torch.Tensor
     seconds: float
-    passes: Passes = field(default_factory=Passes)
+    passes: PassCount = field(default_factory=PassCount)
 
 
 @dataclass
@@ -103,7 +103,7 @@ class AttackOutcome:
     stages: list[StageOutcome] = field(default_factory=list)
     rejected: int = 0
     """Adversarial examples outside the ε-ball or [0,1]: never counted as breaking a point."""
-    passes: Passes = field(default_factory=Passes)
+    passes: PassCount = field(default_factory=PassCount)
     """The model's forward and backward passes this attack spent (AutoAttack: all stages)."""
 
 
@@ -135,18 +135,15 @@ class SuiteResult:
     threats: list[ThreatOutcome]
     warnings: list[str]
     """Model-level sanity warnings (zero gradients, randomness in the forward pass)."""
-    clean_passes: Passes = field(default_factory=Passes)
-    check_passes: Passes = field(default_factory=Passes)
+    clean_passes: PassCount = field(default_factory=PassCount)
+    check_passes: PassCount = field(default_factory=PassCount)
     """What the once-per-model sanity checks cost."""
 
     @property
-    def passes(self) -> Passes:
+    def passes(self) -> PassCount:
         """Every pass of the evaluation: clean, checks and every attack of every threat."""
-        total = self.clean_passes + self.check_passes
-        for threat in self.threats:
-            for attack in threat.attacks:
-                total = total + attack.passes
-        return total
+        attacks = [attack.passes for threat in self.threats for attack in threat.attacks]
+        return total_passes([self.clean_passes, self.check_passes, *attacks])
 
     @property
     def n_examples(self) -> int:
@@ -361,7 +358,7 @@ class _Runner:
         indices: torch.Tensor,
     ) -> None:
         self.suite = suite
-        self.model = PassCounter(model)  # every pass below is counted, whoever makes it
+        self.model = model
         self.x = to_float(data.images.cpu())
         self.y = data.labels.cpu()
         self.indices = indices
@@ -409,16 +406,16 @@ class _Runner:
             threats.append(ThreatOutcome(threat, clean, outcomes, threat_warnings))
         return SuiteResult(clean, clean_seconds, threats, warnings, clean_passes, check_passes)
 
-    def _clean(self) -> tuple[torch.Tensor, float, Passes]:
+    def _clean(self) -> tuple[torch.Tensor, float, PassCount]:
         saved = self.state.data.get("clean")
         if saved is not None:
-            passes = Passes.from_dict(saved.get("passes"))
+            passes = passes_of(saved.get("passes"))
             return decode_mask(saved["correct"]), saved["seconds"], passes
-        start, before = time.perf_counter(), self.model.read()
+        start, counted = time.perf_counter(), CountingModel(self.model)
         correct = torch.cat(
             [
                 predicts_correctly(
-                    self.model,
+                    counted,
                     xb.to(self.device, non_blocking=True),
                     yb.to(self.device, non_blocking=True),
                 ).cpu()
@@ -429,21 +426,21 @@ class _Runner:
                 )
             ]
         )
-        seconds, passes = time.perf_counter() - start, self.model.read() - before
+        seconds = time.perf_counter() - start
         self.state.data["clean"] = {
             "correct": encode_mask(correct),
             "seconds": seconds,
-            "passes": passes.to_dict(),
+            "passes": passes_dict(counted.count),
         }
         self._saved("", "clean", self.n)
-        return correct, seconds, passes
+        return correct, seconds, counted.count
 
-    def _model_checks(self, clean: torch.Tensor) -> tuple[list[str], Passes]:
+    def _model_checks(self, clean: torch.Tensor) -> tuple[list[str], PassCount]:
         """AutoAttack's sanity checks on the model itself, run once (they cost passes too)."""
         if not self.model_checks:
-            return [], Passes()
+            return [], PassCount()
         if "checks" not in self.state.data:
-            before = self.model.read()
+            counted = CountingModel(self.model)
             idx = clean.nonzero().squeeze(1)[:CHECK_EXAMPLES]
             if idx.numel() == 0:
                 idx = torch.arange(min(CHECK_EXAMPLES, self.n))
@@ -451,11 +448,11 @@ class _Runner:
                 self.x[idx].to(self.device, non_blocking=True),
                 self.y[idx].to(self.device, non_blocking=True),
             )
-            found = check_zero_gradients(self.model, x, y) + check_randomness(self.model, x)
+            found = check_zero_gradients(counted, x, y) + check_randomness(counted, x)
             self.state.data["checks"] = list(found)
-            self.state.data["check_passes"] = (self.model.read() - before).to_dict()
+            self.state.data["check_passes"] = passes_dict(counted.count)
             self._saved("", "checks", self.n)
-        passes = Passes.from_dict(self.state.data.get("check_passes"))
+        passes = passes_of(self.state.data.get("check_passes"))
         return list(self.state.data["checks"]), passes
 
     def _job(self, threat: ThreatModel, name: str, clean: torch.Tensor) -> AttackOutcome:
@@ -468,16 +465,16 @@ class _Runner:
         with self._bar(key, job["done"]) as bar:
             for start in range(job["done"], self.n, self.suite.batch_size):
                 stop = min(start + self.suite.batch_size, self.n)
-                began, before = time.perf_counter(), self.model.read()
-                survived, rejected = self._attack_batch(threat, attack, clean, start, stop)
+                began = time.perf_counter()
+                survived, rejected, spent = self._attack_batch(threat, attack, clean, start, stop)
                 robust = torch.cat([robust, survived])
-                passes = Passes.from_dict(job.get("passes")) + (self.model.read() - before)
+                passes = total_passes([passes_of(job.get("passes")), spent])
                 job.update(
                     done=stop,
                     robust=encode_mask(robust),
                     seconds=job["seconds"] + time.perf_counter() - began,
                     rejected=job["rejected"] + rejected,
-                    passes=passes.to_dict(),
+                    passes=passes_dict(passes),
                 )
                 self._saved(str(threat), name, stop)
                 bar.update(stop - start)
@@ -487,27 +484,29 @@ class _Runner:
             robust,
             job["seconds"],
             rejected=job["rejected"],
-            passes=Passes.from_dict(job.get("passes")),
+            passes=passes_of(job.get("passes")),
         )
 
     def _attack_batch(
         self, threat: ThreatModel, attack: Any, clean: torch.Tensor, start: int, stop: int
-    ) -> tuple[torch.Tensor, int]:
-        """Attack the clean-correct points of ``[start, stop)``; returns (robust mask, rejected)."""
+    ) -> tuple[torch.Tensor, int, PassCount]:
+        """Attack the clean-correct points of ``[start, stop)``: (robust mask, rejected, passes
+        of the attack and of the check of its output)."""
         survived = clean[start:stop].clone()
         idx = survived.nonzero().squeeze(1) + start
+        counted = CountingModel(self.model)
         if idx.numel() == 0:
-            return survived, 0
+            return survived, 0, counted.count
         x, y = (
             self.x[idx].to(self.device, non_blocking=True),
             self.y[idx].to(self.device, non_blocking=True),
         )
         per_point = {"indices": self.indices[idx].to(self.device)} if _takes_indices(attack) else {}
-        x_adv = attack(self.model, x, y, **per_point)
+        x_adv = attack(counted, x, y, **per_point)
         bad = ~feasible(threat, x, x_adv)
-        still_right = predicts_correctly(self.model, x_adv, y) | bad
+        still_right = predicts_correctly(counted, x_adv, y) | bad
         survived[idx - start] = still_right.cpu()
-        return survived, int(bad.sum())
+        return survived, int(bad.sum()), counted.count
 
     def _autoattack(
         self, key: str, name: str, threat: ThreatModel, attack: AutoAttack, clean: torch.Tensor
@@ -524,14 +523,8 @@ class _Runner:
         else:
             aa_state = AutoAttackState.from_dict(saved)
         bars: dict[str, tqdm] = {}
-        passes = job.setdefault("passes", {})
-        last = self.model.read()
 
         def saved_progress(progress: AutoAttackProgress) -> None:
-            nonlocal last
-            now = self.model.read()
-            spent = Passes.from_dict(passes.get(progress.attack)) + (now - last)
-            passes[progress.attack], last = spent.to_dict(), now
             job["autoattack"] = progress.state.to_dict()
             stage = f"{name}/{progress.attack}"
             self._saved(str(threat), stage, progress.done, progress.total)
@@ -563,11 +556,11 @@ class _Runner:
                 stage,
                 result.robust_after[stage].cpu(),
                 result.seconds.get(stage, 0.0),
-                Passes.from_dict(passes.get(stage)),
+                passes_of(result.cost.get(stage)),
             )
             for stage in result.attacks
         ]
-        total = sum((Passes.from_dict(p) for p in passes.values()), Passes())
+        total = total_passes([passes_of(cost) for cost in result.cost.values()])
         return AttackOutcome(
             name,
             attack.describe(),
@@ -577,6 +570,20 @@ class _Runner:
             rejected=sum(result.rejected.values()),
             passes=total,
         )
+
+
+def passes_of(saved: dict[str, Any] | None) -> PassCount:
+    """The passes a state file holds (none before anything was counted)."""
+    saved = saved or {}
+    return PassCount(int(saved.get("forward", 0)), int(saved.get("backward", 0)))
+
+
+def passes_dict(passes: PassCount) -> dict[str, int]:
+    return {"forward": passes.forward, "backward": passes.backward}
+
+
+def total_passes(counts: Sequence[PassCount]) -> PassCount:
+    return PassCount(sum(c.forward for c in counts), sum(c.backward for c in counts))
 
 
 def _takes_indices(attack: Any) -> bool:
