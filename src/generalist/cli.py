@@ -239,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from generalist.torchrun import is_rank_zero
+
+        if not is_rank_zero():  # rank 0 says it for every process
+            return 130
         if args.command == "eval":
             print(
                 "\ninterrupted; continue with: generalist eval TARGET --resume EVAL_DIR",

@@ -149,6 +149,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from generalist.evaluation.tables import render_markdown
 
     if args.nproc not in (None, 1):  # one process needs no launcher
+        if args.resume:  # refused here, before torchrun starts and reports a failed worker
+            check_resumable(Path(args.resume), STATE_FILE, args.nproc)
         device = resolve_device(args.device, "--device")
         return launch_evaluation(args.nproc, args.argv, device)
     out, record = run_eval(args)
