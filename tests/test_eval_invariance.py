@@ -20,6 +20,7 @@ from test_eval_suite import digits, eval_args, results_only, run_dir  # noqa: F4
 
 from generalist.attacks import AutoAttack, Square
 from generalist.checkpoint import load_model
+from generalist.cli import main
 from generalist.errors import ConfigError
 from generalist.evaluation import suite as suite_module
 from generalist.evaluation.cli_eval import run_eval
@@ -248,6 +249,30 @@ def test_more_processes_than_points_is_a_one_line_error(run_dir, tmp_path, capfd
     assert fork_two(cli_rank, argv) == [2, 2]
     err = capfd.readouterr().err
     assert err.count("error: 1 examples cannot be split over 2 processes") == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "phrase"),
+    [
+        (("--nproc", "0"), "--nproc 0: give at least 1 process"),
+        (("--resume", "SHARDED", "--nproc", "3"), "evaluated on 2 processes, so resume it with"),
+        (("--out", "SHARDED"), "already holds an evaluation; continue it with --resume"),
+    ],
+)
+def test_process_counts_and_folders_are_checked_before_any_work(
+    run_dir,  # noqa: F811
+    tmp_path,
+    capsys,
+    extra,
+    phrase,
+):
+    sharded = tmp_path / "sharded"
+    (sharded / "shards").mkdir(parents=True)
+    (sharded / "shards" / "state-0-of-2.json").write_text("{}")
+    argv = [a.replace("SHARDED", str(sharded)) for a in extra]
+    assert main(["eval", str(run_dir), "--threat", THREAT, *argv]) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and err.count("\n") == 1
 
 
 def test_versions_are_evaluations_of_their_own():

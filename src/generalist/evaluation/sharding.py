@@ -137,6 +137,8 @@ def evaluation_processes(device: torch.device) -> Iterator[Processes]:
     try:
         with said_by_rank_zero():
             yield Processes(dist.get_rank(), dist.get_world_size(), device)
+        if owned:  # wait for rank 0's merge and outputs: a gloo rank whose peers have closed
+            dist.barrier()  # their connections can abort at teardown (only on paths all take)
     finally:
         if owned:
             dist.destroy_process_group()
@@ -221,7 +223,7 @@ def run_sharded(
     shard = Shard(processes.rank, processes.count)
     indices = shard.indices(n)
     path = folder / shard.state_name
-    path.parent.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)  # another machine may not have the folder
     suite.run(
         model,
         data.subset(indices),
