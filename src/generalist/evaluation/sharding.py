@@ -33,7 +33,7 @@ from torch import nn
 
 from generalist.data import ImageDataset
 from generalist.durable import write_text_durably
-from generalist.errors import ConfigError, cut
+from generalist.errors import ConfigError, GeneralistError, cut
 from generalist.evaluation.suite import (
     STATE_FORMAT,
     EvaluationSuite,
@@ -102,9 +102,11 @@ class Processes:
                 outcome = [(False, exc)]
         dist.broadcast_object_list(outcome, src=0)
         ok, value = outcome[0]
-        if not ok:
-            raise value
-        return value
+        if ok:
+            return value
+        if self.is_main or isinstance(value, GeneralistError):
+            raise value  # a GeneralistError is printed by rank 0 only (said_by_rank_zero)
+        raise GeneralistError(str(value)) from None  # an OSError too: said once, by rank 0
 
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's ``value``, in rank order, on rank 0 (``None`` elsewhere)."""
