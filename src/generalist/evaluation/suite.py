@@ -10,8 +10,14 @@ attack), so every summary is exact set algebra on the same points:
 
 Long evaluations get killed, so the suite keeps a state file, rewritten atomically after every
 batch of every job (AutoAttack: after every batch of every sub-attack). A rerun given the same
-state file skips the finished work and, because every attack reseeds its own generator for each
-call on a fixed batch, ends with exactly the masks an uninterrupted run would have produced.
+state file skips the finished work and, because the attacks seed every random draw of a point by
+its index in the evaluation (APGD, FAB, Square; the others reseed per call on a fixed batch),
+ends with exactly the masks an uninterrupted run would have produced. The same per-point seeding
+makes the masks independent of the batch size, the order of the points and the number of
+processes that share them (:mod:`generalist.evaluation.sharding`).
+
+Every model pass is counted (``attacks.cost.CountingModel``), per attack and AutoAttack stage,
+so the record states what an evaluation cost, not only what it found.
 """
 
 from __future__ import annotations
@@ -338,8 +344,9 @@ class EvaluationSuite:
         if indices.shape != (len(data),) or len(set(indices.tolist())) != len(data):
             raise ConfigError(f"indices must be {len(data)} distinct point numbers, one per point")
         state = SuiteState(state_path, self.full_plan(len(data), identity))
-        runner = _Runner(self, model, data, state, on_progress, torch.device(device), indices)
-        runner.model_checks = model_checks
+        runner = _Runner(
+            self, model, data, state, on_progress, torch.device(device), indices, model_checks
+        )
         with eval_mode(model, freeze=True), backends.for_evaluation():  # never TF32 in a figure
             return runner.run()
 
@@ -356,13 +363,14 @@ class _Runner:
         on_progress: Callable[[Progress], None] | None,
         device: torch.device,
         indices: torch.Tensor,
+        model_checks: bool,
     ) -> None:
         self.suite = suite
         self.model = model
         self.x = to_float(data.images.cpu())
         self.y = data.labels.cpu()
         self.indices = indices
-        self.model_checks = True
+        self.model_checks = model_checks
         if device.type == "cuda":  # page-locked, so each batch's copy runs without a stall
             self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
         self.state = state
