@@ -275,13 +275,16 @@ def test_process_counts_and_folders_are_checked_before_any_work(
     assert phrase in err and err.count("\n") == 1
 
 
-def test_versions_are_evaluations_of_their_own():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(suite_module, "_build_attack", _build_attack)
-        for name, version in (("autoattack-plus", "plus"), ("autoattack-rand", "rand")):
-            suite = EvaluationSuite([THREAT], [name], n_iter=2)
-            (parameters,) = [a.describe() for a in suite.attacks.values()]
-            assert parameters["autoattack_version"] == version
+def test_versions_are_evaluations_of_their_own(model, points):
+    suite = EvaluationSuite([THREAT], ["autoattack-plus", "autoattack-rand"], n_iter=1)
+    versions = [a.describe()["autoattack_version"] for a in suite.attacks.values()]
+    assert versions == ["plus", "rand"]
+    result = EvaluationSuite([THREAT], ["autoattack-rand"], n_iter=2).run(model, points)
+    (rand,) = result.threats[0].attacks
+    assert rand.name == "autoattack-rand"
+    assert [s.name for s in rand.stages] == ["apgd-ce", "apgd-dlr"]
+    # Expectation over Transformation: every gradient is the mean of 20, from the first one on
+    assert rand.stages[0].passes.backward >= 20 * int(result.clean.sum())
 
 
 def test_a_randomised_model_is_told_to_run_autoattack_rand(model, points):
