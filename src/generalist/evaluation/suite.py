@@ -69,6 +69,8 @@ AUTOATTACK_VERSIONS = {
 }
 """AutoAttack's versions by the name ``--attacks`` takes: the reference's standard, plus (more
 restarts, untargeted APGD-DLR and FAB) and rand (EoT, for randomised defences)."""
+RANDOMISED = f"{AUTOATTACK}-rand"
+"""The evaluation the randomness check's warning tells a user of a randomised model to run."""
 CHECK_EXAMPLES = 64
 """Examples used by the once-per-model sanity checks (zero gradients, randomness)."""
 
@@ -456,7 +458,11 @@ class _Runner:
                 self.x[idx].to(self.device, non_blocking=True),
                 self.y[idx].to(self.device, non_blocking=True),
             )
-            found = check_zero_gradients(counted, x, y) + check_randomness(counted, x)
+            random = [
+                f"{warning}: --attacks {RANDOMISED}, AutoAttack's version for randomised models"
+                for warning in check_randomness(counted, x)
+            ]
+            found = check_zero_gradients(counted, x, y) + random
             self.state.data["checks"] = list(found)
             self.state.data["check_passes"] = passes_dict(counted.count)
             self._saved("", "checks", self.n)
