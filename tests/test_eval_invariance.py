@@ -243,6 +243,17 @@ def test_a_one_process_folder_is_not_resumed_on_two(run_dir, one_process):  # no
     assert fork_two(cli_rank, argv) == [2, 2]
 
 
+def test_each_rank_names_its_own_damaged_shard_file(run_dir, tmp_path, capfd):  # noqa: F811
+    out = tmp_path / "damaged"
+    (out / "shards").mkdir(parents=True)
+    for rank in (0, 1):
+        (out / "shards" / f"state-{rank}-of-2.json").write_text("{torn")
+    assert fork_two(cli_rank, cli(run_dir, out, "--resume", str(out))) == [2, 2]
+    err = capfd.readouterr().err
+    for rank in (0, 1):
+        assert f"state-{rank}-of-2.json is not a readable state file" in err
+
+
 def test_more_processes_than_points_is_a_one_line_error(run_dir, tmp_path, capfd):  # noqa: F811
     argv = cli(run_dir, tmp_path / "e")
     argv[argv.index("--n-examples") + 1] = "1"

@@ -105,9 +105,11 @@ def local_rank() -> int:
 
 @contextmanager
 def said_by_rank_zero() -> Iterator[None]:
-    """An error every rank raises alike is printed once, by rank 0 (see ``quiet`` in the CLI)."""
+    """An error every rank raises alike is printed once, by rank 0 (see ``quiet`` in the CLI);
+    one whose raiser already said who prints it (``quiet`` set) keeps that."""
     try:
         yield
     except GeneralistError as exc:
-        exc.quiet = not is_rank_zero()
+        if not hasattr(exc, "quiet"):
+            exc.quiet = not is_rank_zero()
         raise

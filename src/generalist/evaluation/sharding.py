@@ -226,14 +226,18 @@ def run_sharded(
     indices = shard.indices(n)
     path = folder / shard.state_name
     path.parent.mkdir(parents=True, exist_ok=True)  # another machine may not have the folder
-    suite.run(
-        model,
-        data.subset(indices),
-        state_path=path,
-        indices=indices,
-        model_checks=False,
-        **{**run, "identity": {**identity, "shard": shard.describe()}},
-    )
+    try:
+        suite.run(
+            model,
+            data.subset(indices),
+            state_path=path,
+            indices=indices,
+            model_checks=False,
+            **{**run, "identity": {**identity, "shard": shard.describe()}},
+        )
+    except GeneralistError as exc:  # about this shard's own file: each rank says its own
+        exc.quiet = False
+        raise
     states = processes.gather(json.loads(path.read_text()))
     if states is None:
         return None
