@@ -1,7 +1,7 @@
 """A point's evaluation does not depend on how the evaluation was run.
 
-Every attack seeds its random draws by (seed, attack, the point's global index), so the per-point
-masks are the same for any batch size, any order of the points, any number of processes
+AutoAttack's attacks (APGD, FAB, Square) seed their random draws by (seed, attack, the point's
+global index), so the per-point masks are the same for any batch size, any order of the points, any number of processes
 (``--nproc``/torchrun: shards merged into one folder) and a resume in the middle of Square. All on
 the tiny digits CNN of :mod:`test_eval_suite`: AutoAttack's four stages with 5 iterations per
 gradient attack and Square cut to ``QUERIES`` queries (5000 would take minutes on the points that
@@ -29,7 +29,7 @@ from generalist.evaluation.suite import EvaluationSuite, Progress, SuiteResult
 N = 40
 ATTACKS = ["autoattack", "apgd-ce"]
 THREAT = "Linf:0.05"
-"""Measured on 40 points: APGD-CE breaks 13, APGD-T and FAB-T one each, 24 stand."""
+"""Where several AutoAttack stages break points and some points stand (the first test checks)."""
 QUERIES = 300
 
 _build_attack = suite_module._build_attack
