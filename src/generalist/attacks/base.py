@@ -85,3 +85,17 @@ def point_indices(indices: torch.Tensor | None, n: int, device: torch.device) ->
     if n and (int(indices.min()) < 0 or len(indices.unique()) != n):
         raise ConfigError("indices must be distinct and non-negative (one per point)")
     return indices.to(device=device, dtype=torch.int64)
+
+
+def fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the memory layout the model's passes run fastest in, same values.
+
+    On the CPU, images in channels_last make oneDNN's convolutions take its NHWC kernels even
+    for a model whose weights are NCHW: measured 1.1–1.7x per forward and 1.15x per forward +
+    backward pass of the CIFAR ``small-cnn`` at one thread. The outputs differ from NCHW's in
+    the last bits only; attacks that must reproduce the reference's iterates bit for bit (APGD)
+    keep the caller's layout. Elsewhere (GPUs, non-image inputs) ``x`` is returned as is.
+    """
+    if x.dim() == 4 and x.device.type == "cpu":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x

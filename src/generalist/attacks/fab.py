@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from generalist.attacks import streams
-from generalist.attacks.base import point_indices, require_counts
+from generalist.attacks.base import fast_layout, point_indices, require_counts
 from generalist.attacks.threat import ThreatModel, cumsum
 from generalist.errors import ConfigError
 
@@ -198,7 +198,7 @@ class FAB:
         y: torch.Tensor,
         indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x, y = x.detach(), y.detach()
+        x, y = fast_layout(x.detach()), y.detach()
         points = point_indices(indices, len(x), x.device)
         x_adv = x.clone()
         with torch.no_grad():
@@ -211,7 +211,7 @@ class FAB:
             for restart in range(self.n_restarts):
                 idx = robust.nonzero().squeeze(1)
                 if idx.numel() == 0:
-                    return x_adv
+                    return x_adv.contiguous()
                 x0, y0 = x[idx], y[idx]
                 if restart == 0:
                     start = x0
@@ -222,7 +222,7 @@ class FAB:
                 found, success = self._run(model, x0, y0, target, start)
                 x_adv[idx[success]] = found[success]
                 robust[idx[success]] = False
-        return x_adv
+        return x_adv.contiguous()
 
     def _random_start(self, x0: torch.Tensor, key: int, points: torch.Tensor) -> torch.Tensor:
         """A random point at norm ε/2 around the clean image, drawn per point.
@@ -262,6 +262,10 @@ class FAB:
         clean = out.clone()
         current = start.flatten(1)
         shape = x0.shape[1:]
+
+        def images(flat: torch.Tensor) -> torch.Tensor:
+            return fast_layout(flat.view(-1, *shape))
+
         compact = x0.device.type == "cpu"
         best = clean.clone()
         best_norm = torch.full((len(x0),), math.inf, device=x0.device)
@@ -278,9 +282,9 @@ class FAB:
                     if len(rows) == 0:
                         break
             if target is None:
-                gap, grad, _ = _closest_gap_and_grad(model, current.view(-1, *shape), y, dual_p)
+                gap, grad, _ = _closest_gap_and_grad(model, images(current), y, dual_p)
             else:
-                gap, grad, _ = _target_gap_and_grad(model, current.view(-1, *shape), y, target)
+                gap, grad, _ = _target_gap_and_grad(model, images(current), y, target)
             w = grad.flatten(1)
             # Linearised boundary f_target - f_y = 0 at the current iterate: <w, z> = b. The
             # iterate and the clean image are projected onto it in one batch.
@@ -298,7 +302,7 @@ class FAB:
                 + alpha * (clean + self.eta * step_clean)
             ).clamp(0.0, 1.0)
             with torch.inference_mode():
-                fooled = model(current.view(-1, *shape)).argmax(dim=1) != y
+                fooled = model(images(current)).argmax(dim=1) != y
             fooled = fooled.clone()  # out of inference mode, for the updates below
             dist = (current - clean).norm(p=self.threat.p, dim=1)
             improved = fooled & (dist < best_norm)

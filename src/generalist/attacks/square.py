@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from generalist.attacks import streams
-from generalist.attacks.base import point_indices, require_counts
+from generalist.attacks.base import fast_layout, point_indices, require_counts
 from generalist.attacks.threat import ThreatModel, cumsum
 from generalist.errors import ConfigError
 
@@ -160,7 +160,7 @@ class Square:
     ) -> torch.Tensor:
         if x.dim() != 4:
             raise ConfigError(f"square needs images shaped [B, C, H, W], got {tuple(x.shape)}")
-        x, y = x.detach(), y.detach()
+        x, y = fast_layout(x.detach()), y.detach()
         points = point_indices(indices, len(x), x.device)
         x_adv = x.clone()
         # Forward passes only: inference mode skips autograd's bookkeeping entirely.
@@ -174,7 +174,8 @@ class Square:
                 found, fooled = self._search(model, x[idx], y[idx], key, points[idx])
                 x_adv[idx[fooled]] = found[fooled]
                 robust[idx[fooled]] = False
-        return x_adv.clone()  # a normal tensor again, usable outside inference mode
+        # A normal tensor again (usable outside inference mode), in the caller's layout.
+        return x_adv.contiguous()
 
     def _search(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, key: int, points: torch.Tensor
