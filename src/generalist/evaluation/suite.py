@@ -69,8 +69,6 @@ AUTOATTACK_VERSIONS = {
 }
 """AutoAttack's versions by the name ``--attacks`` takes: the reference's standard, plus (more
 restarts, untargeted APGD-DLR and FAB) and rand (EoT, for randomised defences)."""
-RANDOMISED = f"{AUTOATTACK}-rand"
-"""The evaluation the randomness check's warning tells a user of a randomised model to run."""
 CHECK_EXAMPLES = 64
 """Examples used by the once-per-model sanity checks (zero gradients, randomness)."""
 
@@ -458,11 +456,7 @@ class _Runner:
                 self.x[idx].to(self.device, non_blocking=True),
                 self.y[idx].to(self.device, non_blocking=True),
             )
-            random = [
-                f"{warning}: --attacks {RANDOMISED}, AutoAttack's version for randomised models"
-                for warning in check_randomness(counted, x)
-            ]
-            found = check_zero_gradients(counted, x, y) + random
+            found = check_zero_gradients(counted, x, y) + check_randomness(counted, x)
             self.state.data["checks"] = list(found)
             self.state.data["check_passes"] = passes_dict(counted.count)
             self._saved("", "checks", self.n)
