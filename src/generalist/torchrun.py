@@ -69,9 +69,10 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
     return kept
 
 
-def check_gpus(processes: int, device: torch.device, launcher: str) -> None:
+def check_gpus(processes: int, device: torch.device, launcher: str, work: str = "train") -> None:
     """Refuse more processes on this machine than it has GPUs, on a GPU run: each rank takes
-    ``cuda:LOCAL_RANK``, and NCCL cannot share one GPU between two ranks."""
+    ``cuda:LOCAL_RANK``, and NCCL cannot share one GPU between two ranks. ``work`` is the verb
+    of the advice (``train``, ``evaluate``)."""
     if device.type != "cuda":
         return
     gpus = torch.cuda.device_count()
@@ -79,7 +80,7 @@ def check_gpus(processes: int, device: torch.device, launcher: str) -> None:
         raise ConfigError(
             f"{launcher} {processes} processes on this machine, which has {gpus} GPU(s): every "
             f"process needs a GPU of its own (NCCL cannot share one), so start at most {gpus} "
-            "here, run in one process (no --nproc), or add --device cpu"
+            f"here, {work} in one process (no --nproc), or add --device cpu"
         )
 
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ from generalist.devices import resolve_device
 from generalist.errors import CheckpointError, ConfigError
 from generalist.evaluation.sharding import (
     SHARD_FOLDER,
-    Processes,
     check_resumable,
     evaluation_processes,
     holds_evaluation,
@@ -39,6 +39,7 @@ from generalist.evaluation.sharding import (
 from generalist.evaluation.suite import AUTOATTACK, EvaluationSuite, Progress
 from generalist.runlock import lock_folder
 from generalist.threads import apply_threads
+from generalist.torchrun import is_rank_zero, said_by_rank_zero
 
 STATE_FILE = "state.json"
 RECORD_FILE = "eval.json"
@@ -167,14 +168,15 @@ def run_eval(
     """Resolve the arguments, run the suite and write every output; returns (folder, record).
 
     Under torchrun every rank evaluates its shard of the points and only rank 0 writes the
-    outputs; the record is ``None`` on the other ranks."""
-    with evaluation_processes(resolve_device(args.device, "--device")) as processes:
-        return _evaluate(args, processes, on_progress)
+    outputs; the record is ``None`` on the other ranks. An error every rank meets alike is
+    printed once, by rank 0."""
+    with said_by_rank_zero(), ExitStack() as group:
+        return _evaluate(args, group, on_progress)
 
 
 def _evaluate(
     args: argparse.Namespace,
-    processes: Processes,
+    group: ExitStack,
     on_progress: Callable[[Progress], None] | None,
 ) -> tuple[Path, dict[str, Any] | None]:
     from generalist.checkpoint import load_model, sha256_file
@@ -198,8 +200,10 @@ def _evaluate(
         seed=args.seed,
         batch_size=args.batch_size or (config.data.eval_batch_size if config else DEFAULT_BATCH),
         n_iter=args.n_iter,
-        progress=not args.no_progress and processes.is_main,
+        progress=not args.no_progress and is_rank_zero(),
     )
+    # the arguments are checked: now join the other processes (torchrun), if any
+    processes = group.enter_context(evaluation_processes(resolve_device(args.device, "--device")))
     out = processes.agree(lambda: _out_dir(args, run_dir, processes.count))
     device = processes.device
     apply_threads(args.threads)

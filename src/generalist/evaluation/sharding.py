@@ -127,7 +127,7 @@ def evaluation_processes(device: torch.device) -> Iterator[Processes]:
         yield Processes(0, 1, device)
         return
     with said_by_rank_zero():
-        check_gpus(local_world_size(), device, "torchrun started")
+        check_gpus(local_world_size(), device, "torchrun started", "evaluate")
     if device.type == "cuda":
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
@@ -150,7 +150,7 @@ def launch_evaluation(nproc: int, argv: Sequence[str], device: torch.device) -> 
     """``generalist eval ARGV`` on ``nproc`` local processes (torchrun); its exit status."""
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc}: give at least 1 process")
-    check_gpus(nproc, device, "--nproc asks for")
+    check_gpus(nproc, device, "--nproc asks for", "evaluate")
     return launch(nproc, argv)
 
 
