@@ -9,7 +9,9 @@ command line's is written (``eval.json``, ``results.md``, ``model_info.json``, `
 
 Errors name the parameters of these functions; the command line checks its flags itself.
 ``request.json`` holds a folder's resolved settings, so ``generalist eval --resume DIR``
-needs nothing else.
+needs nothing else. :func:`run_eval` under torchrun evaluates one shard of the points per
+rank and rank 0 writes the one folder (:mod:`generalist.evaluation.sharding`);
+:func:`evaluate` runs in one process.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +37,18 @@ from generalist.data import ImageDataset
 from generalist.data.readers import as_array
 from generalist.devices import resolve_device
 from generalist.errors import CheckpointError, ConfigError, DataError, cut
+from generalist.evaluation.sharding import (
+    SHARD_FOLDER,
+    Processes,
+    check_resumable,
+    evaluation_processes,
+    holds_evaluation,
+    run_sharded,
+)
 from generalist.evaluation.suite import AUTOATTACK, EvaluationSuite, Progress, SuiteResult
 from generalist.runlock import lock_folder
 from generalist.threads import apply_threads
+from generalist.torchrun import is_rank_zero, said_by_rank_zero
 
 STATE_FILE = "state.json"
 RECORD_FILE = "eval.json"
@@ -173,7 +185,9 @@ def evaluate(
     8-bit values; a warning says when that changes them), ``y``: N class indices. ``device``
     defaults to the model's. The model is attacked in eval mode and handed back in its own
     mode. With ``out`` the evaluation's folder is written there, and a folder holding an
-    unfinished evaluation of the same model, data and settings is continued.
+    unfinished evaluation of the same model, data and settings is continued. It runs in this
+    one process, also under torchrun (every rank would evaluate every point); sharding over
+    processes is :func:`run_eval`'s, on saved weights (``generalist eval --nproc N``).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch nn.Module, got a {type(model).__name__}")
@@ -217,7 +231,11 @@ def evaluate(
         "spec": None,
         "trained_on": None,
     }
-    settings = {"device": str(run_device), "arguments": {"threats": [str(t) for t in threats]}}
+    settings = {
+        "device": str(run_device),
+        "processes": 1,
+        "arguments": {"threats": [str(t) for t in threats]},
+    }
     record = build_outputs(
         result, suite, settings, started, model=model_meta, data=data_meta, out=folder
     )
@@ -307,6 +325,10 @@ class EvalRequest:
     split: str = "test"
     out: str | None = None
     device: str = "auto"
+    processes: int | None = None
+    """How many processes the points are split over: torchrun's (``generalist eval --nproc N``
+    starts it; :func:`run_eval` starts none itself). Default: torchrun's count, 1 without it;
+    a resume takes the saved one."""
     threads: int | None = None
     compile: bool = False
     trust_unhashed: bool = False
@@ -333,6 +355,7 @@ RESOLVED_FIELDS = (
     "split",
     "trust_unhashed",
     "trust_changed_code",
+    "processes",
 )
 """What a resumed evaluation takes from ``request.json``: everything its results depend on."""
 
@@ -345,7 +368,7 @@ def resumed_request(folder: str | Path, **given: Any) -> EvalRequest:
     """
     path = Path(folder) / REQUEST_FILE
     given = {key: value for key, value in given.items() if value is not None}
-    if not (Path(folder) / STATE_FILE).is_file():
+    if not holds_evaluation(Path(folder), STATE_FILE):
         raise ConfigError(
             f"resume {folder}: no {STATE_FILE} there; pass the folder of an interrupted eval"
         )
@@ -374,12 +397,24 @@ def run_eval(
     *,
     resume: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, dict[str, Any] | None]:
     """Evaluate saved weights as ``request`` says, write every output; ``(folder, record)``.
 
     ``resume`` continues the unfinished evaluation in ``request.out`` (see
-    :func:`resumed_request`).
+    :func:`resumed_request`). Under torchrun every rank evaluates its shard of the points and
+    rank 0 merges them and writes the outputs; the record is ``None`` on the other ranks. An
+    error every rank meets alike is said once, by rank 0.
     """
+    with said_by_rank_zero(), ExitStack() as group:
+        return _run_eval(request, resume, on_progress, group)
+
+
+def _run_eval(
+    request: EvalRequest,
+    resume: bool,
+    on_progress: Callable[[Progress], None] | None,
+    group: ExitStack,
+) -> tuple[Path, dict[str, Any] | None]:
     from generalist.checkpoint import load_model, sha256_file
 
     started = time.perf_counter()
@@ -393,6 +428,7 @@ def run_eval(
         raise ConfigError(f"split {cut(request.split)}: use one of {', '.join(SPLITS)}")
     _at_least_one(request.n_examples, "n_examples")
     _at_least_one(request.num_classes, "num_classes")
+    _at_least_one(request.processes, "processes")
     weights, which = _weights_of(target, request.which)
     run_dir = target if target.is_dir() else target.parent
     config = _run_config(run_dir) if request.arch is None else None
@@ -402,10 +438,13 @@ def run_eval(
         seed=request.seed,
         batch_size=request.batch_size or (config.data.eval_batch_size if config else DEFAULT_BATCH),
         n_iter=request.n_iter,
-        progress=request.progress,
+        progress=request.progress and is_rank_zero(),
     )
-    out = _out_dir(request, run_dir, resume)
-    device = resolve_device(request.device, "device")
+    # the request is checked: now join the other processes (torchrun), if any
+    processes = group.enter_context(evaluation_processes(resolve_device(request.device, "device")))
+    out = processes.agree(lambda: _out_dir(request, run_dir, resume, processes.count))
+    _check_processes(request, processes)  # after a resume's own check, which says more
+    device = processes.device
     apply_threads(request.threads)
     dataset_name = _dataset_name(request, config, weights)
     if request.arch is not None:
@@ -429,8 +468,7 @@ def run_eval(
         compile_in_place(model)  # in place: the model's names and hash are unchanged
     model_hash = sha256_file(weights)
     _check_fits(spec, data_meta, target, more_classes_ok=request.num_classes is not None)
-    out.mkdir(parents=True, exist_ok=True)
-    lock_folder(out, "evaluation folder", "a separate evaluation needs its own --out")
+    processes.agree(lambda: _claim(out))
     resolved = request.with_values(
         target=str(target.resolve()),
         which=which,
@@ -440,11 +478,12 @@ def run_eval(
         dataset=data_meta["dataset"],
         data_dir=data_meta["data_dir"],
         out=str(out),
+        processes=processes.count,
     )
     # Written once, before the first attack, so an interrupted evaluation has it; a resume
     # never rewrites it (options refused by the plan check below must not replace it).
     first_request = not (out / REQUEST_FILE).is_file()
-    if first_request and not resume:
+    if first_request and not resume and processes.is_main:
         _write_request(out, resolved)
     identity = {
         "model_sha256": model_hash,
@@ -452,18 +491,23 @@ def run_eval(
         "dataset": data_meta["dataset"],
         "split": data_meta["split"],
     }
-    result = suite.run(
+    result = run_sharded(
+        suite,
         model,
         data,
-        state_path=out / STATE_FILE,
+        folder=out,
+        state_file=STATE_FILE,
         identity=identity,
+        processes=processes,
         on_progress=on_progress,
-        device=device,
     )
+    if result is None:  # a rank other than 0: rank 0 writes the merged folder
+        return out, None
     if first_request and resume:  # a folder from an older version: its options passed the check
         _write_request(out, resolved)
     settings = {
         "device": str(device),
+        "processes": processes.count,
         "arguments": {
             k: list(v) if isinstance(v, tuple) else v
             for k, v in dataclasses.asdict(resolved).items()
@@ -538,6 +582,8 @@ def build_outputs(
     written = [RECORD_FILE, TABLES_FILE, *infos, STATE_FILE]
     if (out / REQUEST_FILE).is_file():
         written.append(REQUEST_FILE)
+    if (out / SHARD_FOLDER).is_dir():
+        written.append(f"{SHARD_FOLDER}/")
     record["files"] = written
     for name, info in infos.items():
         write_text_durably(out / name, json.dumps(info, indent=2) + "\n")
@@ -591,13 +637,23 @@ def _threats(request: EvalRequest, config: Any) -> list[ThreatModel]:
     )
 
 
-def _out_dir(request: EvalRequest, run_dir: Path, resume: bool) -> Path:
+def _check_processes(request: EvalRequest, processes: Processes) -> None:
+    if request.processes not in (None, processes.count):
+        raise ConfigError(
+            f"processes {request.processes}: this evaluation runs on {processes.count}; "
+            "run_eval starts no processes, torchrun does (generalist eval --nproc N)"
+        )
+
+
+def _claim(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lock_folder(out, "evaluation folder", "a separate evaluation needs its own --out")
+
+
+def _out_dir(request: EvalRequest, run_dir: Path, resume: bool, processes: int) -> Path:
     if resume:
         out = Path(request.out or "")
-        if not (out / STATE_FILE).is_file():
-            raise ConfigError(
-                f"resume {out}: no {STATE_FILE} there; pass the folder of an interrupted eval"
-            )
+        check_resumable(out, STATE_FILE, processes)
         return out
     if request.out:
         out = Path(request.out)
@@ -609,7 +665,7 @@ def _out_dir(request: EvalRequest, run_dir: Path, resume: bool) -> Path:
         while out.exists():
             n += 1
             out = base.with_name(f"{base.name}-{n}")
-    if (out / STATE_FILE).exists():
+    if holds_evaluation(out, STATE_FILE):
         raise ConfigError(
             f"{out} already holds an evaluation; continue it with --resume {out} or another --out"
         )
