@@ -15,8 +15,8 @@ In order of priority, each part skipped once the time budget is spent (the JSON 
    ResNet-18 and WRN-34-10 under ``pgd-at`` and ``generalist-d``.
 4. ``autoattack``: our AutoAttack against ``pyautoattack`` on the same 500 test points of the
    model trained in 2 (generalist-d, bf16): robust accuracy, points broken by only one, wall
-   time. Our APGD draws its random starts on the CPU there, as pyautoattack does, so the two
-   start from the same points.
+   time. Our random starts are per-point draws,
+   not pyautoattack's, so a few points may differ between the two.
 5. ``compiled``: ``model.compile: true``: throughput and a 2-epoch generalist-d run with resume.
 
 On the device (one call of the ``run`` tool; BENCHMARKS.md "GPU check" has the preparation)::
@@ -558,8 +558,8 @@ def autoattack(ctx: SimpleNamespace, model_dir: Path | None) -> dict[str, Any]:
     result: dict[str, Any] = {"points": n, "model": str(model_dir), "threat": str(THREAT)}
     params = {} if sizes.aa_iters is None else {"n_iter": sizes.aa_iters}
     attacks = [
-        create_attack("apgd-ce", THREAT, noise_device="cpu", **params),
-        create_attack("apgd-t", THREAT, noise_device="cpu", **params),
+        create_attack("apgd-ce", THREAT, **params),
+        create_attack("apgd-t", THREAT, **params),
         create_attack("fab-t", THREAT, **params),
         create_attack("square", THREAT, **reduced_square(sizes)),
     ]

@@ -50,6 +50,20 @@ def robust_flags(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torc
         return model(x_adv).argmax(dim=1) == y
 
 
+def reference_start_noise(norm: str, seed: int):
+    """APGD's ``start_noise`` hook giving pyautoattack's starts: the reference seeds the global
+    CPU generator once per ``perturb`` call and draws each run's noise from it in turn, so one
+    attack call with this hook starts every run where the reference's call does."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def noise(x: torch.Tensor, points: torch.Tensor, round_: str) -> torch.Tensor:
+        if norm == "Linf":
+            return 2 * torch.rand(x.shape, generator=generator) - 1
+        return torch.randn(x.shape, generator=generator)
+
+    return noise
+
+
 def small_cnn() -> nn.Module:
     torch.manual_seed(0)
     return frozen(

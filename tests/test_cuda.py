@@ -72,9 +72,10 @@ def test_pgd_takes_the_same_steps_on_the_gpu_without_a_host_sync():
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-5)
 
 
-def test_apgd_with_cpu_noise_matches_the_cpu_run_point_for_point():
+def test_apgd_matches_the_cpu_run_point_for_point():
+    """The per-point streams draw the same starts on both devices."""
     model, x, y, _ = linear_classifier(10, 64, seed=2)
-    attack = APGD(THREAT, loss="dlr", n_iter=20, noise_device="cpu")
+    attack = APGD(THREAT, loss="dlr", n_iter=20)
     on_cpu = attack(model, x, y)
     gpu_model, gx, gy = _on(GPU, model, x, y)
     on_gpu = attack(gpu_model, gx, gy)
@@ -86,11 +87,18 @@ def test_apgd_with_cpu_noise_matches_the_cpu_run_point_for_point():
 def test_an_apgd_iteration_loop_never_waits_for_the_gpu():
     model, x, y, _ = linear_classifier(10, 64, seed=3)
     gpu_model, gx, gy = _on(GPU, model, x, y)
-    generator = torch.Generator(device=GPU).manual_seed(0)
+    start = (gx + THREAT.eps * (2 * torch.rand_like(gx) - 1)).clamp(0, 1)
     torch.cuda.set_sync_debug_mode("error")
     try:
         fooled, x_adv = apgd_run(
-            gpu_model, gx, gy, THREAT, dlr_loss, n_iter=20, rho=0.75, generator=generator
+            gpu_model,
+            gx,
+            gy,
+            THREAT,
+            lambda z, t, _: dlr_loss(z, t),
+            n_iter=20,
+            rho=0.75,
+            start=start,
         )
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -19,17 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from generalist import compiling
-from generalist.attacks import autoattack as aa_module
 from generalist.checkpoint import load_model, save_model, sha256_file
 from generalist.config import build_config
 from generalist.data import load_splits, to_float
 from generalist.errors import CheckpointError, ConfigError, GeneralistError
-from generalist.evaluation import suite as suite_module
 from generalist.evaluation.cli_eval import add_eval_parser, cmd_eval, eval_from_args
 from generalist.evaluation.records import build_record, model_info
 from generalist.evaluation.suite import EvaluationSuite, Progress
 from generalist.evaluation.tables import render_markdown
-from generalist.inference import predicts_correctly
 from generalist.models import create_model
 
 N = 40
@@ -383,27 +380,18 @@ def test_bare_weights_evaluate_next_to_the_file(run_dir, tmp_path):
     assert record["data"]["dataset"] == "digits"
 
 
-def test_the_clean_pass_runs_once_for_the_suite_and_its_autoattacks(
-    run_dir, digits, tmp_path, monkeypatch
-):
+def test_the_clean_pass_runs_once_for_the_suite_and_its_autoattacks(run_dir, digits, tmp_path):
     model, _ = load_model(run_dir)
     data = digits.test.subset(torch.arange(24))
     suite = EvaluationSuite(THREAT_LIST, ["autoattack"], n_iter=2, batch_size=BATCH)
-    passes = {"suite": 0, "autoattack": 0}
-
-    def counted(where: str, original):
-        def classify(*args):
-            passes[where] += 1
-            return original(*args)
-
-        return classify
-
-    monkeypatch.setattr(suite_module, "predicts_correctly", counted("suite", predicts_correctly))
-    monkeypatch.setattr(aa_module, "predicts_correctly", counted("autoattack", predicts_correctly))
     result = suite.run(model, data, state_path=tmp_path / "state.json")
-    # the suite's clean pass (24 points in batches of 16: 2 calls), and no AutoAttack of the
-    # two threat models classifies the points again: each starts from the suite's clean mask
-    assert passes["autoattack"] == 0
+    # one forward pass per point for the suite's clean pass, and no AutoAttack of the two
+    # threat models classifies the points again: each starts from the suite's clean mask
+    assert (result.clean_passes.forward, result.clean_passes.backward) == (24, 0)
+    state = json.loads((tmp_path / "state.json").read_text())
+    for threat in THREAT_LIST:
+        spent = state["jobs"][f"{threat} autoattack"]["autoattack"]["cost"]
+        assert set(spent) == {"apgd-ce", "apgd-t", "fab-t", "square"}
     with torch.no_grad():
         expected = model(to_float(data.images)).argmax(dim=1) == data.labels
     assert torch.equal(result.clean, expected)

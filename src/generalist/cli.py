@@ -79,7 +79,7 @@ def _build(args: argparse.Namespace, preset: str | None) -> object:
 def cmd_train(args: argparse.Namespace) -> int:
     from generalist.rundir import RunDir, discard_unstarted_runs
     from generalist.runlock import release_folder
-    from generalist.training.distributed import is_rank_zero
+    from generalist.torchrun import is_rank_zero
     from generalist.training.loop import train
     from generalist.training.signals import TrainingInterrupted
 
@@ -91,7 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = _build(args, args.preset)
     if args.nproc not in (None, 1):  # one process needs no launcher
         from generalist.devices import resolve_device
-        from generalist.training.distributed import check_gpus, launch, replicas_per_learner
+        from generalist.torchrun import check_gpus, launch
+        from generalist.training.distributed import replicas_per_learner
 
         replicas_per_learner(args.nproc, config, "--nproc asks for")
         check_gpus(args.nproc, resolve_device(config.device), "--nproc asks for")
@@ -272,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from generalist.torchrun import is_rank_zero
+
+        if not is_rank_zero():  # rank 0 says it for every process
+            return 130
         if args.command == "eval":
             print(
                 "\ninterrupted; continue with: generalist eval --resume EVAL_DIR",

@@ -20,7 +20,7 @@ from generalist.attacks.checks import (
     check_randomness,
     check_zero_gradients,
 )
-from generalist.attacks.fab import FABTargeted
+from generalist.attacks.fab import FAB, FABTargeted
 from generalist.attacks.mim_cw import CW, MIM
 from generalist.attacks.pgd import PGD, pgd
 from generalist.attacks.registry import create_attack, list_attacks
@@ -30,6 +30,7 @@ from generalist.attacks.threat import ThreatModel
 __all__ = [
     "APGD",
     "CW",
+    "FAB",
     "MIM",
     "PGD",
     "APGDTargeted",

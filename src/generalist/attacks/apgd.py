@@ -20,28 +20,32 @@ Losses: cross-entropy (APGD-CE), the Difference of Logits Ratio, scale-invariant
 saturate like CE (APGD-DLR), and its targeted form run once per target, the 2nd to
 ``n_target_classes + 1``-th most likely class of the clean image (APGD-T).
 
-An example that is misclassified at any iterate stays broken (the attack returns that iterate);
-the others get their highest-loss point. Examples misclassified already are returned unchanged.
+An example that is misclassified at any iterate stays broken (the attack returns that iterate,
+and the example leaves the run); the others get their highest-loss point. Examples
+misclassified already are returned unchanged. Random starts are drawn per point (see
+:mod:`generalist.attacks.streams`), so a point's result does not depend on its batch.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from generalist.attacks.base import LossFn, batch_view, require_counts, threat_fields
+from generalist.attacks import streams
+from generalist.attacks.base import batch_view, point_indices, require_counts, threat_fields
 from generalist.attacks.pgd import cross_entropy_per_example
 from generalist.attacks.threat import ThreatModel
 from generalist.errors import ConfigError
 
-VERSION = "1"
+VERSION = "2"
 MOMENTUM = 0.75
 INITIAL_STEP = 2.0
 """Initial step size in units of ε (ℓ∞ and ℓ2)."""
+TargetedLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""``loss_fn(logits, y, target) -> per-example loss [B]``; ``target`` is None when untargeted."""
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -75,16 +79,22 @@ def checkpoint_lengths(n_iter: int) -> list[int]:
     return lengths
 
 
-def _random_start(x: torch.Tensor, threat: ThreatModel, generator: torch.Generator) -> torch.Tensor:
-    """The reference's start: a random point on the sphere of radius ε (ℓ∞: the cube's surface
-    after scaling a uniform draw), clipped to [0,1]. Same draws as the reference for one seed
-    when ``generator`` is on the CPU, where the reference draws, whatever ``x``'s device."""
-    source = generator.device
+def start_noise(
+    threat: ThreatModel, key: int, x: torch.Tensor, points: torch.Tensor
+) -> torch.Tensor:
+    """Per-point start noise shaped like ``x``: uniform in [-1, 1] (ℓ∞) or normal (ℓ2)."""
+    n_values = x[0].numel()
     if threat.norm == "Linf":
-        noise = 2 * torch.rand(x.shape, generator=generator, device=source, dtype=x.dtype) - 1
+        noise = 2 * streams.uniform(key, points, 0, n_values) - 1
     else:
-        noise = torch.randn(x.shape, generator=generator, device=source, dtype=x.dtype)
-    noise = noise.to(x.device)
+        noise = streams.normal(key, points, 0, n_values)
+    return noise.view_as(x).to(x.dtype)
+
+
+def start_point(threat: ThreatModel, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The reference's start: ``noise`` scaled onto the sphere of radius ε (ℓ∞: the cube's
+    surface), clipped to [0,1]."""
+    noise = noise.to(device=x.device, dtype=x.dtype)
     if threat.norm == "Linf":
         size = noise.abs().flatten(1).amax(dim=1)
     else:
@@ -93,13 +103,26 @@ def _random_start(x: torch.Tensor, threat: ThreatModel, generator: torch.Generat
 
 
 def _loss_and_grad(
-    model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
+    model: nn.Module,
+    x_adv: torch.Tensor,
+    y: torch.Tensor,
+    target: torch.Tensor | None,
+    loss_fn: TargetedLossFn,
+    eot_iter: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss, input gradient and logits; with ``eot_iter`` > 1 the gradient is averaged over
+    that many passes (Expectation over Transformation, for randomised models) and the loss and
+    logits are the last pass's, as in the reference."""
+    grad = None
     with torch.enable_grad():
         x_adv = x_adv.detach().requires_grad_(True)
-        logits = model(x_adv)
-        loss = loss_fn(logits, y)
-        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+        for _ in range(eot_iter):
+            logits = model(x_adv)
+            loss = loss_fn(logits, y, target)
+            (sample,) = torch.autograd.grad(loss.sum(), x_adv)
+            grad = sample if grad is None else grad + sample
+    if eot_iter > 1:
+        grad = grad / eot_iter
     return loss.detach(), grad.detach(), logits.detach()
 
 
@@ -108,19 +131,27 @@ def apgd_run(
     x: torch.Tensor,
     y: torch.Tensor,
     threat: ThreatModel,
-    loss_fn: LossFn,
+    loss_fn: TargetedLossFn,
     *,
     n_iter: int,
     rho: float,
-    generator: torch.Generator,
+    start: torch.Tensor,
+    target: torch.Tensor | None = None,
+    eot_iter: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One APGD run from a random start: returns (fooled [B], x_adv).
+    """One APGD run from ``start``: returns (fooled [B], x_adv).
 
-    ``x_adv`` is, per example, a misclassified iterate if there was one, else the highest-loss
-    iterate.
+    ``x_adv`` is, per example, its first misclassified iterate if there was one, else its
+    highest-loss iterate. Every example's iterates depend on that example alone, so on a CPU an
+    example leaves the batch as soon as it is misclassified (its answer is final) and the others
+    run on without it: identical results, no work spent on broken points. On a GPU, where
+    looking for them would stall the device every iteration, broken examples ride along.
     """
-    x_adv = _random_start(x, threat, generator)
-    loss, grad, logits = _loss_and_grad(model, x_adv, y, loss_fn)
+    fooled_out = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    x_out = start.clone()
+    rows = torch.arange(len(x), device=x.device)
+    x_adv = start
+    loss, grad, logits = _loss_and_grad(model, x_adv, y, target, loss_fn, eot_iter)
     fooled = logits.argmax(dim=1) != y
     found, best_x, best_loss, best_grad = x_adv, x_adv, loss, grad
     step = torch.full((len(x),), INITIAL_STEP * threat.eps, device=x.device, dtype=x.dtype)
@@ -130,12 +161,32 @@ def apgd_run(
     halved_at_check = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     checkpoints = iter(checkpoint_lengths(n_iter))
     window, since_check = next(checkpoints, 0), 0
-    for i in range(n_iter):
+    compact = x.device.type == "cpu"
+    for i in range(n_iter + 1):
+        if compact and fooled.any():
+            # Broken examples leave: their answer is the iterate they were first fooled at.
+            x_out[rows[fooled]] = found[fooled]
+            fooled_out[rows[fooled]] = True
+            keep = ~fooled
+            rows, x, y, x_adv, x_prev, grad, found = (
+                t[keep] for t in (rows, x, y, x_adv, x_prev, grad, found)
+            )
+            best_x, best_loss, best_grad, prev_loss, step = (
+                t[keep] for t in (best_x, best_loss, best_grad, prev_loss, step)
+            )
+            increases, best_at_check, halved_at_check, fooled = (
+                t[keep] for t in (increases, best_at_check, halved_at_check, fooled)
+            )
+            target = None if target is None else target[keep]
+            if len(rows) == 0:
+                break
+        if i == n_iter:
+            break
         weight = 1.0 if i == 0 else MOMENTUM
         z = threat.clip(x, x_adv + batch_view(step, x) * threat.ascent_direction(grad))
         x_next = threat.clip(x, x_adv + weight * (z - x_adv) + (1 - weight) * (x_adv - x_prev))
         x_prev, x_adv = x_adv, x_next
-        loss, grad, logits = _loss_and_grad(model, x_adv, y, loss_fn)
+        loss, grad, logits = _loss_and_grad(model, x_adv, y, target, loss_fn, eot_iter)
 
         # torch.where, not boolean-mask writes: those would stall the host on the GPU six
         # times per iteration.
@@ -160,11 +211,27 @@ def apgd_run(
             halved_at_check, best_at_check = halve, best_loss.clone()
             increases.zero_()
             window, since_check = next(checkpoints, 0), 0
-    return fooled, torch.where(batch_view(fooled, x), found, best_x)
+    x_out[rows] = torch.where(batch_view(fooled, x), found, best_x)
+    fooled_out[rows] = fooled
+    return fooled_out, x_out
+
+
+StartNoise = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
+"""``start_noise(x, points, round_) -> noise`` shaped like ``x``: a replacement for the per-point
+streams (tests use it to give APGD the reference's start points); ``round_`` names the restart
+(``"2"``) or target and restart (``"3/0"``)."""
+
+
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor, _: torch.Tensor | None) -> torch.Tensor:
+    return cross_entropy_per_example(logits, y)
+
+
+def _dlr(logits: torch.Tensor, y: torch.Tensor, _: torch.Tensor | None) -> torch.Tensor:
+    return dlr_loss(logits, y)
 
 
 class _APGDBase:
-    """Shared parameters, validation and the restart loop of the APGD variants."""
+    """Shared parameters, validation, random starts and the restart loop of the APGD variants."""
 
     name: str
 
@@ -176,32 +243,23 @@ class _APGDBase:
         n_restarts: int,
         rho: float,
         seed: int,
-        noise_device: str | None = None,
+        eot_iter: int,
+        start_noise: StartNoise | None,
     ) -> None:
         self.threat = ThreatModel.parse(threat)
-        self.noise_device = noise_device
-        """Where random starts are drawn (default: the images' device). ``"cpu"`` on a GPU
-        reproduces pyautoattack's starts draw for draw, for point-by-point comparisons."""
         if self.threat.norm == "L1":
             raise ConfigError(
                 f"{self.name} for L1 is not implemented; use fab-t or pgd for L1 threat models"
             )
-        require_counts(self.name, n_iter=n_iter, n_restarts=n_restarts)
+        require_counts(self.name, n_iter=n_iter, n_restarts=n_restarts, eot_iter=eot_iter)
         if not 0 < rho <= 1:
             raise ConfigError(f"{self.name} rho must be in (0, 1], got {rho}")
         self.n_iter = n_iter
         self.n_restarts = n_restarts
         self.rho = rho
         self.seed = seed
-
-    def _start(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Generator, torch.Tensor]:
-        """Detached inputs, this call's freshly seeded generator and the clean logits."""
-        x, y = x.detach(), y.detach()
-        generator = torch.Generator(device=self.noise_device or x.device).manual_seed(self.seed)
-        with torch.no_grad():
-            return x, y, generator, model(x)
+        self.eot_iter = eot_iter
+        self.start_noise = start_noise
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -212,8 +270,17 @@ class _APGDBase:
             "n_restarts": self.n_restarts,
             "rho": self.rho,
             "seed": self.seed,
-            **({"noise_device": self.noise_device} if self.noise_device else {}),
+            "eot_iter": self.eot_iter,
         }
+
+    def _prepare(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Detached inputs, the points' global indices and the clean logits."""
+        x, y = x.detach(), y.detach()
+        points = point_indices(indices, len(x), x.device)
+        with torch.no_grad():
+            return x, y, points, model(x)
 
     def _require_classes(self, n_classes: int, needed: int, why: str) -> None:
         if n_classes < needed:
@@ -227,28 +294,41 @@ class _APGDBase:
         model: nn.Module,
         x: torch.Tensor,
         y: torch.Tensor,
+        points: torch.Tensor,
         robust: torch.Tensor,
         x_adv: torch.Tensor,
-        loss_for: Callable[[torch.Tensor], LossFn],
-        generator: torch.Generator,
+        loss_fn: TargetedLossFn,
+        target: torch.Tensor | None = None,
+        label: str = "",
     ) -> None:
         """Attack the still-robust examples ``n_restarts`` times, updating the two in place.
 
-        ``loss_for(idx)`` gives the loss for the examples ``idx`` (APGD-T fixes their targets).
+        ``target`` [B] holds APGD-T's target class per example; ``label`` names the target in
+        the random streams' round.
         """
-        for _ in range(self.n_restarts):
+        for restart in range(self.n_restarts):
             idx = robust.nonzero().squeeze(1)
             if idx.numel() == 0:
                 return
+            round_ = f"{label}{restart}"
+            x0, p0 = x[idx], points[idx]
+            if self.start_noise is None:
+                noise = start_noise(
+                    self.threat, streams.stream_key(self.seed, self.name, round_), x0, p0
+                )
+            else:
+                noise = self.start_noise(x0, p0, round_)
             fooled, found = apgd_run(
                 model,
-                x[idx],
+                x0,
                 y[idx],
                 self.threat,
-                loss_for(idx),
+                loss_fn,
                 n_iter=self.n_iter,
                 rho=self.rho,
-                generator=generator,
+                start=start_point(self.threat, x0, noise),
+                target=None if target is None else target[idx],
+                eot_iter=self.eot_iter,
             )
             x_adv[idx] = found
             robust[idx[fooled]] = False
@@ -266,7 +346,8 @@ class APGD(_APGDBase):
         n_restarts: int = 1,
         rho: float = 0.75,
         seed: int = 0,
-        noise_device: str | None = None,
+        eot_iter: int = 1,
+        start_noise: StartNoise | None = None,
     ) -> None:
         if loss not in ("ce", "dlr"):
             raise ConfigError(f"apgd loss must be 'ce' or 'dlr', got {loss!r}")
@@ -278,19 +359,26 @@ class APGD(_APGDBase):
             n_restarts=n_restarts,
             rho=rho,
             seed=seed,
-            noise_device=noise_device,
+            eot_iter=eot_iter,
+            start_noise=start_noise,
         )
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "loss": self.loss}
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, y, generator, logits = self._start(model, x, y)
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x, y, points, logits = self._prepare(model, x, y, indices)
         if self.loss == "dlr":
             self._require_classes(logits.shape[1], 3, "the DLR loss uses the 3rd-largest logit")
-        loss_fn = dlr_loss if self.loss == "dlr" else cross_entropy_per_example
+        loss_fn = _dlr if self.loss == "dlr" else _cross_entropy
         robust, x_adv = logits.argmax(dim=1) == y, x.clone()
-        self._restarts(model, x, y, robust, x_adv, lambda idx: loss_fn, generator)
+        self._restarts(model, x, y, points, robust, x_adv, loss_fn)
         return x_adv
 
 
@@ -308,7 +396,8 @@ class APGDTargeted(_APGDBase):
         n_target_classes: int = 9,
         rho: float = 0.75,
         seed: int = 0,
-        noise_device: str | None = None,
+        eot_iter: int = 1,
+        start_noise: StartNoise | None = None,
     ) -> None:
         super().__init__(
             threat,
@@ -316,7 +405,8 @@ class APGDTargeted(_APGDBase):
             n_restarts=n_restarts,
             rho=rho,
             seed=seed,
-            noise_device=noise_device,
+            eot_iter=eot_iter,
+            start_noise=start_noise,
         )
         require_counts("apgd-t", n_target_classes=n_target_classes)
         self.n_target_classes = n_target_classes
@@ -324,8 +414,14 @@ class APGDTargeted(_APGDBase):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "n_target_classes": self.n_target_classes}
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, y, generator, logits = self._start(model, x, y)
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x, y, points, logits = self._prepare(model, x, y, indices)
         n_classes = logits.shape[1]
         self._require_classes(n_classes, 4, "the targeted DLR loss uses the 4th-largest logit")
         robust, x_adv = logits.argmax(dim=1) == y, x.clone()
@@ -333,9 +429,7 @@ class APGDTargeted(_APGDBase):
         # so columns -2, -3, ... are the most likely wrong classes.
         order = logits.sort(dim=1).indices
         for rank in range(2, min(self.n_target_classes, n_classes - 1) + 2):
-
-            def loss_for(idx: torch.Tensor, rank: int = rank) -> LossFn:
-                return functools.partial(targeted_dlr_loss, target=order[idx, -rank])
-
-            self._restarts(model, x, y, robust, x_adv, loss_for, generator)
+            self._restarts(
+                model, x, y, points, robust, x_adv, targeted_dlr_loss, order[:, -rank], f"{rank}/"
+            )
         return x_adv

@@ -1,6 +1,9 @@
 """AutoAttack (Croce & Hein, ICML 2020): a fixed ensemble run in sequence, per-point worst case.
 
-Standard version: APGD-CE, APGD-T, FAB-T and Square (5000 queries) for ℓ∞ and ℓ2. Each attack
+Standard version: APGD-CE, APGD-T, FAB-T and Square (5000 queries) for ℓ∞ and ℓ2. The
+reference's other versions: ``plus`` (APGD-CE and APGD-DLR with 5 restarts, untargeted FAB with
+5 restarts, Square with 5 restarts, APGD-T, FAB-T) and ``rand`` (APGD-CE and APGD-DLR with
+Expectation over Transformation, 20 gradient samples per step, for randomised defences). Each attack
 only sees the points that are correctly classified and that no earlier attack broke, so the
 cheap attacks thin the set before the expensive ones, and the robust accuracy is the per-point
 worst case over all of them. (For ℓ1 the standard version is APGD-CE, APGD-T and FAB-T, Square
@@ -12,11 +15,17 @@ plain lists and numbers: which points are clean-correct, which attack broke whic
 attacks finished, and the queue of the attack in progress. The queue is fixed when an attack
 starts and cut into batches in order, and every attack reseeds itself per batch, so a run
 resumed from a saved state attacks exactly the same batches and ends with exactly the result of
-an uninterrupted run.
+an uninterrupted run. Beyond that, every random draw is seeded by (seed, attack, restart or
+target, the point's global index), so a point's outcome does not depend on the batch size, the
+order of the points or the shard it was evaluated in (``run(..., indices=...)``).
+
+The cost of each stage is on the record: forward and backward passes over single points
+(summed batch sizes, counted at the model) and seconds.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,14 +34,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from generalist.attacks.base import Attack, feasible, threat_fields
+from generalist.attacks.base import Attack, feasible, point_indices, threat_fields
+from generalist.attacks.cost import CountingModel
 from generalist.attacks.registry import create_attack
 from generalist.attacks.threat import ThreatModel
 from generalist.errors import ConfigError
 from generalist.inference import eval_mode, predicts_correctly
 
-VERSION = "1"
+VERSION = "2"
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+PLUS_RESTARTS = 5
+EOT_SAMPLES = 20
+VERSIONS: dict[str, list[tuple[str, dict[str, int]]]] = {
+    "standard": [(name, {}) for name in STANDARD],
+    "plus": [
+        ("apgd-ce", {"n_restarts": PLUS_RESTARTS}),
+        ("apgd-dlr", {"n_restarts": PLUS_RESTARTS}),
+        ("fab", {"n_restarts": PLUS_RESTARTS}),
+        ("square", {"n_restarts": PLUS_RESTARTS}),
+        ("apgd-t", {}),
+        ("fab-t", {}),
+    ],
+    "rand": [("apgd-ce", {"eot_iter": EOT_SAMPLES}), ("apgd-dlr", {"eot_iter": EOT_SAMPLES})],
+}
+"""Each version's attacks in order, with the parameters that differ from the attack's default."""
 
 
 @dataclass
@@ -52,6 +77,9 @@ class AutoAttackState:
     queue_done: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
+    cost: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per stage (``"clean"`` and each attack): ``{"forward": n, "backward": n, "seconds": s}``
+    (passes over single points)."""
     adversarials: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def to_dict(self, include_adversarials: bool = False) -> dict[str, Any]:
@@ -65,6 +93,7 @@ class AutoAttackState:
             "queue_done": self.queue_done,
             "seconds": dict(self.seconds),
             "rejected": dict(self.rejected),
+            "cost": {name: dict(passes) for name, passes in self.cost.items()},
         }
         if include_adversarials:
             data["adversarials"] = [[i, v.tolist()] for i, v in sorted(self.adversarials.items())]
@@ -85,6 +114,14 @@ class AutoAttackState:
                 queue_done=int(data["queue_done"]),
                 seconds={str(k): float(v) for k, v in data["seconds"].items()},
                 rejected={str(k): int(v) for k, v in data["rejected"].items()},
+                cost={
+                    str(k): {
+                        "forward": int(v["forward"]),
+                        "backward": int(v["backward"]),
+                        "seconds": float(v["seconds"]),
+                    }
+                    for k, v in data.get("cost", {}).items()
+                },
                 adversarials={
                     int(i): torch.tensor(values, dtype=torch.float32)
                     for i, values in data.get("adversarials", [])
@@ -136,6 +173,9 @@ class AutoAttackResult:
     seconds: dict[str, float]
     rejected: dict[str, int]
     """Per attack, outputs outside the ε-ball or [0,1]: an attack bug, never counted as broken."""
+    cost: dict[str, dict[str, float]]
+    """Per stage (``"clean"``, then each attack): ``{"forward": passes, "backward": passes,
+    "seconds": s}``, passes counted over single points (a batch of B counts B)."""
 
     @property
     def clean_accuracy(self) -> float:
@@ -149,7 +189,8 @@ class AutoAttackResult:
 class AutoAttack:
     """``AutoAttack("Linf:8/255").run(model, x, y) -> AutoAttackResult``.
 
-    ``attacks`` replaces the standard list (names, or attack objects with distinct names) and
+    ``version`` is ``"standard"``, ``"plus"`` or ``"rand"`` (see the module docstring).
+    ``attacks`` replaces the version's list (names, or attack objects with distinct names) and
     makes the version ``"custom"``. ``n_iter`` sets the iterations of the gradient attacks;
     Square keeps its 5000 queries.
     """
@@ -165,20 +206,26 @@ class AutoAttack:
         n_iter: int = 100,
     ) -> None:
         self.threat = ThreatModel.parse(threat)
-        if version not in ("standard", "custom"):
-            raise ConfigError(f"AutoAttack version must be 'standard' or 'custom', got {version!r}")
+        if version not in (*VERSIONS, "custom"):
+            raise ConfigError(
+                f"AutoAttack version must be one of {', '.join(VERSIONS)} or custom, "
+                f"got {version!r}"
+            )
         if attacks is None and version == "custom":
             raise ConfigError("AutoAttack version 'custom' needs a list of attacks")
-        self.version = "standard" if attacks is None else "custom"
+        self.version = version if attacks is None else "custom"
         self.seed = seed
         self.n_iter = n_iter
         if attacks is None:
-            attacks = list(STANDARD)
             if self.threat.norm == "L1":
                 raise ConfigError(
                     "AutoAttack for L1 needs APGD-L1, which is not implemented yet; "
                     "evaluate L1 with --attacks fab-t,pgd-100 instead"
                 )
+            attacks = [
+                create_attack(name, self.threat, seed=seed, n_iter=n_iter, **params)
+                for name, params in VERSIONS[version]
+            ]
         self.attacks: list[Attack] = [
             create_attack(a, self.threat, seed=seed, n_iter=n_iter) if isinstance(a, str) else a
             for a in attacks
@@ -220,25 +267,30 @@ class AutoAttack:
         x: torch.Tensor,
         y: torch.Tensor,
         *,
+        indices: torch.Tensor | None = None,
         state: AutoAttackState | None = None,
         on_progress: Callable[[AutoAttackProgress], None] | None = None,
         batch_size: int = 500,
     ) -> AutoAttackResult:
         """Run (or resume, given the ``state`` of an earlier run on the same x, y) the attacks.
 
-        ``state`` is updated in place; ``on_progress`` sees it after every batch, which is the
-        moment to save it. The model is attacked in eval mode (a model in train mode would
-        be attacked with batch statistics and have its BatchNorm running statistics moved)
-        and handed back in the mode it had.
+        ``indices`` [N] are the points' global indices (default ``0..N-1``): they seed every
+        random draw, so a shard given ``x[idx], y[idx], indices=idx`` gets, point for point, the
+        outcome of the whole run. ``state`` is updated in place (its positions are 0..N-1
+        within ``x``); ``on_progress`` sees it after every batch, which is the moment to save it.
+        The model is attacked in eval mode (a model in train mode would be attacked with batch
+        statistics and have its BatchNorm running statistics moved) and handed back in the mode
+        it had.
         """
         with eval_mode(model, freeze=True):
-            return self._run(model, x, y, state, on_progress, batch_size)
+            return self._run(model, x, y, indices, state, on_progress, batch_size)
 
     def _run(
         self,
         model: nn.Module,
         x: torch.Tensor,
         y: torch.Tensor,
+        indices: torch.Tensor | None,
         state: AutoAttackState | None,
         on_progress: Callable[[AutoAttackProgress], None] | None,
         batch_size: int,
@@ -249,6 +301,7 @@ class AutoAttack:
             )
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        points = point_indices(indices, len(x), x.device)
         state = self.new_state(len(x)) if state is None else state
         if state.n_examples != len(x) or state.attacks != self.attack_names:
             raise ConfigError(
@@ -256,53 +309,73 @@ class AutoAttack:
                 f"not {len(x)} points and {self.attack_names}; start a new run"
             )
         x, y = x.detach(), y.detach()
+        counted = CountingModel(model)
 
         def report(attack: str, done: int, total: int) -> None:
             if on_progress is not None:
                 on_progress(AutoAttackProgress(attack, done, total, state))
 
         if state.clean_correct is None:
-            correct = torch.cat(
-                [
-                    predicts_correctly(model, xb, yb)
-                    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)
-                ]
-            )
+            began = time.perf_counter()
+            with torch.inference_mode():
+                correct = torch.cat(
+                    [
+                        predicts_correctly(counted, xb, yb)
+                        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)
+                    ]
+                )
             state.clean_correct = correct.nonzero().squeeze(1).tolist()
+            self._charge(state, "clean", counted, time.perf_counter() - began)
             report("clean", len(x), len(x))
         for attack in self.attacks:
             if attack.name not in state.finished:
-                self._run_attack(attack, model, x, y, state, batch_size, report)
+                self._run_attack(attack, counted, x, y, points, state, batch_size, report)
         return self._result(state, x)
+
+    @staticmethod
+    def _charge(state: AutoAttackState, stage: str, counted: CountingModel, seconds: float) -> None:
+        """Move the passes counted since the last charge, and ``seconds``, onto ``stage``."""
+        cost = state.cost.setdefault(stage, {"forward": 0, "backward": 0, "seconds": 0.0})
+        cost["forward"] += counted.count.forward
+        cost["backward"] += counted.count.backward
+        cost["seconds"] += seconds
+        counted.count.forward = counted.count.backward = 0
+        if stage != "clean":
+            state.seconds[stage] = state.seconds.get(stage, 0.0) + seconds
 
     def _run_attack(
         self,
         attack: Attack,
-        model: nn.Module,
+        model: CountingModel,
         x: torch.Tensor,
         y: torch.Tensor,
+        points: torch.Tensor,
         state: AutoAttackState,
         batch_size: int,
         report: Callable[[str, int, int], None],
     ) -> None:
         name = attack.name
+        per_point = "indices" in inspect.signature(attack).parameters
         if not state.queue and state.queue_done == 0:
             state.queue = state.robust()  # fixed now, so a resumed run cuts the same batches
         while state.queue_done < len(state.queue):
             batch = state.queue[state.queue_done : state.queue_done + batch_size]
             idx = torch.tensor(batch, device=x.device)
             began = time.perf_counter()
-            x_adv = attack(model, x[idx], y[idx])
-            with torch.no_grad():
+            if per_point:
+                x_adv = attack(model, x[idx], y[idx], indices=points[idx])
+            else:
+                x_adv = attack(model, x[idx], y[idx])
+            with torch.inference_mode():
                 wrong = model(x_adv).argmax(dim=1) != y[idx]
-            ok = feasible(self.threat, x[idx], x_adv)
+                ok = feasible(self.threat, x[idx], x_adv)
             images = x_adv.detach().flatten(1).cpu()
             newly_broken = state.broken_by.setdefault(name, [])
             for pos in (wrong & ok).nonzero().squeeze(1).tolist():
                 newly_broken.append(batch[pos])
                 state.adversarials[batch[pos]] = images[pos].clone()
             state.rejected[name] = state.rejected.get(name, 0) + int((wrong & ~ok).sum())
-            state.seconds[name] = state.seconds.get(name, 0.0) + time.perf_counter() - began
+            self._charge(state, name, model, time.perf_counter() - began)
             state.queue_done += len(batch)
             done, total = state.queue_done, len(state.queue)
             if done == total:
@@ -318,6 +391,7 @@ class AutoAttack:
         state.broken_by.setdefault(name, [])
         state.seconds.setdefault(name, 0.0)
         state.rejected.setdefault(name, 0)
+        state.cost.setdefault(name, {"forward": 0, "backward": 0, "seconds": 0.0})
         state.queue, state.queue_done = [], 0
 
     def _result(self, state: AutoAttackState, x: torch.Tensor) -> AutoAttackResult:
@@ -347,4 +421,5 @@ class AutoAttack:
             has_adversarial=has_adversarial,
             seconds=dict(state.seconds),
             rejected=dict(state.rejected),
+            cost={stage: dict(cost) for stage, cost in state.cost.items()},
         )

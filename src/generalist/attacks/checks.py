@@ -60,7 +60,8 @@ def check_randomness(
     return [
         f"the model's outputs differ between forward passes on the same input (up to {gap:.2g} "
         "after normalising): it seems randomised, so these attacks overestimate its robustness; "
-        "disable the randomness in eval mode or evaluate with expectation over transformation"
+        "disable the randomness in eval mode, or evaluate with AutoAttack's rand version "
+        "(--attacks autoattack-rand: APGD-CE and APGD-DLR with expectation over transformation)"
     ]
 
 

@@ -1,7 +1,7 @@
-"""FAB-T: the targeted Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), as in AutoAttack.
+"""FAB and FAB-T: the Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), as in AutoAttack.
 
 FAB looks for the *smallest* perturbation that changes the decision. Each iteration linearises
-the boundary between the true class and one target class at the current iterate, and moves to
+the boundary between the true class and one other class at the current iterate, and moves to
 the closest point (in the threat model's norm) of that linearised boundary that stays inside
 [0,1] — computed exactly, for both the iterate and the clean image. The two projections are mixed
 with a weight α ≤ ``alpha_max`` that pulls towards the clean image, the step overshoots by ``eta``,
@@ -9,8 +9,15 @@ and an iterate that crossed the boundary is pulled back towards the clean image 
 
 Because FAB minimises the norm instead of staying inside the ε-ball, a point it finds counts only
 if its norm is at most ε; the attack returns those points and leaves every other example clean.
-The targeted version (AutoAttack "standard") runs once per target class — the k-th most likely
-wrong class of the clean prediction, k = 1..``n_target_classes`` — on the examples still robust.
+On a CPU an example leaves a run as soon as it has such a point (its outcome is then
+settled), so no work is spent refining points that are broken already.
+
+The targeted version (``fab-t``, AutoAttack "standard") runs once per target class — the k-th
+most likely wrong class of the clean prediction, k = 1..``n_target_classes`` — on the examples
+still robust. The untargeted one (``fab``, AutoAttack "plus") picks, at every iteration, the
+class whose linearised boundary is closest, which needs the whole Jacobian (one backward pass per
+class). Restarts after the first start from a random point drawn per point (see
+:mod:`generalist.attacks.streams`).
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ import math
 import torch
 from torch import nn
 
-from generalist.attacks.base import require_counts
+from generalist.attacks import streams
+from generalist.attacks.base import fast_layout, point_indices, require_counts
 from generalist.attacks.threat import ThreatModel, cumsum
 from generalist.errors import ConfigError
 
-VERSION = "1"
+VERSION = "2"
 
 
 def boundary_step(point: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
@@ -91,26 +99,56 @@ def _greedy_l1_moves(w_abs: torch.Tensor, room: torch.Tensor, need: torch.Tensor
 
 def _target_gap_and_grad(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``f_target(x) - f_y(x)`` per example (negative while still correct) and its gradient."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``f_target(x) - f_y(x)`` per example (negative while still correct), its gradient, and
+    whether ``x`` is misclassified."""
     rows = torch.arange(x.shape[0], device=x.device)
     with torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)
         logits = model(x)
         gap = logits[rows, target] - logits[rows, y]
         (grad,) = torch.autograd.grad(gap.sum(), x)
-    return gap.detach(), grad.detach()
+    return gap.detach(), grad.detach(), logits.detach().argmax(dim=1) != y
 
 
-class FABTargeted:
-    """FAB-T as an attack object: ``FABTargeted("Linf:8/255")(model, x, y) -> x_adv``."""
+def _closest_gap_and_grad(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, dual_p: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Untargeted FAB's choice: the class whose linearised boundary is closest, as
+    :func:`_target_gap_and_grad` for that class. Needs the whole Jacobian: one backward pass
+    per class, as in the reference."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    with torch.enable_grad():
+        x = x.detach().clone().requires_grad_(True)
+        logits = model(x)
+        n_classes = logits.shape[1]
+        grads = []
+        for k in range(n_classes):
+            (g,) = torch.autograd.grad(logits[:, k].sum(), x, retain_graph=k < n_classes - 1)
+            grads.append(g.flatten(1))
+    logits = logits.detach()
+    jacobian = torch.stack(grads, dim=1)  # [B, K, D]
+    gaps = logits - logits[rows, y].unsqueeze(1)
+    diffs = jacobian - jacobian[rows, y].unsqueeze(1)
+    distance = gaps.abs() / (diffs.norm(p=dual_p, dim=2) + 1e-12)
+    distance[rows, y] = math.inf
+    closest = distance.argmin(dim=1)
+    return gaps[rows, closest], diffs[rows, closest].view_as(x), logits.argmax(dim=1) != y
 
-    name = "fab-t"
+
+class FAB:
+    """FAB as an attack object: ``FAB("Linf:8/255")(model, x, y) -> x_adv``.
+
+    ``targeted=False`` (``fab``, AutoAttack "plus") attacks the closest linearised boundary
+    at every iteration; ``targeted=True`` (``fab-t``, :class:`FABTargeted`) one target class
+    per run, the k-th most likely wrong class, k = 1..``n_target_classes``.
+    """
 
     def __init__(
         self,
         threat: ThreatModel | str,
         *,
+        targeted: bool = False,
         n_iter: int = 100,
         n_restarts: int = 1,
         n_target_classes: int = 9,
@@ -120,15 +158,17 @@ class FABTargeted:
         seed: int = 0,
     ) -> None:
         self.threat = ThreatModel.parse(threat)
+        self.targeted = targeted
+        self.name = "fab-t" if targeted else "fab"
         require_counts(
-            "fab-t", n_iter=n_iter, n_restarts=n_restarts, n_target_classes=n_target_classes
+            self.name, n_iter=n_iter, n_restarts=n_restarts, n_target_classes=n_target_classes
         )
         if not 0 <= alpha_max <= 1:
-            raise ConfigError(f"fab-t alpha_max must be in [0, 1], got {alpha_max}")
+            raise ConfigError(f"{self.name} alpha_max must be in [0, 1], got {alpha_max}")
         if eta < 1:
-            raise ConfigError(f"fab-t eta (overshoot) must be at least 1, got {eta}")
+            raise ConfigError(f"{self.name} eta (overshoot) must be at least 1, got {eta}")
         if not 0 < beta < 1:
-            raise ConfigError(f"fab-t beta (backward step) must be in (0, 1), got {beta}")
+            raise ConfigError(f"{self.name} beta (backward step) must be in (0, 1), got {beta}")
         self.n_iter = n_iter
         self.n_restarts = n_restarts
         self.n_target_classes = n_target_classes
@@ -144,87 +184,162 @@ class FABTargeted:
             "threat": str(self.threat),
             "n_iter": self.n_iter,
             "n_restarts": self.n_restarts,
-            "n_target_classes": self.n_target_classes,
+            **({"n_target_classes": self.n_target_classes} if self.targeted else {}),
             "alpha_max": self.alpha_max,
             "eta": self.eta,
             "beta": self.beta,
             "seed": self.seed,
         }
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, y = x.detach(), y.detach()
-        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x, y = fast_layout(x.detach()), y.detach()
+        points = point_indices(indices, len(x), x.device)
         x_adv = x.clone()
         with torch.no_grad():
             logits = model(x)
         robust = logits.argmax(dim=1) == y
         # Column 0 is the true class for every robust example, so columns 1.. are its targets.
         ranked = logits.argsort(dim=1, descending=True)
-        for rank in range(1, min(self.n_target_classes, logits.shape[1] - 1) + 1):
+        ranks = range(1, min(self.n_target_classes, logits.shape[1] - 1) + 1)
+        for rank in ranks if self.targeted else [None]:
             for restart in range(self.n_restarts):
                 idx = robust.nonzero().squeeze(1)
                 if idx.numel() == 0:
-                    return x_adv
+                    return x_adv.contiguous()
                 x0, y0 = x[idx], y[idx]
-                start = x0 if restart == 0 else self._random_start(x0, generator)
-                found = self._smallest_adversarial(model, x0, y0, ranked[idx, rank], start)
-                with torch.no_grad():
-                    fooled = model(found).argmax(dim=1) != y0
-                success = fooled & (self.threat.norms(found - x0) <= self.threat.eps)
-                # A no-op for points inside the ball; it only guarantees the contract.
-                x_adv[idx[success]] = self.threat.clip(x0, found)[success]
+                if restart == 0:
+                    start = x0
+                else:
+                    key = streams.stream_key(self.seed, self.name, f"{rank or 0}/{restart}")
+                    start = self._random_start(x0, key, points[idx])
+                target = None if rank is None else ranked[idx, rank]
+                found, success = self._run(model, x0, y0, target, start)
+                x_adv[idx[success]] = found[success]
                 robust[idx[success]] = False
-        return x_adv
+        return x_adv.contiguous()
 
-    def _random_start(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A random point at norm ε/2 around the clean image.
+    def _random_start(self, x0: torch.Tensor, key: int, points: torch.Tensor) -> torch.Tensor:
+        """A random point at norm ε/2 around the clean image, drawn per point.
 
         The paper scales restarts to half of min(best norm found, ε); the examples still attacked
         have no adversarial point within ε, so that radius is always ε/2.
         """
+        n_values = x0[0].numel()
         if self.threat.norm == "Linf":
-            noise = 2 * torch.rand(x0.shape, generator=generator, device=x0.device) - 1
+            noise = 2 * streams.uniform(key, points, 0, n_values) - 1
         else:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        noise = noise.to(x0.dtype)
+            noise = streams.normal(key, points, 0, n_values)
+        noise = noise.view_as(x0).to(x0.dtype)
         norms = self.threat.norms(noise).clamp_min(1e-12).view(-1, *([1] * (x0.dim() - 1)))
         return (x0 + 0.5 * self.threat.eps * noise / norms).clamp(0.0, 1.0)
 
-    def _smallest_adversarial(
+    def _run(
         self,
         model: nn.Module,
         x0: torch.Tensor,
         y: torch.Tensor,
-        target: torch.Tensor,
+        target: torch.Tensor | None,
         start: torch.Tensor,
-    ) -> torch.Tensor:
-        """One FAB run: per example the misclassified iterate of smallest norm, else the clean x."""
-        norm = self.threat.norm
-        clean_flat = x0.flatten(1)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One FAB run: per example (a misclassified iterate within ε, True), or (x0, False).
+
+        On a CPU an example leaves the run at its first misclassified iterate within ε: FAB
+        would go on shrinking the norm, but the point is broken whatever it finds next, and the
+        others' iterates never depend on it. On a GPU, where looking for such examples would
+        stall the device every iteration, they ride along.
+        """
+        norm, eps = self.threat.norm, self.threat.eps
+        dual_p = {"Linf": 1.0, "L2": 2.0, "L1": math.inf}[norm]
+        out = x0.flatten(1).clone()
+        success = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
+        rows = torch.arange(len(x0), device=x0.device)
+        clean = out.clone()
         current = start.flatten(1)
-        best = clean_flat.clone()
-        best_norm = torch.full((x0.shape[0],), math.inf, device=x0.device)
-        for _ in range(self.n_iter):
-            gap, grad = _target_gap_and_grad(model, current.view_as(x0), y, target)
+        shape = x0.shape[1:]
+
+        def images(flat: torch.Tensor) -> torch.Tensor:
+            return fast_layout(flat.view(-1, *shape))
+
+        compact = x0.device.type == "cpu"
+        best = clean.clone()
+        best_norm = torch.full((len(x0),), math.inf, device=x0.device)
+        for i in range(self.n_iter):
+            if compact and i > 0:
+                done = best_norm <= eps
+                if done.any():
+                    out[rows[done]], success[rows[done]] = best[done], True
+                    keep = ~done
+                    rows, clean, current, best, best_norm, y = (
+                        t[keep] for t in (rows, clean, current, best, best_norm, y)
+                    )
+                    target = None if target is None else target[keep]
+                    if len(rows) == 0:
+                        break
+            if target is None:
+                gap, grad, _ = _closest_gap_and_grad(model, images(current), y, dual_p)
+            else:
+                gap, grad, _ = _target_gap_and_grad(model, images(current), y, target)
             w = grad.flatten(1)
-            # Linearised boundary f_target - f_y = 0 at the current iterate: <w, z> = b.
+            # Linearised boundary f_target - f_y = 0 at the current iterate: <w, z> = b. The
+            # iterate and the clean image are projected onto it in one batch.
             b = (w * current).sum(dim=1) - gap
-            step_current = boundary_step(current, w, b, norm)
-            step_clean = boundary_step(clean_flat, w, b, norm)
-            dist_current = step_current.norm(p=self.threat.p, dim=1).clamp_min(1e-8)
-            dist_clean = step_clean.norm(p=self.threat.p, dim=1).clamp_min(1e-8)
+            steps = boundary_step(
+                torch.cat([current, clean]), torch.cat([w, w]), torch.cat([b, b]), norm
+            )
+            step_current, step_clean = steps.chunk(2)
+            distances = steps.norm(p=self.threat.p, dim=1).clamp_min(1e-8)
+            dist_current, dist_clean = distances.chunk(2)
             alpha = (dist_current / (dist_current + dist_clean)).clamp(0, self.alpha_max)
             alpha = alpha.unsqueeze(1)
             current = (
                 (1 - alpha) * (current + self.eta * step_current)
-                + alpha * (clean_flat + self.eta * step_clean)
+                + alpha * (clean + self.eta * step_clean)
             ).clamp(0.0, 1.0)
-            with torch.no_grad():
-                fooled = model(current.view_as(x0)).argmax(dim=1) != y
-            dist = (current - clean_flat).norm(p=self.threat.p, dim=1)
+            with torch.inference_mode():
+                fooled = model(images(current)).argmax(dim=1) != y
+            fooled = fooled.clone()  # out of inference mode, for the updates below
+            dist = (current - clean).norm(p=self.threat.p, dim=1)
             improved = fooled & (dist < best_norm)
             best = torch.where(improved.unsqueeze(1), current, best)
             best_norm = torch.where(improved, dist, best_norm)
-            backward = clean_flat + self.beta * (current - clean_flat)
+            backward = clean + self.beta * (current - clean)
             current = torch.where(fooled.unsqueeze(1), backward, current)
-        return best.view_as(x0)
+        done = best_norm <= eps
+        out[rows[done]], success[rows[done]] = best[done], True
+        # The ε test on the flattened norm is the contract; clip guards float rounding.
+        found = self.threat.clip(x0, out.view_as(x0))
+        return found, success
+
+
+class FABTargeted(FAB):
+    """FAB-T (AutoAttack "standard"): ``FABTargeted("Linf:8/255")(model, x, y) -> x_adv``."""
+
+    def __init__(
+        self,
+        threat: ThreatModel | str,
+        *,
+        n_iter: int = 100,
+        n_restarts: int = 1,
+        n_target_classes: int = 9,
+        alpha_max: float = 0.1,
+        eta: float = 1.05,
+        beta: float = 0.9,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            threat,
+            targeted=True,
+            n_iter=n_iter,
+            n_restarts=n_restarts,
+            n_target_classes=n_target_classes,
+            alpha_max=alpha_max,
+            eta=eta,
+            beta=beta,
+            seed=seed,
+        )

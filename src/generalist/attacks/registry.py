@@ -14,7 +14,7 @@ from typing import Any
 
 from generalist.attacks.apgd import APGD, APGDTargeted
 from generalist.attacks.base import Attack
-from generalist.attacks.fab import FABTargeted
+from generalist.attacks.fab import FAB, FABTargeted
 from generalist.attacks.mim_cw import CW, MIM
 from generalist.attacks.pgd import PGD
 from generalist.attacks.square import Square
@@ -31,10 +31,12 @@ _ATTACKS: dict[str, tuple[Callable[..., Attack], str | None]] = {
     "apgd-ce": (lambda threat, **kw: APGD(threat, loss="ce", **kw), "n_iter"),
     "apgd-dlr": (lambda threat, **kw: APGD(threat, loss="dlr", **kw), "n_iter"),
     "apgd-t": (APGDTargeted, "n_iter"),
+    "fab": (FAB, "n_iter"),
     "fab-t": (FABTargeted, "n_iter"),
     "square": (Square, None),
 }
 _CLASSES = {"apgd-ce": APGD, "apgd-dlr": APGD}
+"""Names whose factory is a lambda: the class whose signature lists the parameters."""
 
 
 def list_attacks() -> list[str]:
@@ -45,7 +47,7 @@ def list_attacks() -> list[str]:
 def _parameters(name: str) -> set[str]:
     cls = _CLASSES.get(name, _ATTACKS[name][0])
     params = set(inspect.signature(cls).parameters) - {"threat"}
-    return params - {"loss"} if name in _CLASSES else params
+    return params - {"loss", "targeted"}  # fixed by the name
 
 
 def create_attack(

@@ -11,7 +11,9 @@ loaded only then), beside the attacks or, with no threat models asked, alone.
 
 Errors name the parameters of these functions; the command line checks its flags itself.
 ``request.json`` holds a folder's resolved settings, so ``generalist eval --resume DIR``
-needs nothing else.
+needs nothing else. :func:`run_eval` under torchrun evaluates one shard of the points per
+rank and rank 0 writes the one folder (:mod:`generalist.evaluation.sharding`);
+:func:`evaluate` runs in one process.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,16 +39,24 @@ from generalist.data import ImageDataset
 from generalist.data.readers import as_array
 from generalist.devices import resolve_device
 from generalist.errors import CheckpointError, ConfigError, DataError, cut
+from generalist.evaluation.sharding import (
+    SHARD_FOLDER,
+    Processes,
+    check_resumable,
+    evaluation_processes,
+    holds_evaluation,
+    run_sharded,
+)
 from generalist.evaluation.suite import AUTOATTACK, EvaluationSuite, Progress, SuiteResult
 from generalist.runlock import lock_folder
 from generalist.threads import apply_threads
+from generalist.torchrun import is_rank_zero, said_by_rank_zero
 
 if TYPE_CHECKING:
     from generalist.evaluation.corruptions import CorruptionOutcome
 
 STATE_FILE = "state.json"
 CORRUPTIONS_STATE_FILE = "corruptions-state.json"
-STATE_FILES = (STATE_FILE, CORRUPTIONS_STATE_FILE)
 """A folder holding either one is an evaluation, which ``resume`` continues."""
 RECORD_FILE = "eval.json"
 TABLES_FILE = "results.md"
@@ -216,7 +227,9 @@ def evaluate(
     8-bit values; a warning says when that changes them), ``y``: N class indices. ``device``
     defaults to the model's. The model is attacked in eval mode and handed back in its own
     mode. With ``out`` the evaluation's folder is written there, and a folder holding an
-    unfinished evaluation of the same model, data and settings is continued.
+    unfinished evaluation of the same model, data and settings is continued. It runs in this
+    one process, also under torchrun (every rank would evaluate every point); sharding over
+    processes is :func:`run_eval`'s, on saved weights (``generalist eval --nproc N``).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch nn.Module, got a {type(model).__name__}")
@@ -282,8 +295,12 @@ def evaluate(
         "spec": None,
         "trained_on": None,
     }
-    arguments = {"threats": [str(t) for t in threats], "corruptions": corruptions}
-    settings = {"device": str(run_device), "seed": seed, "arguments": arguments}
+    settings = {
+        "device": str(run_device),
+        "seed": seed,
+        "processes": 1,
+        "arguments": {"threats": [str(t) for t in threats], "corruptions": corruptions},
+    }
     record = build_outputs(
         result,
         suite,
@@ -428,6 +445,10 @@ class EvalRequest:
     split: str = "test"
     out: str | None = None
     device: str = "auto"
+    processes: int | None = None
+    """How many processes the points are split over: torchrun's (``generalist eval --nproc N``
+    starts it; :func:`run_eval` starts none itself). Default: torchrun's count, 1 without it;
+    a resume takes the saved one."""
     threads: int | None = None
     compile: bool = False
     trust_unhashed: bool = False
@@ -455,6 +476,7 @@ RESOLVED_FIELDS = (
     "split",
     "trust_unhashed",
     "trust_changed_code",
+    "processes",
 )
 """What a resumed evaluation takes from ``request.json``: everything its results depend on."""
 
@@ -493,12 +515,24 @@ def run_eval(
     *,
     resume: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, dict[str, Any] | None]:
     """Evaluate saved weights as ``request`` says, write every output; ``(folder, record)``.
 
     ``resume`` continues the unfinished evaluation in ``request.out`` (see
-    :func:`resumed_request`).
+    :func:`resumed_request`). Under torchrun every rank evaluates its shard of the points and
+    rank 0 merges them and writes the outputs; the record is ``None`` on the other ranks. An
+    error every rank meets alike is said once, by rank 0.
     """
+    with said_by_rank_zero(), ExitStack() as group:
+        return _run_eval(request, resume, on_progress, group)
+
+
+def _run_eval(
+    request: EvalRequest,
+    resume: bool,
+    on_progress: Callable[[Progress], None] | None,
+    group: ExitStack,
+) -> tuple[Path, dict[str, Any] | None]:
     from generalist.checkpoint import load_model, sha256_file
 
     started = time.perf_counter()
@@ -513,6 +547,7 @@ def run_eval(
     _at_least_one(request.n_examples, "n_examples")
     _at_least_one(request.num_classes, "num_classes")
     _at_least_one(request.batch_size, "batch_size")
+    _at_least_one(request.processes, "processes")
     weights, which = _weights_of(target, request.which)
     run_dir = target if target.is_dir() else target.parent
     config = _run_config(run_dir) if request.arch is None else None
@@ -527,11 +562,14 @@ def run_eval(
             seed=request.seed,
             batch_size=batch_size,
             n_iter=request.n_iter,
-            progress=request.progress,
+            progress=request.progress and is_rank_zero(),
         )
     )
-    out = _out_dir(request, run_dir, resume)
-    device = resolve_device(request.device, "device")
+    # the request is checked: now join the other processes (torchrun), if any
+    processes = group.enter_context(evaluation_processes(resolve_device(request.device, "device")))
+    out = processes.agree(lambda: _out_dir(request, run_dir, resume, processes.count))
+    _check_processes(request, processes)  # after a resume's own check, which says more
+    device = processes.device
     apply_threads(request.threads)
     dataset_name = _dataset_name(request, config, weights)
     if request.arch is not None:
@@ -555,8 +593,7 @@ def run_eval(
         compile_in_place(model)  # in place: the model's names and hash are unchanged
     model_hash = sha256_file(weights)
     _check_fits(spec, data_meta, target, more_classes_ok=request.num_classes is not None)
-    out.mkdir(parents=True, exist_ok=True)
-    lock_folder(out, "evaluation folder", "a separate evaluation needs its own --out")
+    processes.agree(lambda: _claim(out))
     resolved = request.with_values(
         target=str(target.resolve()),
         which=which,
@@ -567,11 +604,12 @@ def run_eval(
         dataset=data_meta["dataset"],
         data_dir=data_meta["data_dir"],
         out=str(out),
+        processes=processes.count,
     )
     # Written once, before the first attack, so an interrupted evaluation has it; a resume
     # never rewrites it (options refused by the plan check below must not replace it).
     first_request = not (out / REQUEST_FILE).is_file()
-    if first_request and not resume:
+    if first_request and not resume and processes.is_main:
         _write_request(out, resolved)
     identity = {
         "model_sha256": model_hash,
@@ -582,15 +620,19 @@ def run_eval(
     result = (
         None
         if suite is None
-        else suite.run(
+        else run_sharded(
+            suite,
             model,
             data,
-            state_path=out / STATE_FILE,
+            folder=out,
+            state_file=STATE_FILE,
             identity=identity,
+            processes=processes,
             on_progress=on_progress,
-            device=device,
         )
     )
+    if not processes.is_main:  # rank 0 writes the merged folder
+        return out, None
     corruptions = _corruption_track(
         resolved.corruptions,
         model,
@@ -609,6 +651,7 @@ def run_eval(
     settings = {
         "device": str(device),
         "seed": request.seed,
+        "processes": processes.count,
         "arguments": {
             k: list(v) if isinstance(v, tuple) else v
             for k, v in dataclasses.asdict(resolved).items()
@@ -712,6 +755,8 @@ def build_outputs(
         written += [track.MODEL_INFO_FILE, CORRUPTIONS_STATE_FILE]
     if (out / REQUEST_FILE).is_file():
         written.append(REQUEST_FILE)
+    if (out / SHARD_FOLDER).is_dir():
+        written.append(f"{SHARD_FOLDER}/")
     record["files"] = written
     for name, info in infos.items():
         write_text_durably(out / name, json.dumps(info, indent=2) + "\n")
@@ -765,10 +810,30 @@ def _threats(request: EvalRequest, config: Any) -> list[ThreatModel]:
     )
 
 
-def _out_dir(request: EvalRequest, run_dir: Path, resume: bool) -> Path:
+def _check_processes(request: EvalRequest, processes: Processes) -> None:
+    if request.corruptions and processes.count > 1:
+        raise ConfigError(
+            "corruptions: the corruption track runs in one process; evaluate it without --nproc "
+            "(or in its own evaluation folder)"
+        )
+    if request.processes not in (None, processes.count):
+        raise ConfigError(
+            f"processes {request.processes}: this evaluation runs on {processes.count}; "
+            "run_eval starts no processes, torchrun does (generalist eval --nproc N)"
+        )
+
+
+def _claim(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lock_folder(out, "evaluation folder", "a separate evaluation needs its own --out")
+
+
+def _out_dir(request: EvalRequest, run_dir: Path, resume: bool, processes: int) -> Path:
     if resume:
         out = Path(request.out or "")
         _check_resumable(out)
+        if holds_evaluation(out, STATE_FILE):  # the attacks' state: one process or shards
+            check_resumable(out, STATE_FILE, processes)
         return out
     if request.out:
         out = Path(request.out)
@@ -780,7 +845,7 @@ def _out_dir(request: EvalRequest, run_dir: Path, resume: bool) -> Path:
         while out.exists():
             n += 1
             out = base.with_name(f"{base.name}-{n}")
-    if any((out / name).exists() for name in STATE_FILES):
+    if holds_evaluation(out, STATE_FILE) or (out / CORRUPTIONS_STATE_FILE).exists():
         raise ConfigError(
             f"{out} already holds an evaluation; continue it with --resume {out} or another --out"
         )
@@ -788,7 +853,9 @@ def _out_dir(request: EvalRequest, run_dir: Path, resume: bool) -> Path:
 
 
 def _check_resumable(folder: Path) -> None:
-    if not any((folder / name).is_file() for name in STATE_FILES):
+    """A folder to resume holds the attacks' state (one process or shards) or the corruption
+    track's."""
+    if not (holds_evaluation(folder, STATE_FILE) or (folder / CORRUPTIONS_STATE_FILE).is_file()):
         raise ConfigError(
             f"resume {folder}: no {STATE_FILE} or {CORRUPTIONS_STATE_FILE} there; pass the "
             "folder of an interrupted eval"

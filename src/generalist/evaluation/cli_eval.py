@@ -12,14 +12,18 @@ threat model), ``request.json`` (the resolved settings) and ``state.json``, from
 ``--resume`` continues a killed evaluation. ``--corruptions SOURCE`` adds the
 common-corruptions track (:mod:`generalist.evaluation.corruptions`): its table,
 ``model_info_corruptions.json`` and ``corruptions-state.json``; alone (no ``--attacks``,
-``--threat`` or ``--norm``) it runs instead of the attacks. This module only turns flags into an
-``evaluation.api.EvalRequest``; the work is ``evaluation.api.run_eval``.
+``--threat`` or ``--norm``) it runs instead of the attacks. With ``--nproc N`` (or under
+torchrun) the attacks' points are split over the processes, each with its own state file in
+``shards/``, and rank 0 merges them (:mod:`generalist.evaluation.sharding`). This module only
+turns flags into an ``evaluation.api.EvalRequest`` and starts torchrun for ``--nproc``; the work
+is ``evaluation.api.run_eval``.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +32,14 @@ from generalist.evaluation.api import (
     AUTOATTACK,
     DEFAULT_BATCH,
     MODEL_CHOICES,
+    STATE_FILE,
     EvalRequest,
     resumed_request,
     run_eval,
 )
+from generalist.evaluation.sharding import check_resumable, launch_evaluation
 from generalist.evaluation.suite import Progress, parse_attack_names
+from generalist.torchrun import world_size
 
 FLAGS = {
     "n_examples": "--n-examples",
@@ -44,6 +51,7 @@ FLAGS = {
     "batch_size": "--batch-size",
     "n_iter": "--n-iter",
     "corruptions": "--corruptions",
+    "processes": "--nproc",
 }
 """The library's parameter names and the flags that set them, for its errors' first word."""
 
@@ -86,7 +94,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--attacks",
         action="append",
         metavar="LIST",
-        help=f"comma list, repeatable: {AUTOATTACK} (default), pgd-20, apgd-ce, ...",
+        help=f"comma list, repeatable: {AUTOATTACK} (default; the reference's standard "
+        "version), autoattack-plus, autoattack-rand (EoT, for randomised models), pgd-20, "
+        "apgd-ce, ...",
     )
     parser.add_argument(
         "--threat",
@@ -150,6 +160,14 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
     parser.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="split the points over N processes of this machine (one GPU each; gloo on the CPU): "
+        "runs `torchrun --standalone --nproc-per-node N` for you; per-point results are those "
+        "of one process. A resumed evaluation keeps its number",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         metavar="N",
@@ -179,7 +197,14 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_eval(args: argparse.Namespace) -> int:
     from generalist.evaluation.tables import render_markdown
 
-    out, record = eval_from_args(args)
+    request, resume = request_from_args(args)
+    nproc = request.processes
+    if nproc is not None and nproc != 1 and world_size() == 1:  # not yet under torchrun
+        return _launch(nproc, request, args.argv, resume)
+    with _flags_in_errors():
+        out, record = run_eval(request, resume=resume)
+    if record is None:  # another rank than 0 of a sharded evaluation: rank 0 reports
+        return 0
     print(render_markdown(record), end="")
     print(f"\nwrote {', '.join(record['files'])} to {out}")
     return 0
@@ -187,8 +212,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def eval_from_args(
     args: argparse.Namespace, on_progress: Callable[[Progress], None] | None = None
-) -> tuple[Path, dict[str, Any]]:
-    """Check the flags, build the request (from ``--resume``'s folder too) and run it."""
+) -> tuple[Path, dict[str, Any] | None]:
+    """Check the flags, build the request (from ``--resume``'s folder too) and run it in this
+    process (a rank of it under torchrun: the record is ``None`` on ranks other than 0)."""
+    request, resume = request_from_args(args)
+    with _flags_in_errors():
+        return run_eval(request, resume=resume, on_progress=on_progress)
+
+
+def _launch(nproc: int, request: EvalRequest, argv: list[str], resume: bool) -> int:
+    """This command again on ``nproc`` processes (torchrun; ``--nproc`` is left out of their
+    arguments, the count is theirs from torchrun); its exit status."""
+    from generalist.devices import resolve_device
+
+    with _flags_in_errors():
+        if resume:  # refused here, before torchrun starts and reports a failed worker
+            check_resumable(Path(request.out or ""), STATE_FILE, nproc)
+        return launch_evaluation(nproc, argv, resolve_device(request.device, "device"))
+
+
+def request_from_args(args: argparse.Namespace) -> tuple[EvalRequest, bool]:
+    """The flags checked and turned into an :class:`EvalRequest` (with ``--resume``, the
+    folder's saved one with the flags given on top), and whether it resumes."""
     for flag, value in (
         ("--batch-size", args.batch_size),
         ("--n-iter", args.n_iter),
@@ -224,6 +269,7 @@ def eval_from_args(
         "dataset": args.dataset,
         "data_dir": args.data_dir,
         "corruptions": args.corruptions,
+        "processes": args.nproc,
     }
     run_settings = {
         "device": args.device,
@@ -233,7 +279,7 @@ def eval_from_args(
         "trust_changed_code": args.trust_changed_code,
         "progress": not args.no_progress,
     }
-    try:
+    with _flags_in_errors():
         if args.resume:
             if args.out and Path(args.out) != Path(args.resume):
                 raise ConfigError("--out and --resume name different folders; give only --resume")
@@ -252,7 +298,14 @@ def eval_from_args(
                 out=args.out,
                 **run_settings,
             )
-        return run_eval(request, resume=bool(args.resume), on_progress=on_progress)
+    return request, bool(args.resume)
+
+
+@contextmanager
+def _flags_in_errors() -> Iterator[None]:
+    """The library's errors raised inside, with their parameter names written as flags."""
+    try:
+        yield
     except GeneralistError as exc:
         raise _in_flags(exc) from None
 

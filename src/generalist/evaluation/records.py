@@ -14,8 +14,15 @@ from typing import Any
 
 import torch
 
+from generalist.attacks.cost import PassCount
 from generalist.devices import software_versions
-from generalist.evaluation.suite import AUTOATTACK, AttackOutcome, SuiteResult, ThreatOutcome
+from generalist.evaluation.suite import (
+    AUTOATTACK_VERSIONS,
+    AttackOutcome,
+    SuiteResult,
+    ThreatOutcome,
+    passes_dict,
+)
 
 RECORD_FORMAT = "generalist-eval/1"
 
@@ -29,16 +36,32 @@ def _score(mask: torch.Tensor) -> dict[str, Any]:
     return {"accuracy": _percent(count, mask.numel()), "count": count}
 
 
-def _attack_entry(outcome: AttackOutcome) -> dict[str, Any]:
+def _cost(passes: PassCount, n: int) -> dict[str, Any]:
+    """Passes in all and per evaluated point (clean-wrong points included, as adv-lib counts),
+    so evaluations of different sizes compare at equal cost."""
+    return {
+        **passes_dict(passes),
+        "forward_per_point": round(passes.forward / n, 2) if n else 0.0,
+        "backward_per_point": round(passes.backward / n, 2) if n else 0.0,
+    }
+
+
+def _attack_entry(outcome: AttackOutcome, n: int) -> dict[str, Any]:
     entry = {
         "name": outcome.name,
         "parameters": outcome.parameters,
         **_score(outcome.robust),
         "seconds": round(outcome.seconds, 3),
+        "cost": _cost(outcome.passes, n),
     }
     if outcome.stages:
         entry["stages"] = [
-            {"name": s.name, **_score(s.robust), "seconds": round(s.seconds, 3)}
+            {
+                "name": s.name,
+                **_score(s.robust),
+                "seconds": round(s.seconds, 3),
+                "cost": _cost(s.passes, n),
+            }
             for s in outcome.stages
         ]
     if outcome.rejected:
@@ -46,14 +69,14 @@ def _attack_entry(outcome: AttackOutcome) -> dict[str, Any]:
     return entry
 
 
-def _threat_entry(outcome: ThreatOutcome) -> dict[str, Any]:
+def _threat_entry(outcome: ThreatOutcome, n: int) -> dict[str, Any]:
     threat = outcome.threat
     return {
         "threat": str(threat),
         "norm": threat.norm,
         "eps": threat.eps,
         "eps_text": threat.eps_text,
-        "attacks": [_attack_entry(a) for a in outcome.attacks],
+        "attacks": [_attack_entry(a, n) for a in outcome.attacks],
         "worst_case": _score(outcome.worst_case),
         "warnings": list(outcome.warnings),
     }
@@ -70,7 +93,9 @@ def build_record(
     """The full, self-describing record of one evaluation.
 
     ``model`` holds at least ``path`` and ``sha256``; ``data`` the dataset, split and
-    ``fingerprint``; ``settings`` the seed, batch size, device and attack list.
+    ``fingerprint``; ``settings`` the seed, batch size, device and attack list. ``cost`` (and
+    each attack's and stage's) counts the model's forward and backward passes, in all and per
+    point; with several processes, seconds are summed over them (process-seconds).
     """
     return {
         "format": RECORD_FORMAT,
@@ -80,9 +105,14 @@ def build_record(
         "settings": settings,
         "software": software_versions(),
         "clean": _score(result.clean),
-        "threats": [_threat_entry(t) for t in result.threats],
+        "threats": [_threat_entry(t, result.n_examples) for t in result.threats],
         "union": {"threats": [str(t.threat) for t in result.threats], **_score(result.union)},
         "warnings": list(result.warnings),
+        "cost": {
+            **_cost(result.passes, result.n_examples),
+            "clean": _cost(result.clean_passes, result.n_examples),
+            "checks": _cost(result.check_passes, result.n_examples),
+        },
         "timings": {
             "clean_seconds": round(result.clean_seconds, 3),
             "attack_seconds": {
@@ -109,7 +139,7 @@ def model_info(
     attacks = [a["name"] for a in entry["attacks"]]
     warnings = entry["warnings"] + record["warnings"]
     footnotes = [f"{record['data']['n_examples']} {record['data']['split']} points"]
-    if AUTOATTACK not in attacks:
+    if not any(name in AUTOATTACK_VERSIONS for name in attacks):
         footnotes.append(f"robust accuracy from {', '.join(attacks)} only, not AutoAttack")
     if warnings:
         footnotes.append("sanity checks fired: " + "; ".join(warnings))

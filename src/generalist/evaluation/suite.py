@@ -10,12 +10,19 @@ attack), so every summary is exact set algebra on the same points:
 
 Long evaluations get killed, so the suite keeps a state file, rewritten atomically after every
 batch of every job (AutoAttack: after every batch of every sub-attack). A rerun given the same
-state file skips the finished work and, because every attack reseeds its own generator for each
-call on a fixed batch, ends with exactly the masks an uninterrupted run would have produced.
+state file skips the finished work and, because the attacks seed every random draw of a point by
+its index in the evaluation (APGD, FAB, Square; the others reseed per call on a fixed batch),
+ends with exactly the masks an uninterrupted run would have produced. The same per-point seeding
+makes the masks independent of the batch size, the order of the points and the number of
+processes that share them (:mod:`generalist.evaluation.sharding`).
+
+Every model pass is counted (``attacks.cost.CountingModel``), per attack and AutoAttack stage,
+so the record states what an evaluation cost, not only what it found.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +53,7 @@ from generalist.attacks.checks import (
     cross_entropy_masking_warning,
     is_cross_entropy,
 )
+from generalist.attacks.cost import CountingModel, PassCount
 from generalist.attacks.threat import ThreatModel
 from generalist.data import ImageDataset, to_float
 from generalist.durable import write_text_durably
@@ -54,6 +62,13 @@ from generalist.inference import eval_mode, predicts_correctly
 
 STATE_FORMAT = "generalist-eval-state/1"
 AUTOATTACK = "autoattack"
+AUTOATTACK_VERSIONS = {
+    AUTOATTACK: "standard",
+    f"{AUTOATTACK}-plus": "plus",
+    f"{AUTOATTACK}-rand": "rand",
+}
+"""AutoAttack's versions by the name ``--attacks`` takes: the reference's standard, plus (more
+restarts, untargeted APGD-DLR and FAB) and rand (EoT, for randomised defences)."""
 CHECK_EXAMPLES = 64
 """Examples used by the once-per-model sanity checks (zero gradients, randomness)."""
 
@@ -81,6 +96,7 @@ class StageOutcome:
     name: str
     robust: torch.Tensor
     seconds: float
+    passes: PassCount = field(default_factory=PassCount)
 
 
 @dataclass
@@ -93,6 +109,8 @@ class AttackOutcome:
     stages: list[StageOutcome] = field(default_factory=list)
     rejected: int = 0
     """Adversarial examples outside the ε-ball or [0,1]: never counted as breaking a point."""
+    passes: PassCount = field(default_factory=PassCount)
+    """The model's forward and backward passes this attack spent (AutoAttack: all stages)."""
 
 
 @dataclass
@@ -123,6 +141,15 @@ class SuiteResult:
     threats: list[ThreatOutcome]
     warnings: list[str]
     """Model-level sanity warnings (zero gradients, randomness in the forward pass)."""
+    clean_passes: PassCount = field(default_factory=PassCount)
+    check_passes: PassCount = field(default_factory=PassCount)
+    """What the once-per-model sanity checks cost."""
+
+    @property
+    def passes(self) -> PassCount:
+        """Every pass of the evaluation: clean, checks and every attack of every threat."""
+        attacks = [attack.passes for threat in self.threats for attack in threat.attacks]
+        return total_passes([self.clean_passes, self.check_passes, *attacks])
 
     @property
     def n_examples(self) -> int:
@@ -240,8 +267,8 @@ class EvaluationSuite:
     """Runs ``attacks`` under each of ``threats`` and keeps per-point results.
 
     Attack names are those of :func:`generalist.attacks.list_attacks` plus ``autoattack``
-    (AutoAttack *standard*). Every attack object is built here, so an unknown name or an
-    unsupported threat/attack pair fails before any compute.
+    (AutoAttack *standard*), ``autoattack-plus`` and ``autoattack-rand``. Every attack object is
+    built here, so an unknown name or an unsupported threat/attack pair fails before any compute.
     """
 
     def __init__(
@@ -286,6 +313,10 @@ class EvaluationSuite:
             }
         )
 
+    def full_plan(self, n_examples: int, identity: dict[str, Any] | None) -> dict[str, Any]:
+        """:meth:`plan` with the ``identity`` of model and data, as the state file holds it."""
+        return _plan_json({**self.plan(n_examples), **(identity or {})})
+
     def run(
         self,
         model: nn.Module,
@@ -295,16 +326,27 @@ class EvaluationSuite:
         identity: dict[str, Any] | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         device: torch.device | str = "cpu",
+        indices: torch.Tensor | None = None,
+        model_checks: bool = True,
     ) -> SuiteResult:
         """Evaluate ``model`` on ``data``, resuming from ``state_path`` if it exists.
 
         ``identity`` (model and data hashes, split...) joins the plan, so resuming with another
-        model or other data is refused instead of silently mixing results.
+        model or other data is refused instead of silently mixing results. ``indices`` are the
+        points' places in the whole evaluation (default ``0..N-1``): the attacks seed each
+        point's random draws by it, so a shard of a larger evaluation, or the points in another
+        order, get the same per-point results. ``model_checks=False`` leaves the once-per-model
+        sanity checks to the caller (shards: the merge runs them once, on the whole data).
         """
         if len(data) == 0:
             raise ConfigError("there are no examples to evaluate; raise --n-examples")
-        state = SuiteState(state_path, _plan_json({**self.plan(len(data)), **(identity or {})}))
-        runner = _Runner(self, model, data, state, on_progress, torch.device(device))
+        indices = torch.arange(len(data)) if indices is None else indices.cpu().long()
+        if indices.shape != (len(data),) or len(set(indices.tolist())) != len(data):
+            raise ConfigError(f"indices must be {len(data)} distinct point numbers, one per point")
+        state = SuiteState(state_path, self.full_plan(len(data), identity))
+        runner = _Runner(
+            self, model, data, state, on_progress, torch.device(device), indices, model_checks
+        )
         with eval_mode(model, freeze=True), backends.for_evaluation():  # never TF32 in a figure
             return runner.run()
 
@@ -320,11 +362,15 @@ class _Runner:
         state: SuiteState,
         on_progress: Callable[[Progress], None] | None,
         device: torch.device,
+        indices: torch.Tensor,
+        model_checks: bool,
     ) -> None:
         self.suite = suite
         self.model = model
         self.x = to_float(data.images.cpu())
         self.y = data.labels.cpu()
+        self.indices = indices
+        self.model_checks = model_checks
         if device.type == "cuda":  # page-locked, so each batch's copy runs without a stall
             self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
         self.state = state
@@ -352,8 +398,8 @@ class _Runner:
         )
 
     def run(self) -> SuiteResult:
-        clean, clean_seconds = self._clean()
-        warnings = self._model_checks(clean)
+        clean, clean_seconds, clean_passes = self._clean()
+        warnings, check_passes = self._model_checks(clean)
         threats = []
         for threat in self.suite.threats:
             outcomes = [self._job(threat, name, clean) for name in self.suite.attack_names]
@@ -366,17 +412,18 @@ class _Runner:
             threat_warnings += _black_box_warnings(outcomes, clean)
             threat_warnings += _cross_entropy_warnings(outcomes, clean)
             threats.append(ThreatOutcome(threat, clean, outcomes, threat_warnings))
-        return SuiteResult(clean, clean_seconds, threats, warnings)
+        return SuiteResult(clean, clean_seconds, threats, warnings, clean_passes, check_passes)
 
-    def _clean(self) -> tuple[torch.Tensor, float]:
+    def _clean(self) -> tuple[torch.Tensor, float, PassCount]:
         saved = self.state.data.get("clean")
         if saved is not None:
-            return decode_mask(saved["correct"]), saved["seconds"]
-        start = time.perf_counter()
+            passes = passes_of(saved.get("passes"))
+            return decode_mask(saved["correct"]), saved["seconds"], passes
+        start, counted = time.perf_counter(), CountingModel(self.model)
         correct = torch.cat(
             [
                 predicts_correctly(
-                    self.model,
+                    counted,
                     xb.to(self.device, non_blocking=True),
                     yb.to(self.device, non_blocking=True),
                 ).cpu()
@@ -388,13 +435,20 @@ class _Runner:
             ]
         )
         seconds = time.perf_counter() - start
-        self.state.data["clean"] = {"correct": encode_mask(correct), "seconds": seconds}
+        self.state.data["clean"] = {
+            "correct": encode_mask(correct),
+            "seconds": seconds,
+            "passes": passes_dict(counted.count),
+        }
         self._saved("", "clean", self.n)
-        return correct, seconds
+        return correct, seconds, counted.count
 
-    def _model_checks(self, clean: torch.Tensor) -> list[str]:
-        """AutoAttack's sanity checks on the model itself, run once (they cost forward passes)."""
+    def _model_checks(self, clean: torch.Tensor) -> tuple[list[str], PassCount]:
+        """AutoAttack's sanity checks on the model itself, run once (they cost passes too)."""
+        if not self.model_checks:
+            return [], PassCount()
         if "checks" not in self.state.data:
+            counted = CountingModel(self.model)
             idx = clean.nonzero().squeeze(1)[:CHECK_EXAMPLES]
             if idx.numel() == 0:
                 idx = torch.arange(min(CHECK_EXAMPLES, self.n))
@@ -402,56 +456,68 @@ class _Runner:
                 self.x[idx].to(self.device, non_blocking=True),
                 self.y[idx].to(self.device, non_blocking=True),
             )
-            found = check_zero_gradients(self.model, x, y) + check_randomness(self.model, x)
+            found = check_zero_gradients(counted, x, y) + check_randomness(counted, x)
             self.state.data["checks"] = list(found)
+            self.state.data["check_passes"] = passes_dict(counted.count)
             self._saved("", "checks", self.n)
-        return list(self.state.data["checks"])
+        passes = passes_of(self.state.data.get("check_passes"))
+        return list(self.state.data["checks"]), passes
 
     def _job(self, threat: ThreatModel, name: str, clean: torch.Tensor) -> AttackOutcome:
         attack = self.suite.attacks[(str(threat), name)]
         key = f"{threat} {name}"
-        if name == AUTOATTACK:
-            return self._autoattack(key, threat, attack, clean)
+        if isinstance(attack, AutoAttack):
+            return self._autoattack(key, name, threat, attack, clean)
         job = self.state.job(key)
         robust = decode_mask(job["robust"])
         with self._bar(key, job["done"]) as bar:
             for start in range(job["done"], self.n, self.suite.batch_size):
                 stop = min(start + self.suite.batch_size, self.n)
                 began = time.perf_counter()
-                survived, rejected = self._attack_batch(threat, attack, clean, start, stop)
+                survived, rejected, spent = self._attack_batch(threat, attack, clean, start, stop)
                 robust = torch.cat([robust, survived])
+                passes = total_passes([passes_of(job.get("passes")), spent])
                 job.update(
                     done=stop,
                     robust=encode_mask(robust),
                     seconds=job["seconds"] + time.perf_counter() - began,
                     rejected=job["rejected"] + rejected,
+                    passes=passes_dict(passes),
                 )
                 self._saved(str(threat), name, stop)
                 bar.update(stop - start)
         return AttackOutcome(
-            name, attack.describe(), robust, job["seconds"], rejected=job["rejected"]
+            name,
+            attack.describe(),
+            robust,
+            job["seconds"],
+            rejected=job["rejected"],
+            passes=passes_of(job.get("passes")),
         )
 
     def _attack_batch(
         self, threat: ThreatModel, attack: Any, clean: torch.Tensor, start: int, stop: int
-    ) -> tuple[torch.Tensor, int]:
-        """Attack the clean-correct points of ``[start, stop)``; returns (robust mask, rejected)."""
+    ) -> tuple[torch.Tensor, int, PassCount]:
+        """Attack the clean-correct points of ``[start, stop)``: (robust mask, rejected, passes
+        of the attack and of the check of its output)."""
         survived = clean[start:stop].clone()
         idx = survived.nonzero().squeeze(1) + start
+        counted = CountingModel(self.model)
         if idx.numel() == 0:
-            return survived, 0
+            return survived, 0, counted.count
         x, y = (
             self.x[idx].to(self.device, non_blocking=True),
             self.y[idx].to(self.device, non_blocking=True),
         )
-        x_adv = attack(self.model, x, y)
+        per_point = {"indices": self.indices[idx].to(self.device)} if _takes_indices(attack) else {}
+        x_adv = attack(counted, x, y, **per_point)
         bad = ~feasible(threat, x, x_adv)
-        still_right = predicts_correctly(self.model, x_adv, y) | bad
+        still_right = predicts_correctly(counted, x_adv, y) | bad
         survived[idx - start] = still_right.cpu()
-        return survived, int(bad.sum())
+        return survived, int(bad.sum()), counted.count
 
     def _autoattack(
-        self, key: str, threat: ThreatModel, attack: AutoAttack, clean: torch.Tensor
+        self, key: str, name: str, threat: ThreatModel, attack: AutoAttack, clean: torch.Tensor
     ) -> AttackOutcome:
         """AutoAttack keeps its own resumable state; it is stored inside the suite's file.
 
@@ -468,7 +534,7 @@ class _Runner:
 
         def saved_progress(progress: AutoAttackProgress) -> None:
             job["autoattack"] = progress.state.to_dict()
-            stage = f"{AUTOATTACK}/{progress.attack}"
+            stage = f"{name}/{progress.attack}"
             self._saved(str(threat), stage, progress.done, progress.total)
             if progress.attack == "clean":
                 return
@@ -483,6 +549,7 @@ class _Runner:
                 self.model,
                 self.x.to(self.device, non_blocking=True),
                 self.y.to(self.device, non_blocking=True),
+                indices=self.indices.to(self.device),
                 state=aa_state,
                 on_progress=saved_progress,
                 batch_size=self.suite.batch_size,
@@ -493,28 +560,55 @@ class _Runner:
         job["warnings"] = check_black_box_beats_white_box(result)
         job["warnings"] += check_cross_entropy_against_margin(result)
         stages = [
-            StageOutcome(name, result.robust_after[name].cpu(), result.seconds.get(name, 0.0))
-            for name in result.attacks
+            StageOutcome(
+                stage,
+                result.robust_after[stage].cpu(),
+                result.seconds.get(stage, 0.0),
+                passes_of(result.cost.get(stage)),
+            )
+            for stage in result.attacks
         ]
+        total = total_passes([passes_of(cost) for cost in result.cost.values()])
         return AttackOutcome(
-            AUTOATTACK,
+            name,
             attack.describe(),
             result.robust.cpu(),
             sum(result.seconds.values()),
             stages=stages,
             rejected=sum(result.rejected.values()),
+            passes=total,
         )
 
 
+def passes_of(saved: dict[str, Any] | None) -> PassCount:
+    """The passes a state file holds (none before anything was counted)."""
+    saved = saved or {}
+    return PassCount(int(saved.get("forward", 0)), int(saved.get("backward", 0)))
+
+
+def passes_dict(passes: PassCount) -> dict[str, int]:
+    return {"forward": passes.forward, "backward": passes.backward}
+
+
+def total_passes(counts: Sequence[PassCount]) -> PassCount:
+    return PassCount(sum(c.forward for c in counts), sum(c.backward for c in counts))
+
+
+def _takes_indices(attack: Any) -> bool:
+    """Whether the attack seeds its draws by the points' global indices (an attack without
+    randomness, or a user's plug-in, may not take them)."""
+    return "indices" in inspect.signature(attack).parameters
+
+
 def _build_attack(name: str, threat: ThreatModel, *, seed: int, n_iter: int | None) -> Any:
-    if name == AUTOATTACK:
+    if name in AUTOATTACK_VERSIONS:
         iterations = {} if n_iter is None else {"n_iter": n_iter}
-        return AutoAttack(threat, version="standard", seed=seed, **iterations)
+        return AutoAttack(threat, version=AUTOATTACK_VERSIONS[name], seed=seed, **iterations)
     try:
         return create_attack(name, threat, seed=seed, n_iter=n_iter)
     except ConfigError as exc:
         if str(exc).startswith("unknown attack"):
-            raise ConfigError(f"{exc}, or {AUTOATTACK}") from None
+            raise ConfigError(f"{exc}, or {', '.join(AUTOATTACK_VERSIONS)}") from None
         raise
 
 

@@ -21,6 +21,14 @@ def _acc(score: dict[str, Any], n: int) -> list[str]:
     return [f"{score['accuracy']:.2f}", f"{score['count']} / {n}"]
 
 
+def _passes(cost: dict[str, Any] | None) -> list[str]:
+    """Forward and backward passes per point: the cost two evaluations compare at (blank in
+    records written before passes were counted)."""
+    if cost is None:
+        return ["", ""]
+    return [f"{cost['forward_per_point']:.1f}", f"{cost['backward_per_point']:.1f}"]
+
+
 def threat_table(record: dict[str, Any], entry: dict[str, Any]) -> str:
     """Clean, every attack (AutoAttack: after each of its stages, cumulatively), worst case."""
     n = record["data"]["n_examples"]
@@ -29,15 +37,22 @@ def threat_table(record: dict[str, Any], entry: dict[str, Any]) -> str:
     ]
     lines.append("")
     lines += _header(
-        ["attack", "accuracy (%)", "robust / total", "time (s)"], ["---", "---:", "---:", "---:"]
+        ["attack", "accuracy (%)", "robust / total", "fwd / point", "bwd / point", "time (s)"],
+        ["---", "---:", "---:", "---:", "---:", "---:"],
     )
-    lines.append(_row(["clean", *_acc(record["clean"], n), ""]))
+    lines.append(
+        _row(
+            ["clean", *_acc(record["clean"], n), *_passes(record.get("cost", {}).get("clean")), ""]
+        )
+    )
     for attack in entry["attacks"]:
         for stage in attack.get("stages", []):
             name = f"{attack['name']}: after {stage['name']}"
-            lines.append(_row([name, *_acc(stage, n), f"{stage['seconds']:.1f}"]))
-        lines.append(_row([attack["name"], *_acc(attack, n), f"{attack['seconds']:.1f}"]))
-    lines.append(_row(["**worst case**", *_acc(entry["worst_case"], n), ""]))
+            cells = [*_acc(stage, n), *_passes(stage.get("cost")), f"{stage['seconds']:.1f}"]
+            lines.append(_row([name, *cells]))
+        cells = [*_acc(attack, n), *_passes(attack.get("cost")), f"{attack['seconds']:.1f}"]
+        lines.append(_row([attack["name"], *cells]))
+    lines.append(_row(["**worst case**", *_acc(entry["worst_case"], n), "", "", ""]))
     warnings = entry["warnings"] + record["warnings"]
     if warnings:
         lines += [
@@ -75,6 +90,21 @@ def summary_table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cost_line(record: dict[str, Any]) -> str:
+    """The whole evaluation's cost: passes per point and attack time (process-seconds)."""
+    cost = record.get("cost")
+    if cost is None:
+        return ""
+    seconds = sum(a["seconds"] for entry in record["threats"] for a in entry["attacks"])
+    processes = record["settings"].get("processes", 1)
+    over = f" over {processes} processes" if processes > 1 else ""
+    return (
+        f"Cost: {cost['forward_per_point']:.1f} forward and {cost['backward_per_point']:.1f} "
+        f"backward passes per point in all ({cost['forward']} and {cost['backward']}), "
+        f"{seconds:.1f} s of attacks{over}."
+    )
+
+
 def render_markdown(record: dict[str, Any]) -> str:
     model = record["model"]
     data = record["data"]
@@ -87,7 +117,9 @@ def render_markdown(record: dict[str, Any]) -> str:
     parts = ["\n".join(head)]
     parts += [threat_table(record, entry) for entry in record["threats"]]
     if record["threats"]:
-        parts.append("### Summary\n\n" + summary_table(record))
+        parts.append(
+            "\n\n".join(p for p in ("### Summary", summary_table(record), cost_line(record)) if p)
+        )
     if record.get("corruptions"):
         from generalist.evaluation.corruptions import corruption_markdown
 

@@ -31,7 +31,13 @@ Schema = Any
 matches any other key); ``[schema]`` for a list; a tuple for alternatives (``None`` allowed)."""
 
 SCORE = {"accuracy": NUMBER, "count": COUNT}
-STAGE = {"name": TEXT, "accuracy": NUMBER, "count": COUNT, "seconds": NUMBER}
+PASSES = {
+    "forward": COUNT,
+    "backward": COUNT,
+    "forward_per_point": NUMBER,
+    "backward_per_point": NUMBER,
+}
+STAGE = {"name": TEXT, "accuracy": NUMBER, "count": COUNT, "seconds": NUMBER, "cost?": PASSES}
 ATTACK = {**STAGE, "stages?": [STAGE]}
 THREAT = {
     "threat": TEXT,
@@ -57,8 +63,9 @@ EVALUATION = {
     "created?": TEXT,
     "model": {"path": TEXT, "sha256": TEXT},
     "data": {"n_examples": COUNT, "split": TEXT, "dataset": TEXT, "fingerprint": TEXT},
-    "settings": {"attacks": [TEXT], "seed": int},
+    "settings": {"attacks": [TEXT], "seed": int, "processes?": COUNT},
     "clean": SCORE,
+    "cost?": {**PASSES, "clean?": PASSES},
     "threats": [THREAT],
     "union": SCORE,
     "warnings": [TEXT],

@@ -42,10 +42,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -57,9 +53,10 @@ from torch import nn
 from generalist.config import Config
 from generalist.data import EpochBatches
 from generalist.errors import ConfigError, GeneralistError
+from generalist.torchrun import check_gpus, said_by_rank_zero, world_size
 from generalist.training.generalist import GeneralistMerge
 from generalist.training.learner import Learner
-from generalist.training.signals import STOP_SIGNALS, TrainingInterrupted
+from generalist.training.signals import TrainingInterrupted
 from generalist.training.state import (
     TrainingState,
     capture,
@@ -87,20 +84,6 @@ def replicas_per_learner(processes: int, config: Config, launcher: str) -> int:
             "inside each learner)"
         )
     return processes // learners
-
-
-def check_gpus(processes: int, device: torch.device, launcher: str) -> None:
-    """Refuse more processes on this machine than it has GPUs, on a GPU run: each rank takes
-    ``cuda:LOCAL_RANK``, and NCCL cannot share one GPU between two ranks."""
-    if device.type != "cuda":
-        return
-    gpus = torch.cuda.device_count()
-    if processes > gpus:
-        raise ConfigError(
-            f"{launcher} {processes} processes on this machine, which has {gpus} GPU(s): every "
-            f"process needs a GPU of its own (NCCL cannot share one), so start at most {gpus} "
-            "here, train in one process (no --nproc), or add --device cpu"
-        )
 
 
 class SingleProcess:
@@ -196,7 +179,7 @@ class LearnerParallel(SingleProcess):
         return f" · {self.world_size} processes ({per}, {dist.get_backend()})"
 
     def check(self, config: Config, batches: EpochBatches) -> None:
-        with _said_by_rank_zero():
+        with said_by_rank_zero():
             self._check_replicas(config, batches)
 
     def _check_replicas(self, config: Config, batches: EpochBatches) -> None:
@@ -410,70 +393,6 @@ def _learner_part(tensors: dict[str, torch.Tensor], learner: int) -> dict[str, t
     }
 
 
-def launch(nproc: int, argv: Sequence[str]) -> int:
-    """``generalist ARGV`` on ``nproc`` local processes through torchrun; its exit status.
-
-    torchrun runs in its own session, so a Ctrl-C reaches the workers once (forwarded from
-    here), not also straight from the terminal, which they would take for a second signal.
-    """
-    if world_size() > 1:
-        raise ConfigError("--nproc starts torchrun itself; leave it out under torchrun")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "generalist",
-        *_without_nproc(argv),
-    ]
-    child = subprocess.Popen(command, start_new_session=True)
-    if threading.current_thread() is not threading.main_thread():
-        return child.wait()
-    previous = {
-        sig: signal.signal(sig, lambda signum, _: child.send_signal(signum)) for sig in STOP_SIGNALS
-    }
-    try:
-        return child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _without_nproc(argv: Sequence[str]) -> list[str]:
-    kept: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            kept.append(arg)
-    return kept
-
-
-def is_rank_zero() -> bool:
-    """Whether this process speaks for the run (always, without torchrun)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-@contextmanager
-def _said_by_rank_zero() -> Iterator[None]:
-    """An error every rank raises alike is printed once, by rank 0 (see ``quiet`` in the CLI)."""
-    try:
-        yield
-    except GeneralistError as exc:
-        exc.quiet = not is_rank_zero()
-        raise
-
-
-def world_size() -> int:
-    """The number of processes torchrun started (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 @contextmanager
 def processes(config: Config, device: torch.device) -> Iterator[SingleProcess]:
     """This process's placement: :class:`SingleProcess`, or under torchrun a
@@ -485,7 +404,7 @@ def processes(config: Config, device: torch.device) -> Iterator[SingleProcess]:
     if size == 1 and owned:  # a group of one set up by the caller still takes the group path
         yield SingleProcess(device)
         return
-    with _said_by_rank_zero():
+    with said_by_rank_zero():
         replicas = replicas_per_learner(size, config, "torchrun started")
         local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
         check_gpus(local, device, "torchrun started")
