@@ -180,6 +180,28 @@ def refuse_repeats(runs_dir: Path, runs: list[Finished]) -> None:
         seen[key] = folder.name
 
 
+def provenance(runs: list[Finished]) -> str:
+    """Where each run trained and whether it was resumed (its ``manifest.json``): runs of one
+    table may come from different machines, and a reader should see which."""
+    machines: dict[str, list[str]] = defaultdict(list)
+    resumed = []
+    for folder, match, _ in runs:
+        path = folder / "manifest.json"
+        if not path.is_file():
+            continue
+        manifest = json.loads(path.read_text())
+        device = manifest.get("device", {})
+        name = f"r{match['rung']}-s{match['seed']}"
+        machines[f"{device.get('type', '?')} ({device.get('name', '?')})"].append(name)
+        if manifest.get("resumes"):
+            resumed.append(f"{name} ({len(manifest['resumes'])}×)")
+    if not machines:
+        return ""
+    lines = [f"- trained on {where}: {', '.join(names)}" for where, names in machines.items()]
+    lines.append(f"- resumed from a checkpoint: {', '.join(resumed) if resumed else 'none'}")
+    return "Where the runs trained (`manifest.json`):\n\n" + "\n".join(lines) + "\n"
+
+
 def build(runs_dir: Path) -> str:
     runs = finished_runs(runs_dir)
     refuse_repeats(runs_dir, runs)
@@ -232,7 +254,12 @@ def build(runs_dir: Path) -> str:
             )
             + " |"
         )
-    parts = ["\n".join(lines) + "\n", paired_steps(rows, threats), loop_tests(runs)]
+    parts = [
+        "\n".join(lines) + "\n",
+        paired_steps(rows, threats),
+        loop_tests(runs),
+        provenance(runs),
+    ]
     return "\n".join(part for part in parts if part)
 
 
