@@ -386,6 +386,11 @@ def main() -> None:
         f"clean accuracy {100 * clean:.2f}%",
         flush=True,
     )
+    for layout in (torch.contiguous_format, torch.channels_last):
+        # the process's one-off start-up (lazy initialisation, thread pools) goes to no side
+        sample = x[: args.batch_size].contiguous(memory_format=layout)
+        call = ModelCall(tuple(sample.shape), sample.stride(), sample.dtype, grad=True)
+        time_call(model, call, repeats=1, device=device)
     accuracies: dict[str, list[float]] = {"ours": [], "pyautoattack": []}
     ratios = []
     timer = FloorTimer(model, device, args.floor_repeats)
