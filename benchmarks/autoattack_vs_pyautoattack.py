@@ -5,8 +5,16 @@ after the other, so the time ratio compares implementations, not machines (on a 
 the ratio is what to quote, not the seconds). Per stage it prints the points attacked, forward
 and backward passes per attacked point (counted at the model for both), seconds and the ratio
 ours / reference; then both robust accuracies and the points only one of them broke. With
-``--seeds 0 1 2`` it repeats everything per seed and prints the spread of both accuracies
-(Square's random search is the only stage whose draws differ between the two).
+``--seeds 0 1 2`` it repeats everything per seed, ours first for even-indexed seeds and the
+reference first for odd ones (so a load that drifts favours neither), and prints the spread of
+both accuracies (Square's random search is the only stage whose draws differ between the two)
+and the ratio per seed.
+
+Per stage it also prints the floor of both: the model alone replaying the stage's calls (every
+call's input shape, memory layout and whether it was backpropagated is recorded while the
+attacks run), each kind of call timed after a warm-up call and multiplied by how often the stage
+made it. ``ours/floor`` is what a stage spends beyond its passes; a stage near 1.0 can only get
+faster through fewer or cheaper passes.
 
 Models (trained once and cached under ``--cache-dir``, reused afterwards):
 
@@ -22,15 +30,18 @@ Models (trained once and cached under ``--cache-dir``, reused afterwards):
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from generalist.attacks import AutoAttack, ThreatModel
-from generalist.attacks.cost import CountingModel
+from generalist.attacks import AutoAttack, AutoAttackProgress, ThreatModel
+from generalist.attacks.cost import CallTally, CountingModel, ModelCall, PassCount, RecordingModel
 from generalist.attacks.pgd import pgd
 from generalist.checkpoint import load_model, save_model
 from generalist.data import load_splits, to_float
@@ -51,7 +62,7 @@ REFERENCE_OWNERS = {
 """Which attribute of the reference's AutoAttack runs each stage."""
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=sorted(DATA), default="cifar10")
     parser.add_argument("--threat", default=None, help="default: Linf:8/255 (cifar10), Linf:0.3")
@@ -64,7 +75,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=500, help="attack batch size")
     parser.add_argument("--n-iter", type=int, default=100, help="iterations (quick checks only)")
     parser.add_argument("--n-queries", type=int, default=5000, help="Square (quick checks only)")
-    return parser.parse_args()
+    parser.add_argument(
+        "--floor-repeats",
+        type=_positive,
+        default=3,
+        help="timed replays per kind of model call for the floor (median; default 3)",
+    )
+    return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def model_spec(dataset: str, info) -> dict:
@@ -130,15 +154,23 @@ def cached_model(args: argparse.Namespace, splits, device: torch.device) -> torc
 
 
 def run_ours(model, x, y, threat, seed, args) -> tuple[float, torch.Tensor, dict]:
+    """Our AutoAttack; each stage's calls are binned by the progress reports, which come after
+    each batch of each stage, as the stage's pass counts are."""
     attack = AutoAttack(threat, version=args.version, seed=seed, n_iter=args.n_iter)
     for sub in attack.attacks:
         if sub.name == "square":
             sub.n_queries = args.n_queries
+    recorder = RecordingModel(model)
+    calls: dict[str, CallTally] = {}
+
+    def bin_calls(progress: AutoAttackProgress) -> None:
+        calls.setdefault(progress.attack, CallTally()).add(recorder.take())
+
     started = time.perf_counter()
-    result = attack.run(model, x, y, batch_size=args.batch_size)
+    result = attack.run(recorder, x, y, batch_size=args.batch_size, on_progress=bin_calls)
     seconds = time.perf_counter() - started
     stages = {
-        name: {**result.cost[name], "points": int(before.sum())}
+        name: {**result.cost[name], "points": int(before.sum()), "calls": calls[name]}
         for name, before in zip(
             result.attacks,
             [result.clean_correct, *[result.robust_after[n] for n in result.attacks[:-1]]],
@@ -149,13 +181,13 @@ def run_ours(model, x, y, threat, seed, args) -> tuple[float, torch.Tensor, dict
 
 
 def run_reference(model, x, y, threat, seed, args) -> tuple[float, torch.Tensor, dict]:
-    """The reference with each stage's ``perturb`` wrapped to add up its points, passes and
-    seconds (FAB and FAB-T share one object; the stage name is read from its mode)."""
+    """The reference with each stage's ``perturb`` wrapped to add up its points, passes, calls
+    and seconds (FAB and FAB-T share one object; the stage name is read from its mode)."""
     from pyautoattack import AutoAttack as ReferenceAutoAttack
 
-    counted = CountingModel(model)
+    recorder = RecordingModel(model)
     reference = ReferenceAutoAttack(
-        counted, norm=threat.norm, eps=threat.eps, version=args.version, seed=seed,
+        recorder, norm=threat.norm, eps=threat.eps, version=args.version, seed=seed,
         device=args.device,
     )  # fmt: skip
     for owner in (reference.apgd, reference.apgd_targeted, reference.fab):
@@ -178,16 +210,20 @@ def run_reference(model, x, y, threat, seed, args) -> tuple[float, torch.Tensor,
                 name = f"apgd-{owner.loss}"
             else:
                 name = "square" if owner is reference.square else "apgd-t"
-            counted.count.forward = counted.count.backward = 0
+            recorder.count.forward = recorder.count.backward = 0
+            recorder.take()  # the reference's own checks between stages belong to no stage
             started = time.perf_counter()
             x_adv = perturb(x, y)
+            seconds = time.perf_counter() - started
             stage = stages.setdefault(
-                name, {"points": 0, "forward": 0, "backward": 0, "seconds": 0.0}
+                name,
+                {"points": 0, "forward": 0, "backward": 0, "seconds": 0.0, "calls": CallTally()},
             )
             stage["points"] += len(x)
-            stage["forward"] += counted.count.forward
-            stage["backward"] += counted.count.backward
-            stage["seconds"] += time.perf_counter() - started
+            stage["forward"] += recorder.count.forward
+            stage["backward"] += recorder.count.backward
+            stage["seconds"] += seconds
+            stage["calls"].add(recorder.take())
             return x_adv
 
         owner.perturb = timed
@@ -206,20 +242,131 @@ def run_reference(model, x, y, threat, seed, args) -> tuple[float, torch.Tensor,
     return seconds, robust, stages
 
 
+RUNNERS = {"ours": run_ours, "pyautoattack": run_reference}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def replay_input(call: ModelCall, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) images of the call's shape, dtype and memory layout (its strides; a layout
+    that is not dense, such as a strided view, is replayed contiguous)."""
+    numel = math.prod(call.shape)
+    pairs = zip(call.shape, call.stride, strict=True)
+    extent = 1 + sum((size - 1) * stride for size, stride in pairs)
+    if numel > 0 and extent == numel:
+        x = torch.empty_strided(call.shape, call.stride, dtype=call.dtype, device=device)
+    else:
+        x = torch.empty(call.shape, dtype=call.dtype, device=device)
+    return x.uniform_()
+
+
+@dataclass(frozen=True)
+class CallCost:
+    """One replayed call of a kind: the median seconds of its forward (building a graph if the
+    kind did) and of one backward to the input, and the passes over points each makes, counted
+    at the model as the attacks' passes are."""
+
+    forward_s: float
+    backward_s: float
+    forward_points: int
+    backward_points: int
+
+
+def time_call(model: nn.Module, call: ModelCall, repeats: int, device: torch.device) -> CallCost:
+    """One untimed call first (oneDNN and cuDNN pick and build their kernels per shape), then the
+    median of ``repeats`` timed ones: forward-only kinds under ``inference_mode``, the others
+    with the input requiring its gradient and, timed apart, ``autograd.grad`` to the input."""
+    counted = CountingModel(model)
+    x = replay_input(call, device)
+    forward_s, backward_s = [], []
+    for repeat in range(repeats + 1):
+        counted.count = PassCount()
+        synchronize(device)
+        began = time.perf_counter()
+        if call.grad:
+            x_in = x.detach().requires_grad_(True)
+            out = counted(x_in)
+            synchronize(device)
+            forwarded = time.perf_counter()
+            torch.autograd.grad(out, x_in, torch.ones_like(out))
+        else:
+            with torch.inference_mode():
+                counted(x)
+            synchronize(device)
+            forwarded = time.perf_counter()
+        synchronize(device)
+        if repeat > 0:
+            forward_s.append(forwarded - began)
+            backward_s.append(time.perf_counter() - forwarded)
+    return CallCost(
+        forward_s=statistics.median(forward_s),
+        backward_s=statistics.median(backward_s) if call.grad else 0.0,
+        forward_points=counted.count.forward,
+        backward_points=counted.count.backward,
+    )
+
+
+class FloorTimer:
+    """Prices a stage's calls at their floor: the model alone replaying them, each kind of call
+    timed once (:func:`time_call`) and multiplied by how often the stage made it. The timings
+    are kept, so later stages, the other implementation and later seeds only time new kinds."""
+
+    def __init__(self, model: nn.Module, device: torch.device, repeats: int) -> None:
+        self.model, self.device, self.repeats = model, device, repeats
+        self.timings: dict[ModelCall, CallCost] = {}
+        self.seconds = 0.0
+        """Spent timing, for the record."""
+
+    def price(self, calls: CallTally) -> tuple[float, PassCount]:
+        """The floor's seconds and the passes over points its replay makes."""
+        began = time.perf_counter()
+        for call in calls.forward.keys() | calls.backward.keys():
+            if call not in self.timings:
+                self.timings[call] = time_call(self.model, call, self.repeats, self.device)
+        self.seconds += time.perf_counter() - began
+        cost = self.timings
+        seconds = sum(n * cost[c].forward_s for c, n in calls.forward.items()) + sum(
+            n * cost[c].backward_s for c, n in calls.backward.items()
+        )
+        replayed = PassCount(
+            forward=sum(n * cost[c].forward_points for c, n in calls.forward.items()),
+            backward=sum(n * cost[c].backward_points for c, n in calls.backward.items()),
+        )
+        return seconds, replayed
+
+
 def print_stages(ours: dict, ref: dict) -> None:
+    """Per stage: points, passes per point and seconds of both, and the floor of both (their
+    passes alone, replayed) with ours / our floor; then the stages' totals."""
     print(
         "   stage      points   fwd/pt ours  ref    bwd/pt ours  ref    "
-        "seconds ours    ref  ours/ref"
+        "seconds ours    ref  ours/ref   floor ours    ref  ours/floor"
     )
-    for name, stage in ours.items():
-        other = ref.get(name, {"points": 0, "forward": 0, "backward": 0, "seconds": 0.0})
+    empty = {"points": 0, "forward": 0, "backward": 0, "seconds": 0.0, "floor": 0.0}
+    rows = [(name, stage, ref.get(name, empty)) for name, stage in ours.items()]
+    # the totals per point are over the points the first stage attacked (the clean-correct ones)
+    totals = [
+        {
+            **{key: sum(s[key] for s in stages.values()) for key in empty},
+            "points": next(iter(stages.values()), empty)["points"],
+        }
+        for stages in (ours, ref)
+    ]
+    rows.append(("total", *totals))
+    for name, stage, other in rows:
         per = lambda s, key: s[key] / max(s["points"], 1)  # noqa: E731
-        ratio = stage["seconds"] / other["seconds"] if other["seconds"] > 0 else float("nan")
+        ratio = lambda a, b: a / b if b > 0 else float("nan")  # noqa: E731
         print(
             f"   {name:<9} {stage['points']:4d}/{other['points']:<4d} "
             f"{per(stage, 'forward'):9.0f} {per(other, 'forward'):6.0f} "
             f"{per(stage, 'backward'):9.0f} {per(other, 'backward'):6.0f} "
-            f"{stage['seconds']:12.1f} {other['seconds']:7.1f} {ratio:8.2f}"
+            f"{stage['seconds']:12.1f} {other['seconds']:7.1f} "
+            f"{ratio(stage['seconds'], other['seconds']):8.2f} "
+            f"{stage['floor']:12.1f} {other['floor']:6.1f} "
+            f"{ratio(stage['seconds'], stage['floor']):10.2f}"
         )
 
 
@@ -239,30 +386,54 @@ def main() -> None:
         f"clean accuracy {100 * clean:.2f}%",
         flush=True,
     )
+    for layout in (torch.contiguous_format, torch.channels_last):
+        # the process's one-off start-up (lazy initialisation, thread pools) goes to no side
+        sample = x[: args.batch_size].contiguous(memory_format=layout)
+        call = ModelCall(tuple(sample.shape), sample.stride(), sample.dtype, grad=True)
+        time_call(model, call, repeats=1, device=device)
     accuracies: dict[str, list[float]] = {"ours": [], "pyautoattack": []}
     ratios = []
-    for seed in args.seeds:
-        ours_s, ours_robust, ours_stages = run_ours(model, x, y, threat, seed, args)
-        ref_s, ref_robust, ref_stages = run_reference(model, x, y, threat, seed, args)
+    timer = FloorTimer(model, device, args.floor_repeats)
+    for i, seed in enumerate(args.seeds):
+        # alternate who goes first, so a load that drifts during a seed favours neither side
+        order = ["ours", "pyautoattack"] if i % 2 == 0 else ["pyautoattack", "ours"]
+        runs = {side: RUNNERS[side](model, x, y, threat, seed, args) for side in order}
+        (ours_s, ours_robust, ours_stages), (ref_s, ref_robust, ref_stages) = (
+            runs["ours"],
+            runs["pyautoattack"],
+        )
         accuracies["ours"].append(100 * ours_robust.float().mean().item())
         accuracies["pyautoattack"].append(100 * ref_robust.float().mean().item())
         ratios.append(ours_s / ref_s)
         print(
-            f"seed {seed}: ours {ours_s:.1f} s, pyautoattack {ref_s:.1f} s, "
+            f"seed {seed} ({order[0]} first): ours {ours_s:.1f} s, pyautoattack {ref_s:.1f} s, "
             f"ratio ours/pyautoattack {ours_s / ref_s:.2f}; robust accuracy ours "
             f"{accuracies['ours'][-1]:.2f}%, pyautoattack {accuracies['pyautoattack'][-1]:.2f}%; "
             f"broken only by ours {int((ref_robust & ~ours_robust).sum())}, "
             f"only by pyautoattack {int((ours_robust & ~ref_robust).sum())}",
             flush=True,
         )
+        for stage in [*ours_stages.values(), *ref_stages.values()]:
+            stage["floor"], stage["replayed"] = timer.price(stage["calls"])
         print_stages(ours_stages, ref_stages)
+        print(
+            f"   floor: the model alone replaying each stage's calls, {len(timer.timings)} kinds "
+            f"of call (shape, layout, with or without backward) timed so far in "
+            f"{timer.seconds:.1f} s, median of {args.floor_repeats} after a warm-up call",
+            flush=True,
+        )
     if len(args.seeds) > 1:
         for name, values in accuracies.items():
             print(
                 f"{name}: robust accuracy {statistics.mean(values):.2f}% "
-                f"(min {min(values):.2f}, max {max(values):.2f}, sd {statistics.stdev(values):.2f})"
+                f"(min {min(values):.2f}, max {max(values):.2f}, "
+                f"spread {max(values) - min(values):.2f} pp, sd {statistics.stdev(values):.2f})"
             )
-        print(f"time ratio ours/pyautoattack per seed: {', '.join(f'{r:.2f}' for r in ratios)}")
+        print(
+            "time ratio ours/pyautoattack per seed: "
+            + ", ".join(f"{r:.2f} (seed {s})" for r, s in zip(ratios, args.seeds, strict=True))
+            + f"; min {min(ratios):.2f}, max {max(ratios):.2f}"
+        )
 
 
 if __name__ == "__main__":
