@@ -29,7 +29,9 @@ from generalist.plain_yaml import YamlSyntaxError, load_plain_yaml
 from generalist.training.tasks import ATTACK_FIELDS, TaskSpec, task_spec
 
 MAX_CONFIG_BYTES = 1 << 20
+"""A config is a few kB: a file beyond this is the wrong path given to ``--config``."""
 MAX_OVERRIDE_CHARS = 10_000
+"""The longest ``--set`` value: beyond any real one (a learner given inline is a few hundred)."""
 
 
 def build_config(

@@ -52,6 +52,10 @@ def dotted_key(prefix: str, name: str) -> str:
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """``value`` as the type ``hint`` names (a field's annotation), or a ConfigError at ``key``.
+
+    YAML gives no float for ``8/255`` and no text for ``0.625``: floats are parsed as numbers
+    (fractions included), text keys also take a number as written."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if hint is Any:

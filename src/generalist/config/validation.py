@@ -91,6 +91,49 @@ def _validate_run(config: Config) -> None:
     _choice(config.precision, PRECISIONS, "precision")
 
 
+def validate_name(name: str) -> None:
+    """A run name is one folder name: no separators, no ``..``, room for the timestamp."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(
+            f"name: {cut(name)} is not a folder name; use letters, digits, '-', '_' or '.' "
+            "without '/', and put the run elsewhere with --out"
+        )
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ConfigError(
+            f"name: {len(name.encode('utf-8'))} bytes is too long for a folder name; use at "
+            f"most {MAX_NAME_BYTES}"
+        )
+
+
+def _validate_out_dir(out_dir: str) -> None:
+    """The folder runs go into must be a folder, or creatable as one (no file in the way)."""
+    path = Path(out_dir)
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                where = "is" if ancestor == path else f"is below {ancestor}, which is"
+                raise ConfigError(f"out_dir: {cut(out_dir)} {where} a file; give a folder")
+            return
+
+
+def _validate_device(device: str) -> None:
+    """A device that exists on this machine: ``mps`` without Apple's GPU, or ``cuda:3`` on a
+    two-GPU machine, fails here at ``--dry-run`` rather than when the weights are moved."""
+    if device == "auto":
+        return
+    import torch
+
+    from generalist.devices import resolve_device
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device: {cut(device)} cannot train; use auto, cpu, cuda or cuda:N")
+    resolve_device(device)
+
+
 def _validate_dataset_and_model(config: Config) -> None:
     """A dataset and a model that exist, registered or given by import path, and keyword
     arguments the model accepts."""
@@ -140,6 +183,11 @@ def _validate_budgets(budgets: dict[str, BudgetConfig]) -> None:
             _positive(parse_step_size(budget.step_size, eps, f"budgets.{norm}.step_size"), norm)
 
 
+def _positive(step_size: float, norm: str) -> None:
+    if not step_size > 0:
+        raise ConfigError(f"budgets.{norm}.step_size: must be > 0, got {step_size:g}")
+
+
 def _validate_learners(config: Config) -> None:
     """At least one learner, each with a valid task and optimizer, and γ that sum to 1."""
     if not config.learners:
@@ -148,47 +196,6 @@ def _validate_learners(config: Config) -> None:
     for name, learner in config.learners.items():
         _validate_learner(config, name, learner)
     validate_gammas(config)
-
-
-def _validate_merge(config: Config) -> None:
-    """The EMA, how the learners start, and when the global learner is copied back."""
-    merge = config.merge
-    _validate_ema(merge)
-    _choice(merge.init, INIT_POLICIES, "merge.init")
-    _choice(merge.redistribute.policy, REDISTRIBUTE_POLICIES, "merge.redistribute.policy")
-    redistribute_rule(config)
-
-
-def _validate_init_from(config: Config) -> None:
-    """Saved weights to start from exist, and every learner starts from them."""
-    if config.model.init_from is None:
-        return
-    if not Path(config.model.init_from).exists():
-        raise ConfigError(
-            f"model.init_from: {config.model.init_from} does not exist; pass a run "
-            "directory or a model.safetensors file"
-        )
-    if config.merge.init != "same":
-        raise ConfigError("model.init_from: needs merge.init: same (one shared start)")
-
-
-def _validate_eval(config: Config) -> None:
-    """Validation and test attacks, how often they run, and how ``model-best`` is chosen."""
-    _at_least(config.eval.val_steps, 0, "eval.val_steps")
-    _at_least(config.eval.test_steps, 0, "eval.test_steps")
-    _at_least(config.eval.every, 1, "eval.every")
-    _validate_selection(config.eval)
-    if config.eval.test_examples is not None:
-        _at_least(config.eval.test_examples, 1, "eval.test_examples")
-    config.eval_threats()
-
-
-def _validate_logging(logging: LoggingConfig) -> None:
-    """TensorBoard scalars need the ``tensorboard`` extra installed (said now, not at epoch 1)."""
-    if logging.tensorboard:
-        from generalist.tensorboard import require_tensorboard
-
-        require_tensorboard()
 
 
 def _validate_robust_preset_keeps_an_attack(config: Config) -> None:
@@ -213,67 +220,6 @@ def _validate_robust_preset_keeps_an_attack(config: Config) -> None:
             f"learner{'s' if len(robust) > 1 else ''} ({', '.join(robust)}) is standard "
             "training; use --preset standard, or keep a learner with an attack"
         )
-
-
-def _validate_unlabeled(config: Config) -> None:
-    """``data.unlabeled`` and ``pseudo_labels``: present exactly when an rst learner reads them."""
-    source = config.data.unlabeled
-    readers = [n for n, lc in config.learners.items() if _reads_unlabeled(lc.task.type)]
-    if readers and source is None:
-        raise ConfigError(
-            f"learners.{readers[0]}.task.type: {config.learners[readers[0]].task.type} needs "
-            f"unlabeled images; set data.unlabeled to {UNLABELED_REST!r} (with "
-            "data.train_limit), an .npz holding x_unlabeled, or a folder of images"
-        )
-    labeler = config.pseudo_labels
-    if source is None:
-        if labeler.model is not None or labeler.epochs is not None:
-            raise ConfigError(
-                "pseudo_labels: only runs with data.unlabeled pseudo-label; remove it or set "
-                "data.unlabeled"
-            )
-        return
-    if not readers:
-        kinds = "/".join(t for t in list_tasks() if _reads_unlabeled(t))
-        raise ConfigError(
-            f"data.unlabeled: no learner uses unlabeled images (only task.type {kinds} does); "
-            f"remove it or add an {kinds} learner"
-        )
-    if source == UNLABELED_REST:
-        if config.data.train_limit is None:
-            raise ConfigError(
-                f"data.unlabeled: {UNLABELED_REST} needs data.train_limit (the labeled part); "
-                "the training examples beyond it become the unlabeled data"
-            )
-    elif not Path(source).expanduser().exists():
-        raise ConfigError(
-            f"data.unlabeled: {source} does not exist; pass {UNLABELED_REST!r}, an .npz "
-            "holding x_unlabeled, or a folder of images"
-        )
-    if labeler.model is not None and not Path(labeler.model).exists():
-        raise ConfigError(
-            f"pseudo_labels.model: {labeler.model} does not exist; pass a run directory or a "
-            "model.safetensors file, or leave it unset to train a labeler first"
-        )
-    if labeler.epochs is not None:
-        _at_least(labeler.epochs, 1, "pseudo_labels.epochs")
-
-
-def _reads_unlabeled(kind: str) -> bool:
-    return task_spec(kind).capabilities.reads_unlabeled
-
-
-def _validate_checkpoint(checkpoint: CheckpointConfig) -> None:
-    """When checkpoints are written, how many are kept, and what a non-finite loss does."""
-    if checkpoint.every_steps is not None:
-        _at_least(checkpoint.every_steps, 1, "checkpoint.every_steps")
-    minutes = checkpoint.every_minutes
-    if minutes is not None and not minutes > 0:
-        raise ConfigError(
-            f"checkpoint.every_minutes: must be > 0, got {minutes:g}; use null to turn it off"
-        )
-    _at_least(checkpoint.keep, 1, "checkpoint.keep")
-    _choice(checkpoint.on_nonfinite, NONFINITE_POLICIES, "checkpoint.on_nonfinite")
 
 
 def _validate_learner(config: Config, name: str, learner: LearnerConfig) -> None:
@@ -340,6 +286,14 @@ def _validate_task(config: Config, key: str, task: TaskConfig) -> None:
     spec.check(task.params, f"{key}.params", config.epochs)
 
 
+def _explicit_step_size(config: Config, task: TaskConfig, threat: ThreatModel) -> bool:
+    """Whether the step size was written down rather than defaulted to 2.5·ε/steps."""
+    if task.step_size is not None:
+        return True
+    budget = config.budgets.get(threat.norm)
+    return task.eps is None and budget is not None and budget.step_size is not None
+
+
 def validate_gammas(config: Config) -> None:
     """γ_i(e) must lie in [0, 1] and sum to 1 at every epoch e = 1..E (docs/algorithm.md)."""
     remainders = [n for n, lc in config.learners.items() if lc.gamma == REMAINDER]
@@ -365,6 +319,15 @@ def validate_gammas(config: Config) -> None:
             )
 
 
+def _validate_merge(config: Config) -> None:
+    """The EMA, how the learners start, and when the global learner is copied back."""
+    merge = config.merge
+    _validate_ema(merge)
+    _choice(merge.init, INIT_POLICIES, "merge.init")
+    _choice(merge.redistribute.policy, REDISTRIBUTE_POLICIES, "merge.redistribute.policy")
+    redistribute_rule(config)
+
+
 def _validate_ema(merge: MergeConfig) -> None:
     if merge.ema_decay != "auto":
         decay = parse_number(merge.ema_decay, "merge.ema_decay")
@@ -377,22 +340,6 @@ def _validate_ema(merge: MergeConfig) -> None:
         raise ConfigError(
             f"merge.ema_horizon: {float(horizon):g} must be a fraction of the run's steps in "
             "(0, 1], e.g. 1000/46920 (the official run)"
-        )
-
-
-def _validate_selection(evaluation: EvalConfig) -> None:
-    _choice(evaluation.select, SELECTION_CRITERIA, "eval.select")
-    gate = evaluation.select_min_clean
-    if evaluation.select == "clean_gated_robust":
-        if gate is None or not 0 <= gate <= 100:
-            raise ConfigError(
-                "eval.select_min_clean: clean_gated_robust needs a clean-accuracy gate in "
-                "[0, 100] %, e.g. --set eval.select_min_clean=88"
-            )
-    elif gate is not None:
-        raise ConfigError(
-            f"eval.select_min_clean: only eval.select=clean_gated_robust uses it (here "
-            f"{evaluation.select}); remove it"
         )
 
 
@@ -430,60 +377,113 @@ def redistribute_rule(config: Config) -> tuple[str, Fraction, Fraction]:
     return unit, start, every
 
 
-def validate_name(name: str) -> None:
-    """A run name is one folder name: no separators, no ``..``, room for the timestamp."""
-    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise ConfigError(
-            f"name: {cut(name)} is not a folder name; use letters, digits, '-', '_' or '.' "
-            "without '/', and put the run elsewhere with --out"
-        )
-    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
-        raise ConfigError(
-            f"name: {len(name.encode('utf-8'))} bytes is too long for a folder name; use at "
-            f"most {MAX_NAME_BYTES}"
-        )
-
-
-def _validate_out_dir(out_dir: str) -> None:
-    """The folder runs go into must be a folder, or creatable as one (no file in the way)."""
-    path = Path(out_dir)
-    for ancestor in (path, *path.parents):
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                where = "is" if ancestor == path else f"is below {ancestor}, which is"
-                raise ConfigError(f"out_dir: {cut(out_dir)} {where} a file; give a folder")
-            return
-
-
-def _validate_device(device: str) -> None:
-    """A device that exists on this machine: ``mps`` without Apple's GPU, or ``cuda:3`` on a
-    two-GPU machine, fails here at ``--dry-run`` rather than when the weights are moved."""
-    if device == "auto":
+def _validate_init_from(config: Config) -> None:
+    """Saved weights to start from exist, and every learner starts from them."""
+    if config.model.init_from is None:
         return
-    import torch
-
-    from generalist.devices import resolve_device
-
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        kind = None
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device: {cut(device)} cannot train; use auto, cpu, cuda or cuda:N")
-    resolve_device(device)
+    if not Path(config.model.init_from).exists():
+        raise ConfigError(
+            f"model.init_from: {config.model.init_from} does not exist; pass a run "
+            "directory or a model.safetensors file"
+        )
+    if config.merge.init != "same":
+        raise ConfigError("model.init_from: needs merge.init: same (one shared start)")
 
 
-def _explicit_step_size(config: Config, task: TaskConfig, threat: ThreatModel) -> bool:
-    """Whether the step size was written down rather than defaulted to 2.5·ε/steps."""
-    if task.step_size is not None:
-        return True
-    budget = config.budgets.get(threat.norm)
-    return task.eps is None and budget is not None and budget.step_size is not None
+def _validate_unlabeled(config: Config) -> None:
+    """``data.unlabeled`` and ``pseudo_labels``: present exactly when an rst learner reads them."""
+    source = config.data.unlabeled
+    readers = [n for n, lc in config.learners.items() if _reads_unlabeled(lc.task.type)]
+    if readers and source is None:
+        raise ConfigError(
+            f"learners.{readers[0]}.task.type: {config.learners[readers[0]].task.type} needs "
+            f"unlabeled images; set data.unlabeled to {UNLABELED_REST!r} (with "
+            "data.train_limit), an .npz holding x_unlabeled, or a folder of images"
+        )
+    labeler = config.pseudo_labels
+    if source is None:
+        if labeler.model is not None or labeler.epochs is not None:
+            raise ConfigError(
+                "pseudo_labels: only runs with data.unlabeled pseudo-label; remove it or set "
+                "data.unlabeled"
+            )
+        return
+    if not readers:
+        kinds = "/".join(t for t in list_tasks() if _reads_unlabeled(t))
+        raise ConfigError(
+            f"data.unlabeled: no learner uses unlabeled images (only task.type {kinds} does); "
+            f"remove it or add an {kinds} learner"
+        )
+    if source == UNLABELED_REST:
+        if config.data.train_limit is None:
+            raise ConfigError(
+                f"data.unlabeled: {UNLABELED_REST} needs data.train_limit (the labeled part); "
+                "the training examples beyond it become the unlabeled data"
+            )
+    elif not Path(source).expanduser().exists():
+        raise ConfigError(
+            f"data.unlabeled: {source} does not exist; pass {UNLABELED_REST!r}, an .npz "
+            "holding x_unlabeled, or a folder of images"
+        )
+    if labeler.model is not None and not Path(labeler.model).exists():
+        raise ConfigError(
+            f"pseudo_labels.model: {labeler.model} does not exist; pass a run directory or a "
+            "model.safetensors file, or leave it unset to train a labeler first"
+        )
+    if labeler.epochs is not None:
+        _at_least(labeler.epochs, 1, "pseudo_labels.epochs")
 
 
-def _positive(step_size: float, norm: str) -> None:
-    if not step_size > 0:
-        raise ConfigError(f"budgets.{norm}.step_size: must be > 0, got {step_size:g}")
+def _reads_unlabeled(kind: str) -> bool:
+    return task_spec(kind).capabilities.reads_unlabeled
+
+
+def _validate_eval(config: Config) -> None:
+    """Validation and test attacks, how often they run, and how ``model-best`` is chosen."""
+    _at_least(config.eval.val_steps, 0, "eval.val_steps")
+    _at_least(config.eval.test_steps, 0, "eval.test_steps")
+    _at_least(config.eval.every, 1, "eval.every")
+    _validate_selection(config.eval)
+    if config.eval.test_examples is not None:
+        _at_least(config.eval.test_examples, 1, "eval.test_examples")
+    config.eval_threats()
+
+
+def _validate_selection(evaluation: EvalConfig) -> None:
+    _choice(evaluation.select, SELECTION_CRITERIA, "eval.select")
+    gate = evaluation.select_min_clean
+    if evaluation.select == "clean_gated_robust":
+        if gate is None or not 0 <= gate <= 100:
+            raise ConfigError(
+                "eval.select_min_clean: clean_gated_robust needs a clean-accuracy gate in "
+                "[0, 100] %, e.g. --set eval.select_min_clean=88"
+            )
+    elif gate is not None:
+        raise ConfigError(
+            f"eval.select_min_clean: only eval.select=clean_gated_robust uses it (here "
+            f"{evaluation.select}); remove it"
+        )
+
+
+def _validate_checkpoint(checkpoint: CheckpointConfig) -> None:
+    """When checkpoints are written, how many are kept, and what a non-finite loss does."""
+    if checkpoint.every_steps is not None:
+        _at_least(checkpoint.every_steps, 1, "checkpoint.every_steps")
+    minutes = checkpoint.every_minutes
+    if minutes is not None and not minutes > 0:
+        raise ConfigError(
+            f"checkpoint.every_minutes: must be > 0, got {minutes:g}; use null to turn it off"
+        )
+    _at_least(checkpoint.keep, 1, "checkpoint.keep")
+    _choice(checkpoint.on_nonfinite, NONFINITE_POLICIES, "checkpoint.on_nonfinite")
+
+
+def _validate_logging(logging: LoggingConfig) -> None:
+    """TensorBoard scalars need the ``tensorboard`` extra installed (said now, not at epoch 1)."""
+    if logging.tensorboard:
+        from generalist.tensorboard import require_tensorboard
+
+        require_tensorboard()
 
 
 def _at_most(value: int, high: int, key: str) -> None:
