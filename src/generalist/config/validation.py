@@ -60,7 +60,14 @@ from generalist.training.tasks import TaskSpec, list_tasks, task_spec
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks that types alone cannot express; raises ConfigError naming the key."""
+    """Cross-field checks that types alone cannot express; raises ConfigError naming the key.
+
+    The sections are checked about in ``config.yaml``'s order, a check that reads another
+    section after that one (``model.init_from`` reads ``merge.init``, ``data.unlabeled`` the
+    learners), and the first mistake is the one reported. ``config`` is completed in place:
+    each task's ``params`` become its parameters dataclass and an import-path task's source
+    file is recorded (:func:`resolve_task`), so a ``Config`` edited in Python is checked and
+    completed the same way as a built one."""
     _validate_run(config)
     _validate_dataset_and_model(config)
     _validate_data(config.data)
