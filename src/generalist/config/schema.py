@@ -4,7 +4,8 @@ A ``Config`` is plain dataclasses, one per section of ``config.yaml``; the docst
 field is its documentation (``generalist train --dry-run`` prints the resolved values). The
 allowed values of the choice keys and the limits of the numeric ones are named here too, so the
 schema is read in one place; :mod:`generalist.config.building` fills it from presets, YAML and
-``--set``, and :mod:`generalist.config.validation` checks it against these.
+``--set``, and :mod:`generalist.config.validation` checks it against these. ``Config`` also
+answers which attack a task means (:meth:`Config.threat_of`), its gaps filled from ``budgets``.
 """
 
 from __future__ import annotations
@@ -324,6 +325,8 @@ class Config:
         return threat, steps, step_size
 
     def eval_threats(self) -> list[ThreatModel]:
+        """The threats validation and the final test attack with: ``eval.threats`` if given,
+        else each attacking learner's (in learner order, once each), else ``budgets.Linf``."""
         if self.eval.threats:
             return [ThreatModel.parse(t) for t in self.eval.threats]
         threats: list[ThreatModel] = []
