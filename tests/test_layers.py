@@ -14,6 +14,7 @@ import pytest
 import generalist
 
 PACKAGE = Path(generalist.__file__).parent
+CONFIG_ROOMS = [{"config.schema"}, {"config.coercion"}, {"config.validation"}, {"config.building"}]
 LAYERS = [
     # shared building blocks: no knowledge of configs, runs or training
     {"", "errors", "durable", "schedules", "devices", "inference", "tensorboard"}
@@ -24,7 +25,11 @@ LAYERS = [
     # never a config (training/recipe.py reads those off the config)
     {"training.tasks", "training.generalist", "training.learner"}
     | {"training.cure", "training.mixup", "training.unlabeled_pool"},
-    {"config", "preflight"},
+    # the config's rooms, each a layer of its own: the schema imports no other room, the
+    # coercer reads plain data into it, validation checks it, building layers and validates
+    # ("config" is the package's __init__, its public names)
+    *CONFIG_ROOMS[:-1],
+    CONFIG_ROOMS[-1] | {"config", "preflight"},
     {"checkpoint", "rundir", "manifest"},
     {"evaluation"},
     {"training"},
@@ -143,5 +148,31 @@ def test_the_algorithm_core_sits_below_the_config(tmp_path):
     bad.write_text("from generalist.config import Config\nfrom generalist.training import loop\n")
     assert _imports(bad) == [(1, "config"), (2, "training")]
     core = _layer(PACKAGE / "training" / "tasks" / "trades.py")
-    assert core == _layer(PACKAGE / "training" / "generalist.py") < LAYER_OF["config"]
+    assert core == _layer(PACKAGE / "training" / "generalist.py") < LAYER_OF["config.schema"]
+    assert core == _layer(PACKAGE / "training" / "learner.py")
     assert _layer(PACKAGE / "training" / "loop.py") > LAYER_OF["config"]
+
+
+def test_every_config_module_is_a_room():
+    """A new file in ``config/`` must be placed among the rooms, or it would pass as the
+    package's top and could import any room."""
+    rooms = {name for room in CONFIG_ROOMS for name in room}
+    files = {f"config.{p.stem}" for p in (PACKAGE / "config").glob("*.py") if p.stem != "__init__"}
+    assert files == rooms
+    assert all(_layer(PACKAGE / "config" / f"{name[7:]}.py") == LAYER_OF[name] for name in rooms)
+
+
+def test_the_config_rooms_point_down(tmp_path):
+    """schema < coercion < validation < building: a schema that imported validation, or
+    validation that imported building (which calls it), would be an upward import; so would a
+    room importing the package's public names instead of the room that defines them."""
+    layers = [LAYER_OF[name] for room in CONFIG_ROOMS for name in room]
+    assert layers == sorted(set(layers))
+    assert LAYER_OF["config"] == LAYER_OF["config.building"]
+    bad = tmp_path / "schema.py"
+    bad.write_text(
+        "from generalist.config.validation import validate\n"
+        "from generalist.config import Config\n"
+        "from generalist.config import schema\n"
+    )
+    assert _imports(bad) == [(1, "config.validation"), (2, "config"), (3, "config.schema")]

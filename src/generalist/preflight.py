@@ -9,7 +9,7 @@ of the run and by ``--dry-run``, with the key that changes it.
 
 from __future__ import annotations
 
-from generalist.config import MIN_VALIDATION_IMAGES, Config
+from generalist.config.schema import MIN_VALIDATION_IMAGES, Config
 from generalist.data.probe import probe_images
 from generalist.errors import DataError
 from generalist.presets import list_profiles, recipe_band

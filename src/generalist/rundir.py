@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from generalist.config import Config
+from generalist.config.schema import Config
 from generalist.durable import append_text, write_text_durably
 from generalist.errors import CheckpointError
 from generalist.runlock import LOCK_FILE, lock_folder, release_folder

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from generalist.checkpoint import WEIGHTS_FILE, load_model, sha256_file
-from generalist.config import Config, build_config
+from generalist.config.building import build_config
+from generalist.config.schema import Config
 from generalist.data import DataSplits, load_splits, to_float
 from generalist.data.folders import FolderOptions
 from generalist.data.splits import unused_training_examples

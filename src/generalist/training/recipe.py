@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from generalist.config import Config, OptimizerConfig, TaskConfig, redistribute_rule, resolve_task
+from generalist.config.schema import Config, OptimizerConfig, TaskConfig
+from generalist.config.validation import redistribute_rule, resolve_task
 from generalist.schedules import PiecewiseLinear, mixing_weights, parse_exact, parse_number
 from generalist.training import generalist
 from generalist.training.generalist import EpochPlan
