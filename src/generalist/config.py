@@ -42,6 +42,7 @@ from generalist.schedules import (
     parse_step_size,
 )
 from generalist.threads import MAX_THREADS
+from generalist.training.generalist import START_RULES
 from generalist.training.tasks import ATTACK_FIELDS, TaskSpec, list_tasks, task_spec
 
 UNLABELED_REST = "rest"
@@ -49,7 +50,7 @@ UNLABELED_REST = "rest"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 REDISTRIBUTE_POLICIES = ("per_step_in_epoch", "once_per_c_epochs", "never")
 SELECTION_CRITERIA = ("clean+robust", "robust", "clean_gated_robust", "none")
-INIT_POLICIES = ("same", "independent")
+INIT_POLICIES = tuple(START_RULES)  # merge.init: the rules training/generalist.py defines
 NONFINITE_POLICIES = ("stop", "skip")
 MAX_CONFIG_BYTES = 1 << 20
 MAX_OVERRIDE_CHARS = 10_000

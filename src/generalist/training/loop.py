@@ -18,7 +18,6 @@ ranks must agree on. Alone, it does nothing.
 
 from __future__ import annotations
 
-import copy
 import json
 import signal
 import time
@@ -56,8 +55,9 @@ from generalist.training.distributed import SingleProcess, processes
 from generalist.training.generalist import (
     EpochPlan,
     GeneralistMerge,
+    end_epoch,
     generalist_step,
-    mix_initial_global,
+    start_models,
 )
 from generalist.training.init import initialize_from
 from generalist.training.learner import Learner
@@ -156,14 +156,16 @@ def build_learners(
     base = base.to(device, memory_format=memory_format)
     initialize_from(base, config.model.init_from, spec)
     gammas = gamma_schedules(config)
+    models, global_model = start_models(
+        config.merge.init,
+        base,
+        lambda: create_model(name, **kwargs).to(device, memory_format=memory_format),
+        [gamma(1) for gamma in gammas],
+        seed=config.seed,
+    )
     autocast = training_autocast(resolve_precision(config.precision, device), device)
     learners = []
-    for index, (lname, lc) in enumerate(config.learners.items()):
-        if config.merge.init == "same":
-            model = copy.deepcopy(base)
-        else:
-            torch.manual_seed(config.seed + 1000 * (index + 1))
-            model = create_model(name, **kwargs).to(device, memory_format=memory_format)
+    for index, ((lname, lc), model) in enumerate(zip(config.learners.items(), models, strict=True)):
         seed = config.seed * 7919 + index + 1
         generator = torch.Generator(device=device).manual_seed(seed)
         learners.append(
@@ -178,13 +180,6 @@ def build_learners(
                 skip_nonfinite=config.checkpoint.on_nonfinite == "skip",
                 autocast=autocast,
             )
-        )
-    global_model = copy.deepcopy(base)
-    if config.merge.init != "same":
-        mix_initial_global(
-            global_model,
-            [learner.model for learner in learners],
-            [learner.gamma(1) for learner in learners],
         )
     return learners, global_model
 
@@ -476,8 +471,7 @@ def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> N
             raise _interrupted(saved, signum, state, len(s.batches), s.run.path)
         if due:
             checkpoints.save("schedule")
-    if plan.redistribute and not plan.every_step:  # once_per_c_epochs: at the epoch's end
-        s.merge.redistribute()
+    end_epoch(s.merge, plan)
     record = _epoch_record(state, epoch, plan, epoch_started, config.schedule_granularity)
     validated = len(s.splits.val) > 0  # data.val_size: 0 validates and selects nothing
     if validated and (epoch % config.eval.every == 0 or epoch == config.epochs):
