@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -277,22 +277,11 @@ class Session:
     merge: GeneralistMerge
     state: TrainingState
     batches: EpochBatches
-    checkpoints: Checkpointer
-    echo: Any
-    source: MemoryBatches | StreamingBatches = field(init=False)
+    source: MemoryBatches | StreamingBatches
     """The training batches: indexed out of the split on the device, or streamed from disk."""
-    threats: list[ThreatModel] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.source = training_batches(
-            self.config,
-            self.splits,
-            self.batches,
-            self.state.augment_generator,
-            self.parallel,
-            self.echo,
-        )
-        self.threats = self.config.eval_threats()
+    checkpoints: Checkpointer
+    threats: list[ThreatModel]
+    echo: Any
 
     def batch(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The augmented ``batch`` (this replica's slice of it, data-parallel)."""
@@ -309,6 +298,18 @@ class Session:
         return losses
 
 
+@dataclass
+class _Training:
+    """What the steps change: the learners, the merge of their models, and the state around
+    them that a checkpoint saves."""
+
+    learners: list[Learner]
+    global_model: nn.Module
+    merge: GeneralistMerge
+    state: TrainingState
+    batches: EpochBatches
+
+
 def _setup(
     config: Config,
     run: RunDir | None,
@@ -319,10 +320,42 @@ def _setup(
     pseudo: PseudoLabeled | None = None,
     initial: nn.Module | None = None,
 ) -> Session:
-    """Data, learners, state and run directory; with ``resume``, the state of the checkpoint."""
-    device = parallel.device
+    """Load the data, build the run, then restore it (``resume``) or start it."""
     if resume and run is not None:
         _check_recorded_plugins(run)  # before any data is read: an edited model file stops here
+    splits = _load_data(config, echo)
+    spec = model_spec(config, splits)
+    training = _build_training(config, splits, spec, parallel, pseudo, initial)
+    if run is None:
+        run = RunDir(parallel.on_main(lambda: RunDir.create(config.out_dir, config.name).path))
+    checkpoints = _restore_or_start(
+        config, run, splits, spec, parallel, training, resume=resume, echo=echo, pseudo=pseudo
+    )
+    session = Session(
+        config=config,
+        parallel=parallel,
+        run=run,
+        splits=splits,
+        spec=spec,
+        learners=training.learners,
+        here=parallel.local(training.learners),
+        global_model=training.global_model,
+        merge=training.merge,
+        state=training.state,
+        batches=training.batches,
+        source=training_batches(
+            config, splits, training.batches, training.state.augment_generator, parallel, echo
+        ),
+        checkpoints=checkpoints,
+        threats=config.eval_threats(),
+        echo=echo,
+    )
+    _announce(session, resume)
+    return session
+
+
+def _load_data(config: Config, echo: Any) -> DataSplits:
+    """The run's train, validation and test splits; a warning if validation is too small."""
     splits = load_splits(
         config.data.dataset,
         config.data.data_dir,
@@ -333,10 +366,22 @@ def _setup(
         folder=FolderOptions.from_settings(config.data),
         echo=echo,
     )
-    spec = model_spec(config, splits)
     small_validation = validation_split_warning(len(splits.val), config)
     if small_validation is not None:
         echo(small_validation)
+    return splits
+
+
+def _build_training(
+    config: Config,
+    splits: DataSplits,
+    spec: dict[str, Any],
+    parallel: SingleProcess,
+    pseudo: PseudoLabeled | None,
+    initial: nn.Module | None,
+) -> _Training:
+    """The learners, the global model and their merge, and the state of a run at its start."""
+    device = parallel.device
     pool = None
     if pseudo is not None:
         images, labels = pseudo.unlabeled.images.to(device), pseudo.labels.to(device)
@@ -344,11 +389,11 @@ def _setup(
     learners, global_model = build_learners(config, spec, device, pool, initial)
     batches = EpochBatches(len(splits.train), config.data.batch_size, config.seed)
     parallel.check(config, batches)
-    if run is None:
-        run = RunDir(parallel.on_main(lambda: RunDir.create(config.out_dir, config.name).path))
-    ema = ema_cap_record(config, len(batches))
     merge = parallel.merge(
-        learners, global_model, decay_max=ema["d_max"], warmup=config.merge.warmup
+        learners,
+        global_model,
+        decay_max=ema_cap_record(config, len(batches))["d_max"],
+        warmup=config.merge.warmup,
     )
     if config.model.compile:  # after the teachers' deep copies; in place, so no key changes
         compile_in_place(*(learner.model for learner in learners), global_model)
@@ -358,6 +403,24 @@ def _setup(
         augment_generator=torch.Generator(device=device).manual_seed(config.seed),
         epoch_losses=torch.zeros(len(batches), len(learners), device=device),
     )
+    return _Training(learners, global_model, merge, state, batches)
+
+
+def _restore_or_start(
+    config: Config,
+    run: RunDir,
+    splits: DataSplits,
+    spec: dict[str, Any],
+    parallel: SingleProcess,
+    training: _Training,
+    *,
+    resume: bool,
+    echo: Any,
+    pseudo: PseudoLabeled | None,
+) -> Checkpointer:
+    """The run's checkpoints: with ``resume``, the state of the newest one (restored in place
+    on every rank); the run's files written or, resumed, noted."""
+    state = training.state
     fingerprints = data_fingerprints(splits)
     train_fingerprint = fingerprints["train"]["fingerprint"]
     store = CheckpointStore(run.checkpoints_path, keep=config.checkpoint.keep)
@@ -369,8 +432,8 @@ def _setup(
     if parallel.is_main:
         run.write_config(config)
         if not resume or not run.manifest_path.is_file():  # killed before it was written
-            manifest = build_manifest(config, device, splits.info.name, fingerprints)
-            manifest["ema"] = ema
+            manifest = build_manifest(config, parallel.device, splits.info.name, fingerprints)
+            manifest["ema"] = ema_cap_record(config, len(training.batches))
             if pseudo is not None:
                 manifest["pseudo_labels"] = pseudo.record
             plugins = _plugin_records(config, spec)
@@ -380,7 +443,7 @@ def _setup(
         if resume:
             note_resume(run, resumed_from, echo)
         run.metrics_sinks = metrics_sinks(config, run.path)  # before the first record
-    checkpoints = Checkpointer(
+    return Checkpointer(
         store,
         state,
         config,
@@ -389,40 +452,28 @@ def _setup(
         collect=parallel.gather_learners,
         on_main=parallel.on_main,
     )
-    info = splits.info
-    precision = resolve_precision(config.precision, device)
-    session = Session(
-        config=config,
-        parallel=parallel,
-        run=run,
-        splits=splits,
-        spec=spec,
-        learners=learners,
-        here=parallel.local(learners),
-        global_model=global_model,
-        merge=merge,
-        state=state,
-        batches=batches,
-        checkpoints=checkpoints,
-        echo=echo,
-    )
-    echo(
-        f"run {run.path} · {config.name} · {len(learners)} learner(s) "
-        f"({', '.join(f'{learner.name}:{learner.task.name}' for learner in learners)}) · "
-        f"{config.model.name} · "
-        f"{info.name} train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)} "
-        f"· {device} {precision}{parallel.describe()}"
+
+
+def _announce(s: Session, resume: bool) -> None:
+    """Say what runs, and from where it resumes; on resume, rewrite the best model's files."""
+    info, state, device = s.splits.info, s.state, s.parallel.device
+    precision = resolve_precision(s.config.precision, device)
+    s.echo(
+        f"run {s.run.path} · {s.config.name} · {len(s.learners)} learner(s) "
+        f"({', '.join(f'{learner.name}:{learner.task.name}' for learner in s.learners)}) · "
+        f"{s.config.model.name} · "
+        f"{info.name} train {len(s.splits.train)} / val {len(s.splits.val)} / "
+        f"test {len(s.splits.test)} · {device} {precision}{s.parallel.describe()}"
     )
     if resume and state.step:
-        echo(
-            f"resuming at epoch {state.epoch}, batch {state.batch}/{len(batches)} "
-            f"(step {state.step}) from {checkpoints.latest}"
+        s.echo(
+            f"resuming at epoch {state.epoch}, batch {state.batch}/{len(s.batches)} "
+            f"(step {state.step}) from {s.checkpoints.latest}"
         )
-    if resume and state.best is not None and parallel.is_main:
+    if resume and state.best is not None and s.parallel.is_main:
         # The files may be newer than the checkpoint (killed between the two writes), or torn:
         # the checkpoint's copy is the one this run continues from.
-        _save_best(session)
-    return session
+        _save_best(s)
 
 
 def _plugin_records(config: Config, spec: dict[str, Any]) -> dict[str, Any]:
