@@ -11,13 +11,15 @@ the next lives in a :class:`~generalist.training.state.TrainingState`, which che
 and restore whole, so a run killed at any moment and resumed ends bit-identical to one that
 never stopped (on the CPU; GPU kernels may not be deterministic).
 
-Under torchrun every rank runs this same loop; a placement object from
-:mod:`~generalist.training.distributed` says which learners train here and exchanges what the
-ranks must agree on. Alone, it does nothing.
+Under torchrun every rank runs this same loop; its
+:class:`~generalist.training.placement.Placement` says which learners train here and exchanges
+what the ranks must agree on (alone, it does nothing). The loop builds the merge on the
+placement's all-reduce and keeps the NaN policy.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import time
@@ -51,7 +53,6 @@ from generalist.tensorboard import metrics_sinks
 from generalist.threads import apply_threads
 from generalist.training.batch_source import MemoryBatches, batch_augment, training_batches
 from generalist.training.chance import chance_level_warnings
-from generalist.training.distributed import SingleProcess, processes
 from generalist.training.generalist import (
     EpochPlan,
     GeneralistMerge,
@@ -61,6 +62,13 @@ from generalist.training.generalist import (
 )
 from generalist.training.init import initialize_from
 from generalist.training.learner import Learner
+from generalist.training.placement import Placement
+from generalist.training.processes import (
+    check_replicas,
+    gather_learner_states,
+    placement,
+    share_restored_state,
+)
 from generalist.training.pseudo_label import PseudoLabeled, prepare_pseudo_labels
 from generalist.training.recipe import (
     build_optimizer,
@@ -224,7 +232,7 @@ def train(
         run, pseudo_labeled = prepare_pseudo_labels(
             config, run, train_labeler=_labeler_trainer(progress, echo), echo=echo
         )
-    with processes(config, device) as parallel:
+    with placement(config, device) as parallel:
         if not parallel.is_main:
             progress, echo = False, _silent
         backends.configure(parallel.device, deterministic=config.deterministic)
@@ -266,7 +274,7 @@ class Session:
     """Everything :func:`_setup` builds for the epochs: one run in progress."""
 
     config: Config
-    parallel: SingleProcess
+    parallel: Placement
     run: RunDir
     splits: DataSplits
     spec: dict[str, Any]
@@ -290,7 +298,7 @@ class Session:
 
     def settle_losses(self, losses: torch.Tensor) -> torch.Tensor:
         """Every learner's loss; stops (or skips the batch) at a NaN/inf one."""
-        losses = self.parallel.gather_losses(losses, self.learners)
+        losses = self.parallel.gather_losses(losses)
         # One host sync per step, against a PGD step's dozens of kernels: a NaN is caught at
         # the step that made it, before it reaches the merge or a checkpoint.
         if not bool(torch.isfinite(losses).all()):
@@ -313,7 +321,7 @@ class _Training:
 def _setup(
     config: Config,
     run: RunDir | None,
-    parallel: SingleProcess,
+    parallel: Placement,
     *,
     resume: bool,
     echo: Any,
@@ -338,7 +346,7 @@ def _setup(
         splits=splits,
         spec=spec,
         learners=training.learners,
-        here=parallel.local(training.learners),
+        here=_learners_here(parallel, training.learners),
         global_model=training.global_model,
         merge=training.merge,
         state=training.state,
@@ -352,6 +360,14 @@ def _setup(
     )
     _announce(session, resume)
     return session
+
+
+def _learners_here(parallel: Placement, learners: list[Learner]) -> list[Learner]:
+    """The learners this process trains, their gradients averaged over their replicas."""
+    here = [learners[index] for index in parallel.learners_here(len(learners))]
+    for learner in here:
+        learner.gradient_sync = parallel.gradient_sync
+    return here
 
 
 def _load_data(config: Config, echo: Any) -> DataSplits:
@@ -376,7 +392,7 @@ def _build_training(
     config: Config,
     splits: DataSplits,
     spec: dict[str, Any],
-    parallel: SingleProcess,
+    parallel: Placement,
     pseudo: PseudoLabeled | None,
     initial: nn.Module | None,
 ) -> _Training:
@@ -388,12 +404,14 @@ def _build_training(
         pool = PseudoLabeledPool(images, labels, batch_augment(config, splits.info))
     learners, global_model = build_learners(config, spec, device, pool, initial)
     batches = EpochBatches(len(splits.train), config.data.batch_size, config.seed)
-    parallel.check(config, batches)
-    merge = parallel.merge(
-        learners,
+    check_replicas(config, parallel.replicas, batches)
+    merge = GeneralistMerge(
+        [learner.model for learner in learners],
         global_model,
         decay_max=ema_cap_record(config, len(batches))["d_max"],
         warmup=config.merge.warmup,
+        trained_here=parallel.learners_here(len(learners)),
+        sum_over_processes=parallel.mix_sum,  # Σ_i γ_i·θ̄_i as one all-reduce, under torchrun
     )
     if config.model.compile:  # after the teachers' deep copies; in place, so no key changes
         compile_in_place(*(learner.model for learner in learners), global_model)
@@ -411,7 +429,7 @@ def _restore_or_start(
     run: RunDir,
     splits: DataSplits,
     spec: dict[str, Any],
-    parallel: SingleProcess,
+    parallel: Placement,
     training: _Training,
     *,
     resume: bool,
@@ -428,7 +446,7 @@ def _restore_or_start(
         resumed_from = parallel.on_main(
             lambda: resume_state(state, store, run, config, train_fingerprint, echo)
         )
-        parallel.share_state(state)
+        share_restored_state(parallel, state)
     if parallel.is_main:
         run.write_config(config)
         if not resume or not run.manifest_path.is_file():  # killed before it was written
@@ -449,7 +467,7 @@ def _restore_or_start(
         config,
         run,
         train_fingerprint,
-        collect=parallel.gather_learners,
+        collect=functools.partial(gather_learner_states, parallel),
         on_main=parallel.on_main,
     )
 
@@ -684,6 +702,7 @@ def _nonfinite(losses: torch.Tensor, s: Session, batches_per_epoch: int) -> None
     where = f"step {state.step + 1} (epoch {state.epoch}, {batch})"
     skip = config.checkpoint.on_nonfinite == "skip"
     limit = min(SKIP_LIMIT, batches_per_epoch)
+    broken = _weights_nonfinite(s) if skip else None  # every rank takes this branch alike
     for i in torch.nonzero(~torch.isfinite(losses)).flatten().tolist():
         learner = state.learners[i]
         value = float(losses[i])
@@ -692,7 +711,7 @@ def _nonfinite(losses: torch.Tensor, s: Session, batches_per_epoch: int) -> None
             earlier = state.epoch_losses[max(0, state.batch - limit + 1) : state.batch, i]
             if len(earlier) == limit - 1 and not bool(torch.isfinite(earlier).any()):
                 cause = f" for the {limit}th batch in a row, so skipping batches is not helping"
-            elif not s.parallel.weights_finite(state.learners, i):
+            elif broken is not None and bool(broken[i]):
                 cause = " and its weights are no longer finite, so skipping batches cannot help"
             else:
                 s.echo(
@@ -712,6 +731,15 @@ def _nonfinite(losses: torch.Tensor, s: Session, batches_per_epoch: int) -> None
             f"learner {learner.name} had a non-finite loss ({value}) at {where}{cause}; "
             f"stopped without saving it, {checkpoints.last_good()}; {fix}"
         )
+
+
+def _weights_nonfinite(s: Session) -> torch.Tensor:
+    """Whether each learner's weights hold a NaN/inf, agreed over the processes."""
+    here = [
+        ~torch.stack([torch.isfinite(p).all() for p in learner.model.parameters()]).all()
+        for learner in s.here
+    ]
+    return s.parallel.gather_flags(torch.stack(here)).cpu()
 
 
 def _interrupted(
@@ -752,11 +780,12 @@ def _accuracies(
     s: Session, models: dict[str, nn.Module], data: ImageDataset, steps: int
 ) -> dict[str, dict[str, float]]:
     """Each model on the shard of ``data`` this process evaluates it on, summed over them."""
+    names = [learner.name for learner in s.learners]  # any other name is the global model
     return summed_accuracies(
         models,
         data,
         s.threats,
-        shard_of=s.parallel.eval_shard,
+        shard_of=lambda name: s.parallel.eval_shard(names.index(name) if name in names else None),
         sum_counts=s.parallel.sum_counts,
         device=s.parallel.device,
         steps=steps,
