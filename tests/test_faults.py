@@ -330,6 +330,27 @@ def test_skip_mode_still_stops_a_learner_that_diverged(tmp_path):
     assert sum("skipped that batch" in line for line in lines) == 14  # steps 2-8 and 9-15
 
 
+def test_skip_mode_stops_a_learner_whose_weights_are_no_longer_finite(tmp_path, monkeypatch):
+    calls = []
+    loss = NaturalTask.loss
+
+    def poisoned(self, model, x, y, generator, epoch):
+        calls.append(1)
+        if len(calls) == 3:  # as if an update had overflowed: one weight is NaN from now on
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = math.nan
+        return loss(self, model, x, y, generator, epoch)
+
+    monkeypatch.setattr(NaturalTask, "loss", poisoned)
+    config = tiny_config(tmp_path, "checkpoint.on_nonfinite=skip", "epochs=1")
+    with pytest.raises(TrainingError) as stopped:
+        loop.train(config, progress=False, echo=lambda *_: None)
+    assert str(stopped.value).startswith(
+        "learner natural had a non-finite loss (nan) at step 3 (epoch 1, batch 3/8) and its "
+        "weights are no longer finite, so skipping batches cannot help; stopped without saving it"
+    ), str(stopped.value)
+
+
 def test_skipping_a_nonfinite_loss_leaves_the_learner_untouched():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.BatchNorm1d(3))

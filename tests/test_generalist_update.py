@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from generalist.training.generalist import GeneralistMerge, ema_decay
+from generalist.config import build_config
+from generalist.errors import ConfigError
+from generalist.training.generalist import START_RULES, GeneralistMerge, ema_decay, start_models
 
 
 def tiny_model(seed: int) -> nn.Module:
@@ -104,3 +106,46 @@ def test_wrong_number_of_gammas_is_rejected():
     merge = GeneralistMerge([base], copy.deepcopy(base))
     with pytest.raises(ValueError, match="mixing weights"):
         merge.update(0, [0.5, 0.5])
+
+
+def test_same_start_gives_every_learner_and_the_global_one_initialisation():
+    base = tiny_model(0)
+    models, global_model = start_models("same", base, lambda: tiny_model(1), [0.5, 0.5], seed=0)
+    for model in [*models, global_model]:
+        assert model is not base
+        for key, value in base.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_independent_start_draws_each_learner_and_mixes_the_global_by_gamma():
+    base = tiny_model(0)
+    gammas = [0.25, 0.75]
+
+    def fresh() -> nn.Module:
+        return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+
+    models, global_model = start_models("independent", base, fresh, gammas, seed=5)
+    again, _ = start_models("independent", base, fresh, gammas, seed=5)
+    weights = [m.state_dict()["0.weight"] for m in models]
+    assert not torch.equal(weights[0], weights[1])  # each learner its own draw ...
+    assert torch.equal(weights[1], again[1].state_dict()["0.weight"])  # ... fixed by the seed
+    torch.manual_seed(5 + 2000)  # learner i's draw is seeded s + 1000·(i+1)
+    assert torch.equal(weights[1], fresh().state_dict()["0.weight"])
+    for key, value in global_model.state_dict().items():
+        if value.is_floating_point():
+            mix = 0.25 * models[0].state_dict()[key] + 0.75 * models[1].state_dict()[key]
+            torch.testing.assert_close(value, mix, rtol=0, atol=0)
+        else:
+            assert torch.equal(value, base.state_dict()[key])
+
+
+@pytest.mark.parametrize("rule", [*START_RULES, "shared"])
+def test_the_config_accepts_exactly_the_start_rules(rule):
+    def build():
+        return build_config("generalist-d", dataset="digits", overrides=[f"merge.init={rule}"])
+
+    if rule in START_RULES:
+        assert build().merge.init == rule
+    else:
+        with pytest.raises(ConfigError, match=r"merge\.init"):
+            build()

@@ -30,8 +30,8 @@ from generalist.rundir import RunDir
 from generalist.schedules import PiecewiseLinear
 from generalist.training import loop
 from generalist.training import tasks as tasks_package
-from generalist.training.distributed import LearnerParallel
 from generalist.training.learner import Learner
+from generalist.training.processes import check_replicas
 from generalist.training.save_and_resume import config_difference
 from generalist.training.signals import TrainingInterrupted
 from generalist.training.tasks import (
@@ -198,15 +198,13 @@ def test_unlabeled_data_goes_with_the_tasks_that_read_it(kind):
 @pytest.mark.parametrize("kind", list_tasks())
 def test_data_parallel_replicas_are_refused_only_for_whole_batch_tasks(kind):
     config = _pgd_at(*_as_robust_learner(kind))
-    placement = LearnerParallel.__new__(LearnerParallel)  # no process group: the check only
-    placement.replicas = 2
     batches = SimpleNamespace(num_examples=64, batch_size=16)
     reason = task_spec(kind).capabilities.whole_batch
     if reason is None:
-        placement._check_replicas(config, batches)
+        check_replicas(config, 2, batches)
         return
     with pytest.raises(ConfigError) as error:
-        placement._check_replicas(config, batches)
+        check_replicas(config, 2, batches)
     assert str(error.value) == (
         f"learners.adv_linf is a {kind} learner, {reason}, so it cannot train with 2 "
         "data-parallel replicas per learner; use one process per learner"

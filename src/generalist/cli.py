@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc not in (None, 1):  # one process needs no launcher
         from generalist.devices import resolve_device
         from generalist.torchrun import check_gpus, launch
-        from generalist.training.distributed import replicas_per_learner
+        from generalist.training.processes import replicas_per_learner
 
         replicas_per_learner(args.nproc, config, "--nproc asks for")
         check_gpus(args.nproc, resolve_device(config.device), "--nproc asks for")

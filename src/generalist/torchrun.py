@@ -3,11 +3,13 @@
 ``generalist train --nproc N`` and ``generalist eval --nproc N`` both run
 ``torchrun --standalone --nproc-per-node N -m generalist ...`` for the user; this module is the
 launcher and the few facts every rank reads (its rank, the number of processes) shared by both,
-so that training and evaluation start, stop and speak through rank 0 the same way.
+so that training and evaluation start, stop and speak through rank 0 the same way; and
+:func:`process_group`, the one process group a run's ranks join.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -17,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 
 from generalist.errors import ConfigError, GeneralistError
 
@@ -94,11 +97,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def local_world_size() -> int:
-    """The number of processes torchrun started on this machine."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
-
-
 def local_rank() -> int:
     """This process's number among those of its machine: the GPU it takes."""
     return int(os.environ.get("LOCAL_RANK", "0"))
@@ -114,3 +112,48 @@ def said_by_rank_zero() -> Iterator[None]:
         if not hasattr(exc, "quiet"):
             exc.quiet = not is_rank_zero()
         raise
+
+
+@contextmanager
+def process_group(
+    device: torch.device,
+    work: str,
+    *,
+    timeout: datetime.timedelta | None = None,
+    leave_together_on: tuple[type[BaseException], ...] = (),
+) -> Iterator[torch.device]:
+    """This rank's device (``cuda:LOCAL_RANK`` on GPUs) in the run's process group: a fresh one
+    (NCCL on GPUs, gloo on the CPU, ``timeout`` if given) torn down at the end, or the one the
+    caller initialised. ``work`` is the verb of the advice of a refusal (``train``).
+
+    Every rank waits for the others before a fresh group is torn down, after the body ends or
+    raises one of ``leave_together_on`` (an error every rank raises at the same point): a gloo
+    rank whose peer has already closed its connections can abort in C++ ("terminate called
+    without an active exception") after the run itself finished. On any other error a rank
+    leaves alone, since waiting for peers that may never arrive would hang it.
+    """
+    owned = not dist.is_initialized()
+    size = world_size() if owned else dist.get_world_size()
+    with said_by_rank_zero():
+        check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", size)), device, "torchrun started", work)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    if owned:
+        options = {} if timeout is None else {"timeout": timeout}
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device, **options)
+        else:
+            dist.init_process_group("gloo", **options)
+    try:
+        try:
+            yield device
+        except leave_together_on:
+            if owned:
+                dist.barrier()
+            raise
+        if owned:
+            dist.barrier()
+    finally:
+        if owned:
+            dist.destroy_process_group()

@@ -20,6 +20,7 @@ from generalist.attacks.threat import ThreatModel, parse_norm
 from generalist.errors import ConfigError
 from generalist.schedules import REMAINDER, parse_exact, parse_step_size
 from generalist.threads import MAX_THREADS
+from generalist.training.generalist import START_RULES
 from generalist.training.tasks import task_spec
 
 # the values a choice key accepts
@@ -30,7 +31,7 @@ BAD_FILE_POLICIES = ("error", "skip")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 REDISTRIBUTE_POLICIES = ("per_step_in_epoch", "once_per_c_epochs", "never")
 SELECTION_CRITERIA = ("clean+robust", "robust", "clean_gated_robust", "none")
-INIT_POLICIES = ("same", "independent")
+INIT_POLICIES = tuple(START_RULES)  # merge.init: the rules training/generalist.py defines
 NONFINITE_POLICIES = ("stop", "skip")
 
 # the bounds of the numeric keys

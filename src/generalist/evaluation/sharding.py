@@ -42,14 +42,7 @@ from generalist.evaluation.suite import (
     decode_mask,
     encode_mask,
 )
-from generalist.torchrun import (
-    check_gpus,
-    launch,
-    local_rank,
-    local_world_size,
-    said_by_rank_zero,
-    world_size,
-)
+from generalist.torchrun import check_gpus, launch, process_group, said_by_rank_zero, world_size
 
 T = TypeVar("T")
 SHARD_FOLDER = "shards"
@@ -122,28 +115,14 @@ def evaluation_processes(device: torch.device) -> Iterator[Processes]:
     """This process's :class:`Processes`: one alone, or under torchrun a rank of a fresh process
     group (NCCL with ``cuda:LOCAL_RANK`` on GPUs, gloo on the CPU), torn down at the end; or a
     rank of the group the caller initialised. Errors every rank raises are printed by rank 0."""
-    owned = not dist.is_initialized()
-    if owned and world_size() == 1:
+    if not dist.is_initialized() and world_size() == 1:
         yield Processes(0, 1, device)
         return
-    with said_by_rank_zero():
-        check_gpus(local_world_size(), device, "torchrun started", "evaluate")
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank())
-        torch.cuda.set_device(device)
-    if owned:
-        if device.type == "cuda":
-            dist.init_process_group("nccl", timeout=GROUP_TIMEOUT, device_id=device)
-        else:
-            dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
-    try:
-        with said_by_rank_zero():
-            yield Processes(dist.get_rank(), dist.get_world_size(), device)
-        if owned:  # wait for rank 0's merge and outputs: a gloo rank whose peers have closed
-            dist.barrier()  # their connections can abort at teardown (only on paths all take)
-    finally:
-        if owned:
-            dist.destroy_process_group()
+    with (
+        process_group(device, "evaluate", timeout=GROUP_TIMEOUT) as rank_device,
+        said_by_rank_zero(),
+    ):
+        yield Processes(dist.get_rank(), dist.get_world_size(), rank_device)
 
 
 def launch_evaluation(nproc: int, argv: Sequence[str], device: torch.device) -> int:

@@ -11,13 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
 from generalist.config import Config
 from generalist.data import BatchAugment, DatasetInfo, DataSplits, EpochBatches, to_float
 from generalist.data.folders import FileImages
-from generalist.data.streaming import BatchShare, StreamingBatches, TrainBatch
-from generalist.training.distributed import LearnerParallel, SingleProcess
+from generalist.data.streaming import StreamingBatches, TrainBatch
+from generalist.training.placement import Placement
 
 
 class MemoryBatches:
@@ -52,15 +51,15 @@ def training_batches(
     splits: DataSplits,
     batches: EpochBatches,
     generator: torch.Generator,
-    parallel: SingleProcess,
+    place: Placement,
     echo: Callable[[str], None],
 ) -> MemoryBatches | StreamingBatches:
     """The source of this process's training batches (``generator`` drives in-memory
-    augmentation; streamed samples seed their own)."""
+    augmentation; streamed samples seed their own, and each replica decodes its share)."""
     if isinstance(splits.train, FileImages):
-        return StreamingBatches(splits.train, batches, parallel.device, batch_share(parallel), echo)
+        return StreamingBatches(splits.train, batches, place.device, place.decode_share(), echo)
     augment = batch_augment(config, splits.info)
-    return MemoryBatches(splits, batches, augment, generator, parallel.device)
+    return MemoryBatches(splits, batches, augment, generator, place.device)
 
 
 def batch_augment(config: Config, info: DatasetInfo) -> BatchAugment:
@@ -69,21 +68,3 @@ def batch_augment(config: Config, info: DatasetInfo) -> BatchAugment:
     data = config.data
     padding = info.default_crop_padding if data.crop_padding is None else data.crop_padding
     return BatchAugment(padding, info.default_flip if data.flip is None else data.flip)
-
-
-def batch_share(parallel: SingleProcess) -> BatchShare:
-    """This process's :class:`BatchShare`: its replica's slice, and one decode peer per learner.
-
-    Every rank creates every peer group, in the same order, as ``new_group`` requires.
-    """
-    if not isinstance(parallel, LearnerParallel):
-        return BatchShare()
-    learners, replicas = len(parallel.names), parallel.replicas
-    group = None
-    if learners > 1:
-        for replica in range(replicas):
-            ranks = [learner * replicas + replica for learner in range(learners)]
-            created = dist.new_group(ranks)
-            if replica == parallel.replica:
-                group = created
-    return BatchShare(parallel.replica, replicas, parallel.learner, learners, group)

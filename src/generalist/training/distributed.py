@@ -6,6 +6,11 @@ process; N = m·K gives each learner m data-parallel replicas (ranks ``i·m .. i
 learner i: contiguous, so a learner's replicas share a node where they can). One learner
 (a baseline preset) makes all N ranks plain data-parallel.
 
+:class:`LearnerParallel` is the :class:`~generalist.training.placement.Placement` of such a
+rank, and only communicates: the loop builds the merge and keeps the NaN policy,
+:mod:`~generalist.training.processes` decides what travels, and
+:func:`generalist.torchrun.process_group` is the group it runs on.
+
 Why the distributed run equals the single-process one (docs/algorithm.md, same config):
 
 * every rank builds all K learners with the single-process seeds and keeps the others as
@@ -40,31 +45,17 @@ rank its learner. Only rank 0 writes into the run directory or prints.
 
 from __future__ import annotations
 
-import os
 import pickle
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from generalist.config import Config
-from generalist.data import EpochBatches
-from generalist.errors import ConfigError, GeneralistError
-from generalist.torchrun import check_gpus, said_by_rank_zero, world_size
-from generalist.training.generalist import GeneralistMerge
-from generalist.training.learner import Learner
-from generalist.training.signals import TrainingInterrupted
-from generalist.training.state import (
-    TrainingState,
-    capture,
-    capture_learner,
-    restore,
-    restore_learner,
-)
-from generalist.training.tasks import task_spec
+from generalist.data.streaming import BatchShare
+from generalist.errors import GeneralistError
+from generalist.training.generalist import MixSum
 
 T = TypeVar("T")
 INT_SPLIT = 2**24
@@ -72,152 +63,45 @@ INT_SPLIT = 2**24
 exactly: counters up to 2**48."""
 
 
-def replicas_per_learner(processes: int, config: Config, launcher: str) -> int:
-    """How many data-parallel replicas each learner gets; a one-line error if N does not fit."""
-    learners = len(config.learners)
-    if processes < 1 or processes % learners:
-        names = ", ".join(config.learners)
-        raise ConfigError(
-            f"{launcher} {processes} processes, but {config.preset or config.name} trains "
-            f"{learners} learners ({names}): use {learners} processes (one per learner) or a "
-            f"multiple of {learners} ({2 * learners}, {3 * learners}, ...: data-parallel "
-            "inside each learner)"
-        )
-    return processes // learners
+class LearnerParallel:
+    """This rank's place: learner ``rank // m``, replica ``rank % m`` of it, of ``learners``
+    (a :class:`~generalist.training.placement.Placement`, on the initialised process group)."""
 
-
-class SingleProcess:
-    """The one-process placement: every learner trains here, nothing is communicated."""
-
-    is_main = True
-
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, learners: int, replicas: int) -> None:
         self.device = device
-
-    def describe(self) -> str:
-        return ""
-
-    def check(self, config: Config, batches: EpochBatches) -> None:
-        """Refuse, before any training, what this placement cannot run."""
-
-    def merge(
-        self, learners: Sequence[Learner], global_model: nn.Module, **kw: Any
-    ) -> GeneralistMerge:
-        return GeneralistMerge([learner.model for learner in learners], global_model, **kw)
-
-    def local(self, learners: list[Learner]) -> list[Learner]:
-        return learners
-
-    def shard_batch(
-        self, x: torch.Tensor, y: torch.Tensor, whole: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, y
-
-    def gather_losses(self, local: torch.Tensor, learners: list[Learner]) -> torch.Tensor:
-        """All learners' losses, as the single-process loop has them."""
-        return local
-
-    def weights_finite(self, learners: list[Learner], index: int) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in learners[index].model.parameters())
-
-    def agree(self, *values: int) -> tuple[int, ...]:
-        """The largest of each value over all processes (a stop signal, a due checkpoint)."""
-        return values
-
-    def on_main(self, work: Callable[[], T]) -> T:
-        """Run ``work`` on rank 0 only (it touches the run directory); every rank gets its
-        result, or its error."""
-        return work()
-
-    def share_state(self, state: TrainingState) -> None:
-        """After rank 0 restored a checkpoint, give every rank its part of it."""
-
-    def gather_learners(self, state: TrainingState) -> None:
-        """Bring every learner's live state into rank 0's copy of it, for a checkpoint."""
-
-    def eval_shard(self, model_name: str) -> tuple[int, int] | None:
-        """``(i, n)``: evaluate shard i of n of the data for this model; None: not held here."""
-        return 0, 1
-
-    def sum_counts(self, counts: torch.Tensor) -> None:
-        """Sum ``counts`` over the processes, in place."""
-
-
-class LearnerParallel(SingleProcess):
-    """This rank's place: learner ``rank // m``, replica ``rank % m`` of it."""
-
-    def __init__(
-        self,
-        device: torch.device,
-        config: Config,
-        replicas: int,
-        objects: dist.ProcessGroup | None,
-    ) -> None:
-        super().__init__(device)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self.learners = learners
         self.replicas = replicas
         self.learner = self.rank // replicas
         self.replica = self.rank % replicas
         self.is_main = self.rank == 0
-        self.names = list(config.learners)
-        self.objects = objects
+        self.objects = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
         """A gloo group for pickled objects (checkpoint parts), whatever the tensor backend."""
-        self.skip_nonfinite = config.checkpoint.on_nonfinite == "skip"
         self.replica_group = None
         if replicas > 1:  # every rank creates every group, in the same order
             groups = [
                 dist.new_group(list(range(i * replicas, (i + 1) * replicas)))
-                for i in range(len(self.names))
+                for i in range(learners)
             ]
             self.replica_group = groups[self.learner]
         self.batch_share = 1.0
-        self._weights_nonfinite = torch.zeros(len(self.names))
 
     def describe(self) -> str:
         per = f"{self.replicas} per learner" if self.replicas > 1 else "one per learner"
         return f" · {self.world_size} processes ({per}, {dist.get_backend()})"
 
-    def check(self, config: Config, batches: EpochBatches) -> None:
-        with said_by_rank_zero():
-            self._check_replicas(config, batches)
+    def learners_here(self, count: int) -> list[int]:
+        return [self.learner]
 
-    def _check_replicas(self, config: Config, batches: EpochBatches) -> None:
-        if self.replicas == 1:
-            return
-        where = f"with {self.replicas} data-parallel replicas per learner"
-        if config.checkpoint.on_nonfinite == "skip":
-            raise ConfigError(
-                f"checkpoint.on_nonfinite: skip is not supported {where}; use one process "
-                "per learner, or on_nonfinite: stop"
-            )
-        for name, learner in config.learners.items():
-            kind = learner.task.type
-            reason = task_spec(kind, f"learners.{name}.task").capabilities.whole_batch
-            if reason is not None:
-                raise ConfigError(
-                    f"learners.{name} is a {kind} learner, {reason}, so it cannot train "
-                    f"{where}; use one process per learner"
-                )
-        smallest = batches.num_examples % batches.batch_size or batches.batch_size
-        if smallest < self.replicas:
-            raise ConfigError(
-                f"a batch of {smallest} examples cannot be split {where}; raise "
-                "data.batch_size or use fewer processes"
-            )
+    @property
+    def gradient_sync(self) -> Callable[[nn.Module], None] | None:
+        return self._average_replicas if self.replicas > 1 else None
 
-    def merge(
-        self, learners: Sequence[Learner], global_model: nn.Module, **kw: Any
-    ) -> GeneralistMerge:
-        """The merge of this rank's teacher; the mix summed over the ranks (one learner's
-        replicas hold identical teachers: nothing to exchange)."""
-        return GeneralistMerge(
-            [learner.model for learner in learners],
-            global_model,
-            trained_here=[self.learner],
-            sum_over_processes=self._sum_mix if len(self.names) > 1 else None,
-            **kw,
-        )
+    @property
+    def mix_sum(self) -> MixSum | None:
+        """One learner's replicas hold identical teachers: nothing to exchange."""
+        return self._sum_mix if self.learners > 1 else None
 
     @torch.no_grad()
     def _sum_mix(
@@ -242,12 +126,6 @@ class LearnerParallel(SingleProcess):
         mixed = _unflatten(flat[: len(floats)], t_float)
         return mixed, _join_ints(flat[len(floats) :], global_ints) if global_ints else []
 
-    def local(self, learners: list[Learner]) -> list[Learner]:
-        learner = learners[self.learner]
-        if self.replicas > 1:
-            learner.gradient_sync = self._average_replicas
-        return [learner]
-
     def shard_batch(
         self, x: torch.Tensor, y: torch.Tensor, whole: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,6 +141,19 @@ class LearnerParallel(SingleProcess):
         self.batch_share = len(x_part) / len(x)
         return x_part, y.tensor_split(self.replicas)[self.replica]
 
+    def decode_share(self) -> BatchShare:
+        """This replica's slice, and one decode peer per learner: the ranks of the same replica
+        of every learner. Every rank creates every peer group, in the same order, as
+        ``new_group`` requires."""
+        group = None
+        if self.learners > 1:
+            for replica in range(self.replicas):
+                ranks = [learner * self.replicas + replica for learner in range(self.learners)]
+                created = dist.new_group(ranks)
+                if replica == self.replica:
+                    group = created
+        return BatchShare(self.replica, self.replicas, self.learner, self.learners, group)
+
     @torch.no_grad()
     def _average_replicas(self, model: nn.Module) -> None:
         """DDP's gradient average, as one all-reduce after the backward pass: the gradient of
@@ -277,21 +168,17 @@ class LearnerParallel(SingleProcess):
         dist.all_reduce(flat, group=self.replica_group)
         torch._foreach_copy_(grads + stats, _unflatten(flat, grads + stats))
 
-    def gather_losses(self, local: torch.Tensor, learners: list[Learner]) -> torch.Tensor:
-        """Every learner's batch loss on every rank, so all take the same NaN decision."""
-        k = len(self.names)
-        exchange = torch.zeros(2 * k, device=local.device)
+    def gather_losses(self, local: torch.Tensor) -> torch.Tensor:
+        exchange = torch.zeros(self.learners, device=local.device)
         exchange[self.learner] = local[0] * self.batch_share
-        if self.skip_nonfinite and self.replica == 0:
-            params = list(learners[self.learner].model.parameters())
-            finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
-            exchange[k + self.learner] = (~finite).float()
         dist.all_reduce(exchange)
-        self._weights_nonfinite = exchange[k:].cpu()
-        return exchange[:k]
+        return exchange
 
-    def weights_finite(self, learners: list[Learner], index: int) -> bool:
-        return not bool(self._weights_nonfinite[index])
+    def gather_flags(self, local: torch.Tensor) -> torch.Tensor:
+        exchange = torch.zeros(self.learners, dtype=torch.int64, device=self.device)
+        exchange[self.learner] = int(local[0])
+        dist.all_reduce(exchange, op=dist.ReduceOp.MAX)
+        return exchange.bool()
 
     def agree(self, *values: int) -> tuple[int, ...]:
         agreed = torch.tensor(values, dtype=torch.int64, device=self.device)
@@ -313,45 +200,32 @@ class LearnerParallel(SingleProcess):
         value.quiet = True  # rank 0 prints it
         raise value
 
-    def share_state(self, state: TrainingState) -> None:
-        parts: list[Any] = [None]
+    def send_by_learner(self, parts: Callable[[], Sequence[Any]]) -> Any | None:
+        sent: list[Any] | None = None
         if self.is_main:
-            tensors, meta = capture(state)
-            parts = [
-                (_learner_part(tensors, rank // self.replicas), meta)
-                for rank in range(self.world_size)
-            ]
+            made = parts()
+            sent = [made[rank // self.replicas] for rank in range(self.world_size)]
         received: list[Any] = [None]
-        dist.scatter_object_list(
-            received, parts if self.is_main else None, src=0, group=self.objects
-        )
-        if not self.is_main:
-            tensors, meta = received[0]
-            restore(state, tensors, meta, only=[self.learner])
+        dist.scatter_object_list(received, sent, src=0, group=self.objects)
+        return None if self.is_main else received[0]
 
-    def gather_learners(self, state: TrainingState) -> None:
-        """Bring every learner's live state into rank 0's copy of it, for a checkpoint."""
-        part = None
-        if self.replica == 0 and not self.is_main:
-            tensors, entry = capture_learner(state, self.learner)
-            part = (self.learner, {k: v.detach().cpu() for k, v in tensors.items()}, entry)
+    def gather_by_learner(self, part: Callable[[int], Any]) -> list[Any]:
+        mine = part(self.learner) if self.replica == 0 and not self.is_main else None
         parts: list[Any] | None = [None] * self.world_size if self.is_main else None
-        dist.gather_object(part, parts, dst=0, group=self.objects)
-        for received in parts or []:
-            if received is not None:
-                restore_learner(state, *received)
+        dist.gather_object(mine, parts, dst=0, group=self.objects)
+        return [received for received in parts or [] if received is not None]
+
+    def eval_shard(self, learner: int | None) -> tuple[int, int] | None:
+        """The global model over all ranks, a learner over its replicas: batch shards, so the
+        summed counts are exactly the single-process ones."""
+        if learner is None:
+            return self.rank, self.world_size
+        if learner == self.learner:
+            return self.replica, self.replicas
+        return None
 
     def sum_counts(self, counts: torch.Tensor) -> None:
         dist.all_reduce(counts)
-
-    def eval_shard(self, model_name: str) -> tuple[int, int] | None:
-        """The global model over all ranks, a learner over its replicas: batch shards, so the
-        summed counts are exactly the single-process ones."""
-        if model_name not in self.names:
-            return self.rank, self.world_size
-        if self.names.index(model_name) == self.learner:
-            return self.replica, self.replicas
-        return None
 
 
 def _portable(exc: Exception) -> GeneralistError:
@@ -381,57 +255,3 @@ def _split_ints(tensors: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Te
 def _join_ints(halves: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     high, low = halves.to(torch.int64).chunk(2)
     return _unflatten(high * INT_SPLIT + low, like)
-
-
-def _learner_part(tensors: dict[str, torch.Tensor], learner: int) -> dict[str, torch.Tensor]:
-    """Everything but the other learners' entries, on the CPU for pickling."""
-    own = f"learners/{learner}/"
-    return {
-        key: value.detach().cpu()
-        for key, value in tensors.items()
-        if not key.startswith("learners/") or key.startswith(own)
-    }
-
-
-@contextmanager
-def processes(config: Config, device: torch.device) -> Iterator[SingleProcess]:
-    """This process's placement: :class:`SingleProcess`, or under torchrun a
-    :class:`LearnerParallel` on a fresh process group (NCCL on GPUs, picked by LOCAL_RANK;
-    gloo on the CPU), torn down at the end; or on the process group the caller initialised,
-    even of one process."""
-    owned = not dist.is_initialized()
-    size = world_size() if owned else dist.get_world_size()
-    if size == 1 and owned:  # a group of one set up by the caller still takes the group path
-        yield SingleProcess(device)
-        return
-    with said_by_rank_zero():
-        replicas = replicas_per_learner(size, config, "torchrun started")
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-        check_gpus(local, device, "torchrun started")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if owned:
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-    try:
-        objects = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-        try:
-            yield LearnerParallel(device, config, replicas, objects)
-        except TrainingInterrupted:  # every rank stops at the same agreed step
-            _leave_together(owned)
-            raise
-        _leave_together(owned)
-    finally:
-        if owned:
-            dist.destroy_process_group()
-
-
-def _leave_together(owned: bool) -> None:
-    """Wait for every rank before tearing the group down: a gloo rank whose peer has already
-    closed its connections can abort in C++ ("terminate called without an active exception")
-    after the run itself finished. Only on paths every rank takes, so it cannot hang."""
-    if owned:
-        dist.barrier()

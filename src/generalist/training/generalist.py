@@ -11,12 +11,17 @@ Per epoch e (1-based, of E):
 The values come as plain numbers and curves: :mod:`generalist.training.recipe` reads them off
 the run's config, so this file (like the learner and the tasks) knows no config.
 
+At the start (:func:`start_models`, rule ``merge.init``): every θ_i and θ_g one
+initialisation (``same``, the paper's), or each θ_i its own draw and θ_g ← Σ_i γ_i(1)·θ_i
+(``independent``).
+
 Per training step t (counted from 0 over the whole run, :func:`generalist_step`):
 
 1. every base learner i takes one optimizer step of its own task on the same batch,
 2. each teacher θ̄_i ← d_t·θ̄_i + (1−d_t)·θ_i,
 3. the global learner θ_g ← d_t·θ_g + (1−d_t)·Σ_i γ_i(e)·θ̄_i,
-4. in a redistributing epoch, every θ_i ← θ_g,
+4. in a redistributing epoch, every θ_i ← θ_g: after every step (the official rule), or once
+   after the epoch's last one (:func:`end_epoch`),
 
 with d_t = min(d_max, (t+1)/(t+10)) and d_max scaled to the run's length
 (:func:`ema_decay_cap`). "Parameters" here means every floating-point tensor of the
@@ -126,18 +131,62 @@ def epoch_plan(
 
 # ---- the start: one initialisation, or the γ-mix of independent ones ------------------------
 
+StartRule = Callable[
+    [nn.Module, Callable[[], nn.Module], Sequence[float], int],
+    tuple[list[nn.Module], nn.Module],
+]
+"""``(θ_0, a fresh draw, γ_i(1), seed) -> ([θ_i], θ_g)``: one rule of ``merge.init``."""
+
+
+def start_models(
+    init: str,
+    base: nn.Module,
+    fresh: Callable[[], nn.Module],
+    gammas: Sequence[float],
+    *,
+    seed: int,
+) -> tuple[list[nn.Module], nn.Module]:
+    """Every base learner's θ_i and the global θ_g at t = 0, by rule ``init`` of
+    :data:`START_RULES`: ``base`` is the run's initialisation θ_0, ``fresh()`` draws a new one
+    (from torch's global generator, which the rule seeds), ``gammas`` are γ_i(1)."""
+    return START_RULES[init](base, fresh, gammas, seed)
+
+
+def _same_start(
+    base: nn.Module, fresh: Callable[[], nn.Module], gammas: Sequence[float], seed: int
+) -> tuple[list[nn.Module], nn.Module]:
+    """θ_i = θ_g = θ_0 for every i: one initialisation (the paper's)."""
+    return [copy.deepcopy(base) for _ in gammas], copy.deepcopy(base)
+
+
+def _independent_start(
+    base: nn.Module, fresh: Callable[[], nn.Module], gammas: Sequence[float], seed: int
+) -> tuple[list[nn.Module], nn.Module]:
+    """θ_i drawn from seed s + 1000·(i+1), so adding a learner never shifts another's start;
+    θ_g ← Σ_i γ_i(1)·θ_i."""
+    models = []
+    for index in range(len(gammas)):
+        torch.manual_seed(seed + 1000 * (index + 1))
+        models.append(fresh())
+    global_model = copy.deepcopy(base)  # θ_0's integer buffers; its floats are mixed over
+    mix_initial_global(global_model, models, list(gammas))
+    return models, global_model
+
 
 @torch.no_grad()
 def mix_initial_global(
     global_model: nn.Module, learners: Sequence[nn.Module], gammas: list[float]
 ) -> None:
-    """θ_g ← Σ_i γ_i(1)·θ_i, for ``merge.init: independent`` (each learner its own random
-    start); with ``same`` (the paper's) θ_g already is the shared start."""
+    """θ_g ← Σ_i γ_i·θ_i over the floating-point state (the ``independent`` start)."""
     for key, tensor in global_model.state_dict().items():
         if tensor.is_floating_point():
             tensor.copy_(
                 sum(w * m.state_dict()[key] for w, m in zip(gammas, learners, strict=True))
             )
+
+
+START_RULES: dict[str, StartRule] = {"same": _same_start, "independent": _independent_start}
+"""The rules of ``merge.init`` by name (the config accepts exactly these names)."""
 
 
 # ---- one step ------------------------------------------------------------------------------
@@ -171,8 +220,15 @@ def generalist_step(
     merge.update(step, plan.gammas)
     # 4. After the merge: what goes back into the learners already holds this step's progress.
     if plan.every_step:
-        merge.redistribute()
+        merge.redistribute()  # θ_i ← θ_g
     return losses
+
+
+def end_epoch(merge: GeneralistMerge, plan: EpochPlan) -> None:
+    """After the epoch's last step: step 4 once (θ_i ← θ_g), for a redistributing epoch whose
+    rule is ``once_per_c_epochs``; the per-step rule already did it after every step."""
+    if plan.redistribute and not plan.every_step:
+        merge.redistribute()
 
 
 # ---- the state the merge owns --------------------------------------------------------------

@@ -11,18 +11,19 @@ the next lives in a :class:`~generalist.training.state.TrainingState`, which che
 and restore whole, so a run killed at any moment and resumed ends bit-identical to one that
 never stopped (on the CPU; GPU kernels may not be deterministic).
 
-Under torchrun every rank runs this same loop; a placement object from
-:mod:`~generalist.training.distributed` says which learners train here and exchanges what the
-ranks must agree on. Alone, it does nothing.
+Under torchrun every rank runs this same loop; its
+:class:`~generalist.training.placement.Placement` says which learners train here and exchanges
+what the ranks must agree on (alone, it does nothing). The loop builds the merge on the
+placement's all-reduce and keeps the NaN policy.
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import json
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +53,22 @@ from generalist.tensorboard import metrics_sinks
 from generalist.threads import apply_threads
 from generalist.training.batch_source import MemoryBatches, batch_augment, training_batches
 from generalist.training.chance import chance_level_warnings
-from generalist.training.distributed import SingleProcess, processes
 from generalist.training.generalist import (
     EpochPlan,
     GeneralistMerge,
+    end_epoch,
     generalist_step,
-    mix_initial_global,
+    start_models,
 )
 from generalist.training.init import initialize_from
 from generalist.training.learner import Learner
+from generalist.training.placement import Placement
+from generalist.training.processes import (
+    check_replicas,
+    gather_learner_states,
+    placement,
+    share_restored_state,
+)
 from generalist.training.pseudo_label import PseudoLabeled, prepare_pseudo_labels
 from generalist.training.recipe import (
     build_optimizer,
@@ -156,14 +164,16 @@ def build_learners(
     base = base.to(device, memory_format=memory_format)
     initialize_from(base, config.model.init_from, spec)
     gammas = gamma_schedules(config)
+    models, global_model = start_models(
+        config.merge.init,
+        base,
+        lambda: create_model(name, **kwargs).to(device, memory_format=memory_format),
+        [gamma(1) for gamma in gammas],
+        seed=config.seed,
+    )
     autocast = training_autocast(resolve_precision(config.precision, device), device)
     learners = []
-    for index, (lname, lc) in enumerate(config.learners.items()):
-        if config.merge.init == "same":
-            model = copy.deepcopy(base)
-        else:
-            torch.manual_seed(config.seed + 1000 * (index + 1))
-            model = create_model(name, **kwargs).to(device, memory_format=memory_format)
+    for index, ((lname, lc), model) in enumerate(zip(config.learners.items(), models, strict=True)):
         seed = config.seed * 7919 + index + 1
         generator = torch.Generator(device=device).manual_seed(seed)
         learners.append(
@@ -178,13 +188,6 @@ def build_learners(
                 skip_nonfinite=config.checkpoint.on_nonfinite == "skip",
                 autocast=autocast,
             )
-        )
-    global_model = copy.deepcopy(base)
-    if config.merge.init != "same":
-        mix_initial_global(
-            global_model,
-            [learner.model for learner in learners],
-            [learner.gamma(1) for learner in learners],
         )
     return learners, global_model
 
@@ -229,7 +232,7 @@ def train(
         run, pseudo_labeled = prepare_pseudo_labels(
             config, run, train_labeler=_labeler_trainer(progress, echo), echo=echo
         )
-    with processes(config, device) as parallel:
+    with placement(config, device) as parallel:
         if not parallel.is_main:
             progress, echo = False, _silent
         backends.configure(parallel.device, deterministic=config.deterministic)
@@ -271,7 +274,7 @@ class Session:
     """Everything :func:`_setup` builds for the epochs: one run in progress."""
 
     config: Config
-    parallel: SingleProcess
+    parallel: Placement
     run: RunDir
     splits: DataSplits
     spec: dict[str, Any]
@@ -282,22 +285,11 @@ class Session:
     merge: GeneralistMerge
     state: TrainingState
     batches: EpochBatches
-    checkpoints: Checkpointer
-    echo: Any
-    source: MemoryBatches | StreamingBatches = field(init=False)
+    source: MemoryBatches | StreamingBatches
     """The training batches: indexed out of the split on the device, or streamed from disk."""
-    threats: list[ThreatModel] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.source = training_batches(
-            self.config,
-            self.splits,
-            self.batches,
-            self.state.augment_generator,
-            self.parallel,
-            self.echo,
-        )
-        self.threats = self.config.eval_threats()
+    checkpoints: Checkpointer
+    threats: list[ThreatModel]
+    echo: Any
 
     def batch(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The augmented ``batch`` (this replica's slice of it, data-parallel)."""
@@ -306,7 +298,7 @@ class Session:
 
     def settle_losses(self, losses: torch.Tensor) -> torch.Tensor:
         """Every learner's loss; stops (or skips the batch) at a NaN/inf one."""
-        losses = self.parallel.gather_losses(losses, self.learners)
+        losses = self.parallel.gather_losses(losses)
         # One host sync per step, against a PGD step's dozens of kernels: a NaN is caught at
         # the step that made it, before it reaches the merge or a checkpoint.
         if not bool(torch.isfinite(losses).all()):
@@ -314,20 +306,72 @@ class Session:
         return losses
 
 
+@dataclass
+class _Training:
+    """What the steps change: the learners, the merge of their models, and the state around
+    them that a checkpoint saves."""
+
+    learners: list[Learner]
+    global_model: nn.Module
+    merge: GeneralistMerge
+    state: TrainingState
+    batches: EpochBatches
+
+
 def _setup(
     config: Config,
     run: RunDir | None,
-    parallel: SingleProcess,
+    parallel: Placement,
     *,
     resume: bool,
     echo: Any,
     pseudo: PseudoLabeled | None = None,
     initial: nn.Module | None = None,
 ) -> Session:
-    """Data, learners, state and run directory; with ``resume``, the state of the checkpoint."""
-    device = parallel.device
+    """Load the data, build the run, then restore it (``resume``) or start it."""
     if resume and run is not None:
         _check_recorded_plugins(run)  # before any data is read: an edited model file stops here
+    splits = _load_data(config, echo)
+    spec = model_spec(config, splits)
+    training = _build_training(config, splits, spec, parallel, pseudo, initial)
+    if run is None:
+        run = RunDir(parallel.on_main(lambda: RunDir.create(config.out_dir, config.name).path))
+    checkpoints = _restore_or_start(
+        config, run, splits, spec, parallel, training, resume=resume, echo=echo, pseudo=pseudo
+    )
+    session = Session(
+        config=config,
+        parallel=parallel,
+        run=run,
+        splits=splits,
+        spec=spec,
+        learners=training.learners,
+        here=_learners_here(parallel, training.learners),
+        global_model=training.global_model,
+        merge=training.merge,
+        state=training.state,
+        batches=training.batches,
+        source=training_batches(
+            config, splits, training.batches, training.state.augment_generator, parallel, echo
+        ),
+        checkpoints=checkpoints,
+        threats=config.eval_threats(),
+        echo=echo,
+    )
+    _announce(session, resume)
+    return session
+
+
+def _learners_here(parallel: Placement, learners: list[Learner]) -> list[Learner]:
+    """The learners this process trains, their gradients averaged over their replicas."""
+    here = [learners[index] for index in parallel.learners_here(len(learners))]
+    for learner in here:
+        learner.gradient_sync = parallel.gradient_sync
+    return here
+
+
+def _load_data(config: Config, echo: Any) -> DataSplits:
+    """The run's train, validation and test splits; a warning if validation is too small."""
     splits = load_splits(
         config.data.dataset,
         config.data.data_dir,
@@ -338,22 +382,36 @@ def _setup(
         folder=FolderOptions.from_settings(config.data),
         echo=echo,
     )
-    spec = model_spec(config, splits)
     small_validation = validation_split_warning(len(splits.val), config)
     if small_validation is not None:
         echo(small_validation)
+    return splits
+
+
+def _build_training(
+    config: Config,
+    splits: DataSplits,
+    spec: dict[str, Any],
+    parallel: Placement,
+    pseudo: PseudoLabeled | None,
+    initial: nn.Module | None,
+) -> _Training:
+    """The learners, the global model and their merge, and the state of a run at its start."""
+    device = parallel.device
     pool = None
     if pseudo is not None:
         images, labels = pseudo.unlabeled.images.to(device), pseudo.labels.to(device)
         pool = PseudoLabeledPool(images, labels, batch_augment(config, splits.info))
     learners, global_model = build_learners(config, spec, device, pool, initial)
     batches = EpochBatches(len(splits.train), config.data.batch_size, config.seed)
-    parallel.check(config, batches)
-    if run is None:
-        run = RunDir(parallel.on_main(lambda: RunDir.create(config.out_dir, config.name).path))
-    ema = ema_cap_record(config, len(batches))
-    merge = parallel.merge(
-        learners, global_model, decay_max=ema["d_max"], warmup=config.merge.warmup
+    check_replicas(config, parallel.replicas, batches)
+    merge = GeneralistMerge(
+        [learner.model for learner in learners],
+        global_model,
+        decay_max=ema_cap_record(config, len(batches))["d_max"],
+        warmup=config.merge.warmup,
+        trained_here=parallel.learners_here(len(learners)),
+        sum_over_processes=parallel.mix_sum,  # Σ_i γ_i·θ̄_i as one all-reduce, under torchrun
     )
     if config.model.compile:  # after the teachers' deep copies; in place, so no key changes
         compile_in_place(*(learner.model for learner in learners), global_model)
@@ -363,6 +421,24 @@ def _setup(
         augment_generator=torch.Generator(device=device).manual_seed(config.seed),
         epoch_losses=torch.zeros(len(batches), len(learners), device=device),
     )
+    return _Training(learners, global_model, merge, state, batches)
+
+
+def _restore_or_start(
+    config: Config,
+    run: RunDir,
+    splits: DataSplits,
+    spec: dict[str, Any],
+    parallel: Placement,
+    training: _Training,
+    *,
+    resume: bool,
+    echo: Any,
+    pseudo: PseudoLabeled | None,
+) -> Checkpointer:
+    """The run's checkpoints: with ``resume``, the state of the newest one (restored in place
+    on every rank); the run's files written or, resumed, noted."""
+    state = training.state
     fingerprints = data_fingerprints(splits)
     train_fingerprint = fingerprints["train"]["fingerprint"]
     store = CheckpointStore(run.checkpoints_path, keep=config.checkpoint.keep)
@@ -370,12 +446,12 @@ def _setup(
         resumed_from = parallel.on_main(
             lambda: resume_state(state, store, run, config, train_fingerprint, echo)
         )
-        parallel.share_state(state)
+        share_restored_state(parallel, state)
     if parallel.is_main:
         run.write_config(config)
         if not resume or not run.manifest_path.is_file():  # killed before it was written
-            manifest = build_manifest(config, device, splits.info.name, fingerprints)
-            manifest["ema"] = ema
+            manifest = build_manifest(config, parallel.device, splits.info.name, fingerprints)
+            manifest["ema"] = ema_cap_record(config, len(training.batches))
             if pseudo is not None:
                 manifest["pseudo_labels"] = pseudo.record
             plugins = _plugin_records(config, spec)
@@ -385,49 +461,37 @@ def _setup(
         if resume:
             note_resume(run, resumed_from, echo)
         run.metrics_sinks = metrics_sinks(config, run.path)  # before the first record
-    checkpoints = Checkpointer(
+    return Checkpointer(
         store,
         state,
         config,
         run,
         train_fingerprint,
-        collect=parallel.gather_learners,
+        collect=functools.partial(gather_learner_states, parallel),
         on_main=parallel.on_main,
     )
-    info = splits.info
-    precision = resolve_precision(config.precision, device)
-    session = Session(
-        config=config,
-        parallel=parallel,
-        run=run,
-        splits=splits,
-        spec=spec,
-        learners=learners,
-        here=parallel.local(learners),
-        global_model=global_model,
-        merge=merge,
-        state=state,
-        batches=batches,
-        checkpoints=checkpoints,
-        echo=echo,
-    )
-    echo(
-        f"run {run.path} · {config.name} · {len(learners)} learner(s) "
-        f"({', '.join(f'{learner.name}:{learner.task.name}' for learner in learners)}) · "
-        f"{config.model.name} · "
-        f"{info.name} train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)} "
-        f"· {device} {precision}{parallel.describe()}"
+
+
+def _announce(s: Session, resume: bool) -> None:
+    """Say what runs, and from where it resumes; on resume, rewrite the best model's files."""
+    info, state, device = s.splits.info, s.state, s.parallel.device
+    precision = resolve_precision(s.config.precision, device)
+    s.echo(
+        f"run {s.run.path} · {s.config.name} · {len(s.learners)} learner(s) "
+        f"({', '.join(f'{learner.name}:{learner.task.name}' for learner in s.learners)}) · "
+        f"{s.config.model.name} · "
+        f"{info.name} train {len(s.splits.train)} / val {len(s.splits.val)} / "
+        f"test {len(s.splits.test)} · {device} {precision}{s.parallel.describe()}"
     )
     if resume and state.step:
-        echo(
-            f"resuming at epoch {state.epoch}, batch {state.batch}/{len(batches)} "
-            f"(step {state.step}) from {checkpoints.latest}"
+        s.echo(
+            f"resuming at epoch {state.epoch}, batch {state.batch}/{len(s.batches)} "
+            f"(step {state.step}) from {s.checkpoints.latest}"
         )
-    if resume and state.best is not None and parallel.is_main:
+    if resume and state.best is not None and s.parallel.is_main:
         # The files may be newer than the checkpoint (killed between the two writes), or torn:
         # the checkpoint's copy is the one this run continues from.
-        _save_best(session)
-    return session
+        _save_best(s)
 
 
 def _plugin_records(config: Config, spec: dict[str, Any]) -> dict[str, Any]:
@@ -476,8 +540,7 @@ def _train_epoch(s: Session, epoch: int, stop: StopRequest, progress: bool) -> N
             raise _interrupted(saved, signum, state, len(s.batches), s.run.path)
         if due:
             checkpoints.save("schedule")
-    if plan.redistribute and not plan.every_step:  # once_per_c_epochs: at the epoch's end
-        s.merge.redistribute()
+    end_epoch(s.merge, plan)
     record = _epoch_record(state, epoch, plan, epoch_started, config.schedule_granularity)
     validated = len(s.splits.val) > 0  # data.val_size: 0 validates and selects nothing
     if validated and (epoch % config.eval.every == 0 or epoch == config.epochs):
@@ -639,6 +702,7 @@ def _nonfinite(losses: torch.Tensor, s: Session, batches_per_epoch: int) -> None
     where = f"step {state.step + 1} (epoch {state.epoch}, {batch})"
     skip = config.checkpoint.on_nonfinite == "skip"
     limit = min(SKIP_LIMIT, batches_per_epoch)
+    broken = _weights_nonfinite(s) if skip else None  # every rank takes this branch alike
     for i in torch.nonzero(~torch.isfinite(losses)).flatten().tolist():
         learner = state.learners[i]
         value = float(losses[i])
@@ -647,7 +711,7 @@ def _nonfinite(losses: torch.Tensor, s: Session, batches_per_epoch: int) -> None
             earlier = state.epoch_losses[max(0, state.batch - limit + 1) : state.batch, i]
             if len(earlier) == limit - 1 and not bool(torch.isfinite(earlier).any()):
                 cause = f" for the {limit}th batch in a row, so skipping batches is not helping"
-            elif not s.parallel.weights_finite(state.learners, i):
+            elif broken is not None and bool(broken[i]):
                 cause = " and its weights are no longer finite, so skipping batches cannot help"
             else:
                 s.echo(
@@ -667,6 +731,15 @@ def _nonfinite(losses: torch.Tensor, s: Session, batches_per_epoch: int) -> None
             f"learner {learner.name} had a non-finite loss ({value}) at {where}{cause}; "
             f"stopped without saving it, {checkpoints.last_good()}; {fix}"
         )
+
+
+def _weights_nonfinite(s: Session) -> torch.Tensor:
+    """Whether each learner's weights hold a NaN/inf, agreed over the processes."""
+    here = [
+        ~torch.stack([torch.isfinite(p).all() for p in learner.model.parameters()]).all()
+        for learner in s.here
+    ]
+    return s.parallel.gather_flags(torch.stack(here)).cpu()
 
 
 def _interrupted(
@@ -707,11 +780,12 @@ def _accuracies(
     s: Session, models: dict[str, nn.Module], data: ImageDataset, steps: int
 ) -> dict[str, dict[str, float]]:
     """Each model on the shard of ``data`` this process evaluates it on, summed over them."""
+    names = [learner.name for learner in s.learners]  # any other name is the global model
     return summed_accuracies(
         models,
         data,
         s.threats,
-        shard_of=s.parallel.eval_shard,
+        shard_of=lambda name: s.parallel.eval_shard(names.index(name) if name in names else None),
         sum_counts=s.parallel.sum_counts,
         device=s.parallel.device,
         steps=steps,

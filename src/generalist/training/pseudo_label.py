@@ -39,7 +39,7 @@ from generalist.errors import CheckpointError, ConfigError, DataError
 from generalist.evaluation.accuracy import accuracies
 from generalist.inference import eval_mode
 from generalist.rundir import RunDir
-from generalist.training.distributed import world_size
+from generalist.torchrun import world_size
 from generalist.training.recipe import unlabeled_per_batch
 from generalist.training.signals import TrainingInterrupted, resume_hint
 
