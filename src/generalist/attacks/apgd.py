@@ -29,6 +29,7 @@ misclassified already are returned unchanged. Random starts are drawn per point 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -149,71 +150,140 @@ def apgd_run(
     """
     fooled_out = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     x_out = start.clone()
-    rows = torch.arange(len(x), device=x.device)
-    x_adv = start
-    loss, grad, logits = _loss_and_grad(model, x_adv, y, target, loss_fn, eot_iter)
-    fooled = logits.argmax(dim=1) != y
-    found, best_x, best_loss, best_grad = x_adv, x_adv, loss, grad
-    step = torch.full((len(x),), INITIAL_STEP * threat.eps, device=x.device, dtype=x.dtype)
-    x_prev, prev_loss = x_adv, loss
-    increases = torch.zeros(len(x), device=x.device)
-    best_at_check = best_loss.clone()
-    halved_at_check = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    loss, grad, logits = _loss_and_grad(model, start, y, target, loss_fn, eot_iter)
+    run = _Examples.start(x, y, target, start, loss, grad, logits, INITIAL_STEP * threat.eps)
     checkpoints = iter(checkpoint_lengths(n_iter))
     window, since_check = next(checkpoints, 0), 0
     compact = x.device.type == "cpu"
     for i in range(n_iter + 1):
-        if compact and fooled.any():
+        if compact and run.fooled.any():
             # Broken examples leave: their answer is the iterate they were first fooled at.
-            x_out[rows[fooled]] = found[fooled]
-            fooled_out[rows[fooled]] = True
-            keep = ~fooled
-            rows, x, y, x_adv, x_prev, grad, found = (
-                t[keep] for t in (rows, x, y, x_adv, x_prev, grad, found)
-            )
-            best_x, best_loss, best_grad, prev_loss, step = (
-                t[keep] for t in (best_x, best_loss, best_grad, prev_loss, step)
-            )
-            increases, best_at_check, halved_at_check, fooled = (
-                t[keep] for t in (increases, best_at_check, halved_at_check, fooled)
-            )
-            target = None if target is None else target[keep]
-            if len(rows) == 0:
+            x_out[run.rows[run.fooled]] = run.found[run.fooled]
+            fooled_out[run.rows[run.fooled]] = True
+            run = run.kept(~run.fooled)
+            if len(run.rows) == 0:
                 break
         if i == n_iter:
             break
-        weight = 1.0 if i == 0 else MOMENTUM
-        z = threat.clip(x, x_adv + batch_view(step, x) * threat.ascent_direction(grad))
-        x_next = threat.clip(x, x_adv + weight * (z - x_adv) + (1 - weight) * (x_adv - x_prev))
-        x_prev, x_adv = x_adv, x_next
-        loss, grad, logits = _loss_and_grad(model, x_adv, y, target, loss_fn, eot_iter)
+        run.advance(model, threat, loss_fn, eot_iter, weight=1.0 if i == 0 else MOMENTUM)
+        since_check += 1
+        if since_check == window:
+            run.halve_where_stuck(rho * window)
+            window, since_check = next(checkpoints, 0), 0
+    x_out[run.rows] = torch.where(batch_view(run.fooled, run.x), run.found, run.best_x)
+    fooled_out[run.rows] = run.fooled
+    return fooled_out, x_out
+
+
+@dataclass
+class _Examples:
+    """The examples still attacked in one APGD run: per example (one row each, aligned), its
+    clean point, iterates, best point and step-size bookkeeping, so the broken ones can leave
+    the batch together (:meth:`kept`)."""
+
+    rows: torch.Tensor
+    """Each example's row in the caller's batch."""
+    x: torch.Tensor
+    y: torch.Tensor
+    target: torch.Tensor | None
+    x_adv: torch.Tensor
+    x_prev: torch.Tensor
+    grad: torch.Tensor
+    prev_loss: torch.Tensor
+    found: torch.Tensor
+    """The iterate each example was first misclassified at (meaningful where ``fooled``)."""
+    fooled: torch.Tensor
+    best_x: torch.Tensor
+    best_loss: torch.Tensor
+    best_grad: torch.Tensor
+    step: torch.Tensor
+    increases: torch.Tensor
+    """Steps since the last checkpoint that increased the loss."""
+    best_at_check: torch.Tensor
+    halved_at_check: torch.Tensor
+
+    @classmethod
+    def start(
+        cls,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        target: torch.Tensor | None,
+        start: torch.Tensor,
+        loss: torch.Tensor,
+        grad: torch.Tensor,
+        logits: torch.Tensor,
+        step: float,
+    ) -> _Examples:
+        """Every example at its start point, with that point's loss, gradient and logits."""
+        n, device = len(x), x.device
+        return cls(
+            rows=torch.arange(n, device=device),
+            x=x,
+            y=y,
+            target=target,
+            x_adv=start,
+            x_prev=start,
+            grad=grad,
+            prev_loss=loss,
+            found=start,
+            fooled=logits.argmax(dim=1) != y,
+            best_x=start,
+            best_loss=loss,
+            best_grad=grad,
+            step=torch.full((n,), step, device=device, dtype=x.dtype),
+            increases=torch.zeros(n, device=device),
+            best_at_check=loss.clone(),
+            halved_at_check=torch.zeros(n, dtype=torch.bool, device=device),
+        )
+
+    def kept(self, keep: torch.Tensor) -> _Examples:
+        """Only the examples where ``keep`` is True."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return _Examples(**{k: None if v is None else v[keep] for k, v in values.items()})
+
+    def advance(
+        self,
+        model: nn.Module,
+        threat: ThreatModel,
+        loss_fn: TargetedLossFn,
+        eot_iter: int,
+        *,
+        weight: float,
+    ) -> None:
+        """One heavy-ball step (``weight`` 1: a plain one), then its bookkeeping: the first
+        misclassified iterate, the loss increases, the best point."""
+        x, x_adv = self.x, self.x_adv
+        z = threat.clip(x, x_adv + batch_view(self.step, x) * threat.ascent_direction(self.grad))
+        x_next = threat.clip(x, x_adv + weight * (z - x_adv) + (1 - weight) * (x_adv - self.x_prev))
+        self.x_prev, self.x_adv = x_adv, x_next
+        loss, grad, logits = _loss_and_grad(model, x_next, self.y, self.target, loss_fn, eot_iter)
+        self.grad = grad
 
         # torch.where, not boolean-mask writes: those would stall the host on the GPU six
         # times per iteration.
-        newly = (logits.argmax(dim=1) != y) & ~fooled
-        found = torch.where(batch_view(newly, x), x_adv, found)
-        fooled = fooled | newly
-        increases += (loss > prev_loss).float()
-        prev_loss = loss
-        improved = loss > best_loss
-        best_x = torch.where(batch_view(improved, x), x_adv, best_x)
-        best_grad = torch.where(batch_view(improved, x), grad, best_grad)
-        best_loss = torch.where(improved, loss, best_loss)
+        newly = (logits.argmax(dim=1) != self.y) & ~self.fooled
+        self.found = torch.where(batch_view(newly, x), x_next, self.found)
+        self.fooled = self.fooled | newly
+        self.increases += (loss > self.prev_loss).float()
+        self.prev_loss = loss
+        improved = loss > self.best_loss
+        self.best_x = torch.where(batch_view(improved, x), x_next, self.best_x)
+        self.best_grad = torch.where(batch_view(improved, x), grad, self.best_grad)
+        self.best_loss = torch.where(improved, loss, self.best_loss)
 
-        since_check += 1
-        if since_check == window:
-            oscillating = increases < rho * window
-            stalled = ~halved_at_check & (best_loss <= best_at_check)
-            halve = oscillating | stalled
-            step = torch.where(halve, step / 2, step)
-            x_adv = torch.where(batch_view(halve, x), best_x, x_adv)
-            grad = torch.where(batch_view(halve, x), best_grad, grad)
-            halved_at_check, best_at_check = halve, best_loss.clone()
-            increases.zero_()
-            window, since_check = next(checkpoints, 0), 0
-    x_out[rows] = torch.where(batch_view(fooled, x), found, best_x)
-    fooled_out[rows] = fooled
-    return fooled_out, x_out
+    def halve_where_stuck(self, min_increases: float) -> None:
+        """At a checkpoint: halve the step of each example that oscillated (fewer than
+        ``min_increases`` increasing steps) or stalled (not halved last time, best loss not
+        improved), restarting it from its best point."""
+        oscillating = self.increases < min_increases
+        stalled = ~self.halved_at_check & (self.best_loss <= self.best_at_check)
+        halve = oscillating | stalled
+        x = self.x
+        self.step = torch.where(halve, self.step / 2, self.step)
+        self.x_adv = torch.where(batch_view(halve, x), self.best_x, self.x_adv)
+        self.grad = torch.where(batch_view(halve, x), self.best_grad, self.grad)
+        self.halved_at_check, self.best_at_check = halve, self.best_loss.clone()
+        self.increases.zero_()
 
 
 StartNoise = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]

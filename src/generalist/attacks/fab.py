@@ -23,6 +23,7 @@ class). Restarts after the first start from a random point drawn per point (see
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -254,8 +255,8 @@ class FAB:
         others' iterates never depend on it. On a GPU, where looking for such examples would
         stall the device every iteration, they ride along.
         """
-        norm, eps = self.threat.norm, self.threat.eps
-        dual_p = {"Linf": 1.0, "L2": 2.0, "L1": math.inf}[norm]
+        eps = self.threat.eps
+        dual_p = {"Linf": 1.0, "L2": 2.0, "L1": math.inf}[self.threat.norm]
         out = x0.flatten(1).clone()
         success = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
         rows = torch.arange(len(x0), device=x0.device)
@@ -281,26 +282,7 @@ class FAB:
                     target = None if target is None else target[keep]
                     if len(rows) == 0:
                         break
-            if target is None:
-                gap, grad, _ = _closest_gap_and_grad(model, images(current), y, dual_p)
-            else:
-                gap, grad, _ = _target_gap_and_grad(model, images(current), y, target)
-            w = grad.flatten(1)
-            # Linearised boundary f_target - f_y = 0 at the current iterate: <w, z> = b. The
-            # iterate and the clean image are projected onto it in one batch.
-            b = (w * current).sum(dim=1) - gap
-            steps = boundary_step(
-                torch.cat([current, clean]), torch.cat([w, w]), torch.cat([b, b]), norm
-            )
-            step_current, step_clean = steps.chunk(2)
-            distances = steps.norm(p=self.threat.p, dim=1).clamp_min(1e-8)
-            dist_current, dist_clean = distances.chunk(2)
-            alpha = (dist_current / (dist_current + dist_clean)).clamp(0, self.alpha_max)
-            alpha = alpha.unsqueeze(1)
-            current = (
-                (1 - alpha) * (current + self.eta * step_current)
-                + alpha * (clean + self.eta * step_clean)
-            ).clamp(0.0, 1.0)
+            current = self._step(model, images, current, clean, y, target, dual_p)
             with torch.inference_mode():
                 fooled = model(images(current)).argmax(dim=1) != y
             fooled = fooled.clone()  # out of inference mode, for the updates below
@@ -315,6 +297,40 @@ class FAB:
         # The ε test on the flattened norm is the contract; clip guards float rounding.
         found = self.threat.clip(x0, out.view_as(x0))
         return found, success
+
+    def _step(
+        self,
+        model: nn.Module,
+        images: Callable[[torch.Tensor], torch.Tensor],
+        current: torch.Tensor,
+        clean: torch.Tensor,
+        y: torch.Tensor,
+        target: torch.Tensor | None,
+        dual_p: float,
+    ) -> torch.Tensor:
+        """The next iterate (flat): the current one and the clean image both projected onto
+        the linearised decision boundary, mixed by how far each is from it (at most
+        ``alpha_max`` of the clean one's step), overshooting by ``eta``."""
+        if target is None:
+            gap, grad, _ = _closest_gap_and_grad(model, images(current), y, dual_p)
+        else:
+            gap, grad, _ = _target_gap_and_grad(model, images(current), y, target)
+        w = grad.flatten(1)
+        # Linearised boundary f_target - f_y = 0 at the current iterate: <w, z> = b. The
+        # iterate and the clean image are projected onto it in one batch.
+        b = (w * current).sum(dim=1) - gap
+        steps = boundary_step(
+            torch.cat([current, clean]), torch.cat([w, w]), torch.cat([b, b]), self.threat.norm
+        )
+        step_current, step_clean = steps.chunk(2)
+        distances = steps.norm(p=self.threat.p, dim=1).clamp_min(1e-8)
+        dist_current, dist_clean = distances.chunk(2)
+        alpha = (dist_current / (dist_current + dist_clean)).clamp(0, self.alpha_max)
+        alpha = alpha.unsqueeze(1)
+        return (
+            (1 - alpha) * (current + self.eta * step_current)
+            + alpha * (clean + self.eta * step_clean)
+        ).clamp(0.0, 1.0)
 
 
 class FABTargeted(FAB):

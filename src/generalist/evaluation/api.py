@@ -235,26 +235,50 @@ def evaluate(
         raise ConfigError(f"model must be a torch nn.Module, got a {type(model).__name__}")
     started = time.perf_counter()
     _at_least_one(batch_size, "batch_size")
-    suite = (
-        None
-        if corruptions and not threats
-        else _suite(
-            threats,
-            attacks,
-            seed=seed,
-            batch_size=batch_size,
-            n_iter=n_iter,
-            progress=progress,
+    suite = None  # with corruptions and no threats: the corruption track alone
+    if threats or not corruptions:
+        suite = _suite(
+            threats, attacks, seed=seed, batch_size=batch_size, n_iter=n_iter, progress=progress
         )
+    subject = _given_subject(model, x, y, device)
+    folder = None if out is None else _claim(Path(out), "a separate evaluation needs its own out")
+    arguments = {"threats": [str(t) for t in threats], "corruptions": corruptions}
+    record = _score_in_process(
+        suite,
+        subject,
+        folder,
+        corruptions,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+        settings=_settings(subject.device, seed, 1, arguments),
+        started=started,
     )
+    table = EvalTable.from_record(record, folder)
+    _raise_warnings(table)
+    return table
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """What one evaluation scores: the model on its device and the points, described for
+    ``eval.json``, and the identity a state file must have been written for to be resumed."""
+
+    model: nn.Module
+    data: ImageDataset
+    device: torch.device
+    model_meta: dict[str, Any]
+    """``eval.json``'s ``model`` section."""
+    data_meta: dict[str, Any]
+    """``eval.json``'s ``data`` section."""
+    identity: dict[str, Any]
+
+
+def _given_subject(model: nn.Module, x: Any, y: Any, device: str | torch.device | None) -> _Subject:
+    """:func:`evaluate`'s model and arrays, checked, on the given device (else the model's)."""
     data = _given_data(x, y)
     run_device = torch.device(device) if device is not None else _device_of(model)
     model_hash = _state_sha256(model)
-    folder = None
-    if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        lock_folder(folder, "evaluation folder", "a separate evaluation needs its own out")
     data_meta = {
         "dataset": "given tensors",
         "split": "given",
@@ -262,30 +286,6 @@ def evaluate(
         "num_classes": None,
         "image_shape": list(data.images.shape[1:]),
     }
-    identity = {"model_sha256": model_hash, "data_fingerprint": data_meta["fingerprint"]}
-    result = (
-        None
-        if suite is None
-        else suite.run(
-            model,
-            data,
-            state_path=None if folder is None else folder / STATE_FILE,
-            identity=identity,
-            device=run_device,
-        )
-    )
-    track = _corruption_track(
-        corruptions,
-        model,
-        data,
-        data_meta,
-        seed=seed,
-        batch_size=batch_size,
-        folder=folder,
-        identity=identity,
-        device=run_device,
-        progress=progress,
-    )
     model_meta = {
         "path": f"<{type(model).__name__} in Python>",
         "which": None,
@@ -295,25 +295,66 @@ def evaluate(
         "spec": None,
         "trained_on": None,
     }
-    settings = {
-        "device": str(run_device),
-        "seed": seed,
-        "processes": 1,
-        "arguments": {"threats": [str(t) for t in threats], "corruptions": corruptions},
-    }
-    record = build_outputs(
+    identity = {"model_sha256": model_hash, "data_fingerprint": data_meta["fingerprint"]}
+    return _Subject(model, data, run_device, model_meta, data_meta, identity)
+
+
+def _score_in_process(
+    suite: EvaluationSuite | None,
+    subject: _Subject,
+    folder: Path | None,
+    corruptions: str | None,
+    *,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+    settings: dict[str, Any],
+    started: float,
+) -> dict[str, Any]:
+    """Run the suite and the corruption track in this process; the record (and with
+    ``folder``, the evaluation's files)."""
+    result = (
+        None
+        if suite is None
+        else suite.run(
+            subject.model,
+            subject.data,
+            state_path=None if folder is None else folder / STATE_FILE,
+            identity=subject.identity,
+            device=subject.device,
+        )
+    )
+    track = _corruption_track(
+        corruptions, subject, seed=seed, batch_size=batch_size, folder=folder, progress=progress
+    )
+    return build_outputs(
         result,
         suite,
         settings,
         started,
-        model=model_meta,
-        data=data_meta,
+        model=subject.model_meta,
+        data=subject.data_meta,
         out=folder,
         corruptions=track,
     )
-    table = EvalTable.from_record(record, folder)
-    _raise_warnings(table)
-    return table
+
+
+def _settings(
+    device: torch.device, seed: int, processes: int | None, arguments: dict[str, Any]
+) -> dict[str, Any]:
+    """``eval.json``'s settings of the run itself: where, with which seed, on how many
+    processes, and the arguments it was given."""
+    return {
+        "device": str(device),
+        "seed": seed,
+        "processes": processes,
+        "arguments": _json_ready(arguments),
+    }
+
+
+def _json_ready(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with tuples as lists, as JSON writes and reads them back."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 def _output_classes(model: nn.Module, data: ImageDataset, device: torch.device) -> int:
@@ -327,15 +368,11 @@ def _output_classes(model: nn.Module, data: ImageDataset, device: torch.device) 
 
 def _corruption_track(
     source: str | None,
-    model: nn.Module,
-    data: ImageDataset,
-    data_meta: dict[str, Any],
+    subject: _Subject,
     *,
     seed: int,
     batch_size: int,
     folder: Path | None,
-    identity: dict[str, Any],
-    device: torch.device,
     progress: bool,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> CorruptionOutcome | None:
@@ -345,17 +382,18 @@ def _corruption_track(
         return None
     from generalist.evaluation.corruptions import run_corruptions
 
+    model, data, meta = subject.model, subject.data, subject.data_meta
     return run_corruptions(
         model,
         data,
         source,
         seed=seed,
         batch_size=batch_size,
-        image_shape=data_meta["image_shape"],
-        num_classes=data_meta["num_classes"] or _output_classes(model, data, device),
+        image_shape=meta["image_shape"],
+        num_classes=meta["num_classes"] or _output_classes(model, data, subject.device),
         state_path=None if folder is None else folder / CORRUPTIONS_STATE_FILE,
-        identity=identity,
-        device=device,
+        identity=subject.identity,
+        device=subject.device,
         on_progress=on_progress,
         progress=progress,
     )
@@ -396,7 +434,7 @@ def _given_data(x: Any, y: Any) -> ImageDataset:
                 f"x is not on the 8-bit grid: it is evaluated as its uint8 values (each pixel "
                 f"moved by at most {change:.4f}); give uint8 images to evaluate them exactly",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,  # the caller of evaluate
             )
         images = rounded.astype(np.uint8)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
@@ -533,9 +571,70 @@ def _run_eval(
     on_progress: Callable[[Progress], None] | None,
     group: ExitStack,
 ) -> tuple[Path, dict[str, Any] | None]:
-    from generalist.checkpoint import load_model, sha256_file
-
     started = time.perf_counter()
+    plan = _plan(request)
+    # the request is checked: now join the other processes (torchrun), if any
+    processes = group.enter_context(evaluation_processes(resolve_device(request.device, "device")))
+    out = processes.agree(lambda: _out_dir(request, plan.run_dir, resume, processes.count))
+    _check_processes(request, processes)  # after a resume's own check, which says more
+    apply_threads(request.threads)
+    subject = _saved_subject(request, plan, processes.device)
+    processes.agree(lambda: _claim(out, "a separate evaluation needs its own --out"))
+    resolved = request.with_values(
+        target=str(plan.target.resolve()),
+        which=plan.which,
+        threats=tuple(str(t) for t in plan.suite.threats) if plan.suite else (),
+        attacks=tuple(plan.suite.attack_names) if plan.suite else (),
+        corruptions=_resolved_source(request.corruptions),
+        batch_size=plan.batch_size,
+        dataset=subject.data_meta["dataset"],
+        data_dir=subject.data_meta["data_dir"],
+        out=str(out),
+        processes=processes.count,
+    )
+    # Written once, before the first attack, so an interrupted evaluation has it; a resume
+    # never rewrites it (options refused by the plan check below must not replace it).
+    first_request = not (out / REQUEST_FILE).is_file()
+    if first_request and not resume and processes.is_main:
+        _write_request(out, resolved)
+    result = (
+        None
+        if plan.suite is None
+        else run_sharded(
+            plan.suite,
+            subject.model,
+            subject.data,
+            folder=out,
+            state_file=STATE_FILE,
+            identity=subject.identity,
+            processes=processes,
+            on_progress=on_progress,
+        )
+    )
+    if not processes.is_main:  # rank 0 writes the merged folder
+        return out, None
+    late_request = first_request and resume  # a folder from an older version
+    return out, _finish(resolved, plan, subject, result, out, late_request, started, on_progress)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a checked request evaluates, found before any other process joins."""
+
+    target: Path
+    weights: Path
+    which: str | None
+    """``last`` or ``best`` in a run directory; None for a weights file."""
+    run_dir: Path
+    config: Any
+    """The run's resolved config; None for bare weights or with ``arch``."""
+    batch_size: int
+    suite: EvaluationSuite | None
+    """None: the corruption track alone."""
+
+
+def _plan(request: EvalRequest) -> _Plan:
+    """The request's values checked, its weights found and its suite built."""
     target = Path(request.target)
     if not target.exists():
         raise CheckpointError(
@@ -565,119 +664,92 @@ def _run_eval(
             progress=request.progress and is_rank_zero(),
         )
     )
-    # the request is checked: now join the other processes (torchrun), if any
-    processes = group.enter_context(evaluation_processes(resolve_device(request.device, "device")))
-    out = processes.agree(lambda: _out_dir(request, run_dir, resume, processes.count))
-    _check_processes(request, processes)  # after a resume's own check, which says more
-    device = processes.device
-    apply_threads(request.threads)
-    dataset_name = _dataset_name(request, config, weights)
+    return _Plan(target, weights, which, run_dir, config, batch_size, suite)
+
+
+def _saved_subject(request: EvalRequest, plan: _Plan, device: torch.device) -> _Subject:
+    """The saved model loaded on ``device`` and the data it is evaluated on, refused when
+    they do not fit each other."""
+    from generalist.checkpoint import load_model, sha256_file
+
+    dataset_name = _dataset_name(request, plan.config, plan.weights)
     if request.arch is not None:
         data, data_meta = _evaluation_data(request, None, dataset_name, 0)
         model, spec = load_model(
-            weights,
+            plan.weights,
             device,
             arch=_arch_spec(request, data_meta),
             trust_changed_code=request.trust_changed_code,
         )
     else:
         model, spec = load_model(
-            weights,
+            plan.weights,
             device,
             trust_unhashed=request.trust_unhashed,
             trust_changed_code=request.trust_changed_code,
         )
         size = spec["model"].get("image_size") or 224
-        data, data_meta = _evaluation_data(request, config, dataset_name, size)
+        data, data_meta = _evaluation_data(request, plan.config, dataset_name, size)
     if request.compile:
         compile_in_place(model)  # in place: the model's names and hash are unchanged
-    model_hash = sha256_file(weights)
-    _check_fits(spec, data_meta, target, more_classes_ok=request.num_classes is not None)
-    processes.agree(lambda: _claim(out))
-    resolved = request.with_values(
-        target=str(target.resolve()),
-        which=which,
-        threats=tuple(str(t) for t in suite.threats) if suite else (),
-        attacks=tuple(suite.attack_names) if suite else (),
-        corruptions=_resolved_source(request.corruptions),
-        batch_size=batch_size,
-        dataset=data_meta["dataset"],
-        data_dir=data_meta["data_dir"],
-        out=str(out),
-        processes=processes.count,
-    )
-    # Written once, before the first attack, so an interrupted evaluation has it; a resume
-    # never rewrites it (options refused by the plan check below must not replace it).
-    first_request = not (out / REQUEST_FILE).is_file()
-    if first_request and not resume and processes.is_main:
-        _write_request(out, resolved)
-    identity = {
-        "model_sha256": model_hash,
-        "data_fingerprint": data_meta["fingerprint"],
-        "dataset": data_meta["dataset"],
-        "split": data_meta["split"],
-    }
-    result = (
-        None
-        if suite is None
-        else run_sharded(
-            suite,
-            model,
-            data,
-            folder=out,
-            state_file=STATE_FILE,
-            identity=identity,
-            processes=processes,
-            on_progress=on_progress,
-        )
-    )
-    if not processes.is_main:  # rank 0 writes the merged folder
-        return out, None
-    corruptions = _corruption_track(
-        resolved.corruptions,
-        model,
-        data,
-        data_meta,
-        seed=request.seed,
-        batch_size=batch_size,
-        folder=out,
-        identity=identity,
-        device=device,
-        progress=request.progress,
-        on_progress=on_progress,
-    )
-    if first_request and resume:  # a folder from an older version: its options passed the check
-        _write_request(out, resolved)
-    settings = {
-        "device": str(device),
-        "seed": request.seed,
-        "processes": processes.count,
-        "arguments": {
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(resolved).items()
-        },
-    }
+    model_hash = sha256_file(plan.weights)
+    _check_fits(spec, data_meta, plan.target, more_classes_ok=request.num_classes is not None)
     model_meta = {
-        "path": str(weights),
-        "which": which,
+        "path": str(plan.weights),
+        "which": plan.which,
         "selected": spec.get("selected"),
         "sha256": model_hash,
         "architecture": spec["model"]["name"],
         "spec": spec["model"],
         "trained_on": spec.get("dataset"),
     }
-    record = build_outputs(
+    identity = {
+        "model_sha256": model_hash,
+        "data_fingerprint": data_meta["fingerprint"],
+        "dataset": data_meta["dataset"],
+        "split": data_meta["split"],
+    }
+    return _Subject(model, data, device, model_meta, data_meta, identity)
+
+
+def _finish(
+    resolved: EvalRequest,
+    plan: _Plan,
+    subject: _Subject,
+    result: SuiteResult | None,
+    out: Path,
+    late_request: bool,
+    started: float,
+    on_progress: Callable[[Progress], None] | None,
+) -> dict[str, Any]:
+    """Rank 0's part after the attacks: the corruption track, then every output; the record.
+
+    ``late_request``: the folder has no ``request.json`` (an older version's), written now
+    that its options passed the plan checks."""
+    corruptions = _corruption_track(
+        resolved.corruptions,
+        subject,
+        seed=resolved.seed,
+        batch_size=plan.batch_size,
+        folder=out,
+        progress=resolved.progress,
+        on_progress=on_progress,
+    )
+    if late_request:
+        _write_request(out, resolved)
+    arguments = dataclasses.asdict(resolved)
+    settings = _settings(subject.device, resolved.seed, resolved.processes, arguments)
+    return build_outputs(
         result,
-        suite,
+        plan.suite,
         settings,
         started,
-        model=model_meta,
-        data=data_meta,
+        model=subject.model_meta,
+        data=subject.data_meta,
         out=out,
-        run_name=run_dir.name,
+        run_name=plan.run_dir.name,
         corruptions=corruptions,
     )
-    return out, record
 
 
 def _resolved_source(source: str | None) -> str | None:
@@ -692,8 +764,7 @@ def _resolved_source(source: str | None) -> str | None:
 def _write_request(out: Path, request: EvalRequest) -> None:
     from generalist.durable import write_text_durably
 
-    values = {key: getattr(request, key) for key in RESOLVED_FIELDS}
-    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    values = _json_ready({key: getattr(request, key) for key in RESOLVED_FIELDS})
     write_text_durably(out / REQUEST_FILE, json.dumps(values, indent=2) + "\n")
 
 
@@ -711,9 +782,7 @@ def build_outputs(
 ) -> dict[str, Any]:
     """The record of a finished suite and/or corruption track (``result`` and ``suite`` are
     None for the corruption track alone); with ``out``, every file of the evaluation folder."""
-    from generalist.durable import write_text_durably
-    from generalist.evaluation.records import build_record, model_info, model_info_filename
-    from generalist.evaluation.tables import render_markdown
+    from generalist.evaluation.records import build_record
 
     if suite is None or result is None:
         if corruptions is None:
@@ -731,21 +800,41 @@ def build_outputs(
     record = build_record(
         result, model=model, data=data, settings=settings, seconds=time.perf_counter() - started
     )
-    name = run_name or model["architecture"]
     if corruptions is not None:
         from generalist.evaluation import corruptions as track
 
         record["corruptions"] = track.corruption_section(corruptions)
-    if out is None:
-        return record
+    if out is not None:
+        name = run_name or model["architecture"]
+        _write_outputs(record, out, name, model, data, suite is not None, corruptions is not None)
+    return record
+
+
+def _write_outputs(
+    record: dict[str, Any],
+    out: Path,
+    name: str,
+    model: dict[str, Any],
+    data: dict[str, Any],
+    attacked: bool,
+    corrupted: bool,
+) -> None:
+    """The evaluation folder's files: the model infos (one per threat model, one for the
+    corruption track), ``results.md`` and, last, ``eval.json`` listing every file there."""
+    from generalist.durable import write_text_durably
+    from generalist.evaluation.records import model_info, model_info_filename
+    from generalist.evaluation.tables import render_markdown
+
     infos = {
         model_info_filename(record, i): model_info(
             record, i, name=name, architecture=model["architecture"]
         )
         for i in range(len(record["threats"]))
     }
-    written = [RECORD_FILE, TABLES_FILE, *infos] + ([STATE_FILE] if suite else [])
-    if corruptions is not None:
+    written = [RECORD_FILE, TABLES_FILE, *infos] + ([STATE_FILE] if attacked else [])
+    if corrupted:
+        from generalist.evaluation import corruptions as track
+
         infos[track.MODEL_INFO_FILE] = track.corruption_model_info(
             record["corruptions"],
             dataset=data["dataset"],
@@ -758,11 +847,10 @@ def build_outputs(
     if (out / SHARD_FOLDER).is_dir():
         written.append(f"{SHARD_FOLDER}/")
     record["files"] = written
-    for name, info in infos.items():
-        write_text_durably(out / name, json.dumps(info, indent=2) + "\n")
+    for file_name, info in infos.items():
+        write_text_durably(out / file_name, json.dumps(info, indent=2) + "\n")
     write_text_durably(out / TABLES_FILE, render_markdown(record))
     write_text_durably(out / RECORD_FILE, json.dumps(record, indent=2) + "\n")
-    return record
 
 
 def _weights_of(target: Path, which: str | None) -> tuple[Path, str | None]:
@@ -823,9 +911,12 @@ def _check_processes(request: EvalRequest, processes: Processes) -> None:
         )
 
 
-def _claim(out: Path) -> None:
+def _claim(out: Path, advice: str) -> Path:
+    """``out``, made and locked for this evaluation alone; ``advice`` says what to do when
+    another holds it."""
     out.mkdir(parents=True, exist_ok=True)
-    lock_folder(out, "evaluation folder", "a separate evaluation needs its own --out")
+    lock_folder(out, "evaluation folder", advice)
+    return out
 
 
 def _out_dir(request: EvalRequest, run_dir: Path, resume: bool, processes: int) -> Path:

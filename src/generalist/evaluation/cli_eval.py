@@ -62,6 +62,18 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="evaluate a trained model: AutoAttack or chosen attacks, per threat model and union",
         description=__doc__.split("\n\n")[0],
     )
+    # in the order --help lists them
+    _add_model_flags(parser)
+    _add_attack_flags(parser)
+    _add_data_flags(parser)
+    _add_folder_flags(parser)
+    _add_process_flags(parser)
+    parser.set_defaults(func=cmd_eval)
+    return parser
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """What is evaluated: a run directory or weights file, and how to build its model."""
     parser.add_argument(
         "target",
         nargs="?",
@@ -90,6 +102,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="K",
         help="with --arch: the model's number of outputs (default: the dataset's classes)",
     )
+
+
+def _add_attack_flags(parser: argparse.ArgumentParser) -> None:
+    """Which attacks under which threat models, on how many points, in what batches."""
     parser.add_argument(
         "--attacks",
         action="append",
@@ -128,6 +144,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="K",
         help="iterations of the iterative attacks (default: each attack's standard)",
     )
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """The corruption track, the seed, and the data evaluated on."""
     parser.add_argument(
         "--corruptions",
         metavar="SOURCE",
@@ -150,6 +170,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="test",
         help="test (default) or the validation split carved from training data",
     )
+
+
+def _add_folder_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the evaluation's files go, or which interrupted evaluation to continue."""
     parser.add_argument("--out", help="output folder (default: RUN_DIR/eval-<timestamp>)")
     parser.add_argument(
         "--resume",
@@ -158,6 +182,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "corruptions-state.json (its request.json holds the target, threats, corruptions, "
         "dataset, data dir and examples: nothing else is needed)",
     )
+
+
+def _add_process_flags(parser: argparse.ArgumentParser) -> None:
+    """How it runs: device, processes, threads, compilation, what to trust, progress bars."""
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
     parser.add_argument(
         "--nproc",
@@ -190,8 +218,6 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "changed since the run recorded its SHA-256",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=cmd_eval)
-    return parser
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -234,43 +260,8 @@ def _launch(nproc: int, request: EvalRequest, argv: list[str], resume: bool) -> 
 def request_from_args(args: argparse.Namespace) -> tuple[EvalRequest, bool]:
     """The flags checked and turned into an :class:`EvalRequest` (with ``--resume``, the
     folder's saved one with the flags given on top), and whether it resumes."""
-    for flag, value in (
-        ("--batch-size", args.batch_size),
-        ("--n-iter", args.n_iter),
-        ("--num-classes", args.num_classes),
-    ):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} {value}: must be at least 1 (leave it out for the default)")
-    if args.num_classes is not None and args.arch is None:
-        raise ConfigError("--num-classes goes with --arch; a run's model.json already says it")
-    if len(args.norm) != len(args.eps):
-        raise ConfigError("give --norm and --eps in pairs, e.g. --norm Linf --eps 8/255")
-    if args.target is None and not args.resume:
-        raise ConfigError("name what to evaluate: a run directory or a weights file")
-    if args.model is not None and args.target and not Path(args.target).is_dir():
-        raise ConfigError(
-            f"--model {args.model} picks a model inside a run directory; pass the run directory "
-            f"instead of {args.target}"
-        )
-    threats = (*args.threat, *(f"{n}:{e}" for n, e in zip(args.norm, args.eps, strict=True)))
-    attacks = tuple(parse_attack_names(args.attacks)) if args.attacks else None
-    if args.corruptions and not (attacks or threats) and not args.resume:
-        attacks = ()  # the corruption track alone
-    given: dict[str, Any] = {
-        "target": args.target,
-        "which": args.model,
-        "arch": args.arch,
-        "num_classes": args.num_classes,
-        "attacks": attacks,
-        "threats": threats or None,
-        "n_examples": args.n_examples,
-        "batch_size": args.batch_size,
-        "n_iter": args.n_iter,
-        "dataset": args.dataset,
-        "data_dir": args.data_dir,
-        "corruptions": args.corruptions,
-        "processes": args.nproc,
-    }
+    _check_flags(args)
+    given = _given_values(args)
     run_settings = {
         "device": args.device,
         "threads": args.threads,
@@ -299,6 +290,51 @@ def request_from_args(args: argparse.Namespace) -> tuple[EvalRequest, bool]:
                 **run_settings,
             )
     return request, bool(args.resume)
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that are wrong on their own or together, before anything is read."""
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--n-iter", args.n_iter),
+        ("--num-classes", args.num_classes),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: must be at least 1 (leave it out for the default)")
+    if args.num_classes is not None and args.arch is None:
+        raise ConfigError("--num-classes goes with --arch; a run's model.json already says it")
+    if len(args.norm) != len(args.eps):
+        raise ConfigError("give --norm and --eps in pairs, e.g. --norm Linf --eps 8/255")
+    if args.target is None and not args.resume:
+        raise ConfigError("name what to evaluate: a run directory or a weights file")
+    if args.model is not None and args.target and not Path(args.target).is_dir():
+        raise ConfigError(
+            f"--model {args.model} picks a model inside a run directory; pass the run directory "
+            f"instead of {args.target}"
+        )
+
+
+def _given_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The request's values the flags set (None: not given), by the library's names."""
+    threats = (*args.threat, *(f"{n}:{e}" for n, e in zip(args.norm, args.eps, strict=True)))
+    attacks = tuple(parse_attack_names(args.attacks)) if args.attacks else None
+    if args.corruptions and not (attacks or threats) and not args.resume:
+        attacks = ()  # the corruption track alone
+    return {
+        "target": args.target,
+        "which": args.model,
+        "arch": args.arch,
+        "num_classes": args.num_classes,
+        "attacks": attacks,
+        "threats": threats or None,
+        "n_examples": args.n_examples,
+        "batch_size": args.batch_size,
+        "n_iter": args.n_iter,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "corruptions": args.corruptions,
+        "processes": args.nproc,
+    }
 
 
 @contextmanager

@@ -75,48 +75,67 @@ def corrupted_cells(
 ) -> CorruptedCells:
     """The cells for ``--corruptions SOURCE`` over ``data`` (the evaluated clean points);
     ``image_shape`` (C, H, W) and ``num_classes`` are the model's."""
-    n = len(data)
     if source == GENERATED_SOURCE:
-        profile = profile_for(image_shape[-1])
+        return _generated_cells(data, seed, image_shape)
+    if corruption_set_kind(source) == "cifar-c":
+        return _cifar_c_cells(source, data)
+    return _imagenet_c_cells(source, data, image_shape, num_classes)
 
-        def generated(corruption: str, severity: int, start: int, stop: int):
-            clean = data.images[start:stop]
-            images = corrupt_images(
-                clean, corruption, severity, seed=seed, indices=range(start, stop), profile=profile
-            )
-            return images, data.labels[start:stop].cpu()
 
-        description = {"kind": "generated", "profile": profile, "seed": seed}
-        return CorruptedCells(description, GENERATED, generated, left_out=dict(LEFT_OUT))
-    kind = corruption_set_kind(source)
-    if kind == "cifar-c":
-        folder = read_cifar_c(source)
-        if n > folder.per_severity:
-            raise ConfigError(
-                f"{source} holds {folder.per_severity} images per severity but {n} points are "
-                f"evaluated; pass --n-examples {folder.per_severity} or less"
-            )
-        labels = torch.from_numpy(folder.labels[:n].copy())
-        differ = int((labels != data.labels[:n].cpu()).sum())
-        warnings = (
-            [
-                f"labels.npy differs from the evaluated split's labels at {differ} of {n} points: "
-                "the folder is not this dataset's test set in its order, so 'relative to clean' "
-                "compares different images"
-            ]
-            if differ
-            else []
+def _generated_cells(data: Any, seed: int, image_shape: Sequence[int]) -> CorruptedCells:
+    """Corrupted at run time, per point, at the profile of the model's image size."""
+    profile = profile_for(image_shape[-1])
+
+    def generated(corruption: str, severity: int, start: int, stop: int):
+        clean = data.images[start:stop]
+        images = corrupt_images(
+            clean, corruption, severity, seed=seed, indices=range(start, stop), profile=profile
         )
+        return images, data.labels[start:stop].cpu()
 
-        def published(corruption: str, severity: int, start: int, stop: int):
-            return folder.cell(corruption, severity, start, stop), labels[start:stop]
+    description = {"kind": "generated", "profile": profile, "seed": seed}
+    return CorruptedCells(description, GENERATED, generated, left_out=dict(LEFT_OUT))
 
-        description = {
-            "kind": "cifar-c",
-            "path": str(Path(source).resolve()),
-            "per_severity": folder.per_severity,
-        }
-        return CorruptedCells(description, CORRUPTIONS, published, warnings=warnings)
+
+def _cifar_c_cells(source: str, data: Any) -> CorruptedCells:
+    """A CIFAR-10-C/-100-C folder's first N images of each severity, with its own labels (a
+    warning when they are not the split's)."""
+    n = len(data)
+    folder = read_cifar_c(source)
+    if n > folder.per_severity:
+        raise ConfigError(
+            f"{source} holds {folder.per_severity} images per severity but {n} points are "
+            f"evaluated; pass --n-examples {folder.per_severity} or less"
+        )
+    labels = torch.from_numpy(folder.labels[:n].copy())
+    differ = int((labels != data.labels[:n].cpu()).sum())
+    warnings = (
+        [
+            f"labels.npy differs from the evaluated split's labels at {differ} of {n} points: "
+            "the folder is not this dataset's test set in its order, so 'relative to clean' "
+            "compares different images"
+        ]
+        if differ
+        else []
+    )
+
+    def published(corruption: str, severity: int, start: int, stop: int):
+        return folder.cell(corruption, severity, start, stop), labels[start:stop]
+
+    description = {
+        "kind": "cifar-c",
+        "path": str(Path(source).resolve()),
+        "per_severity": folder.per_severity,
+    }
+    return CorruptedCells(description, CORRUPTIONS, published, warnings=warnings)
+
+
+def _imagenet_c_cells(
+    source: str, data: Any, image_shape: Sequence[int], num_classes: int
+) -> CorruptedCells:
+    """An ImageNet-C folder's images, decoded from disk as they are needed, over the
+    corruptions it holds."""
+    n = len(data)
     folder_c = read_imagenet_c(source)
     if len(folder_c.classes) != num_classes:
         raise ConfigError(
@@ -193,32 +212,11 @@ def run_corruptions(
         backends.for_evaluation(),
         tqdm(total=total, initial=done_before, unit="img", disable=not progress) as bar,
     ):
-
-        def classify(key: str, batch: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]):
-            job = state.job(key)
-            correct = decode_mask(job["robust"])
-            for start in range(job["done"], n, batch_size):
-                stop = min(start + batch_size, n)
-                began = time.perf_counter()
-                images, labels = batch(start, stop)
-                x = to_float(images).to(device, non_blocking=True)
-                right = predicts_correctly(model, x, labels.to(device, non_blocking=True)).cpu()
-                correct = torch.cat([correct, right])
-                job.update(
-                    done=stop,
-                    robust=encode_mask(correct),
-                    seconds=job["seconds"] + time.perf_counter() - began,
-                )
-                state.save()
-                bar.update(stop - start)
-                if on_progress is not None:
-                    on_progress(Progress("corruptions", key, stop, n))
-            return correct
-
-        clean = classify("clean", lambda a, b: (data.images[a:b], data.labels[a:b].cpu()))
+        jobs = _Jobs(model, state, n, batch_size, device, bar, on_progress)
+        clean = jobs.classify("clean", lambda a, b: (data.images[a:b], data.labels[a:b].cpu()))
         for corruption in cells.corruptions:
             for severity in SEVERITIES:
-                results[(corruption, severity)] = classify(
+                results[(corruption, severity)] = jobs.classify(
                     f"{corruption}/{severity}",
                     lambda a, b, c=corruption, s=severity: cells.batch(c, s, a, b),
                 )
@@ -226,6 +224,45 @@ def run_corruptions(
     return CorruptionOutcome(
         clean, results, seconds, state.jobs["clean"]["seconds"], batch_size, cells
     )
+
+
+@dataclass
+class _Jobs:
+    """Classifies each job's points batch by batch, saving the state after every batch."""
+
+    model: nn.Module
+    state: SuiteState
+    n: int
+    batch_size: int
+    device: torch.device
+    bar: tqdm
+    on_progress: Callable[[Progress], None] | None
+
+    def classify(
+        self, key: str, batch: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """bool [N]: whether the model is right on each point of job ``key``, whose points
+        ``[start, stop)`` ``batch`` gives; from where the saved state left off."""
+        job = self.state.job(key)
+        correct = decode_mask(job["robust"])
+        for start in range(job["done"], self.n, self.batch_size):
+            stop = min(start + self.batch_size, self.n)
+            began = time.perf_counter()
+            images, labels = batch(start, stop)
+            x = to_float(images).to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            right = predicts_correctly(self.model, x, labels).cpu()
+            correct = torch.cat([correct, right])
+            job.update(
+                done=stop,
+                robust=encode_mask(correct),
+                seconds=job["seconds"] + time.perf_counter() - began,
+            )
+            self.state.save()
+            self.bar.update(stop - start)
+            if self.on_progress is not None:
+                self.on_progress(Progress("corruptions", key, stop, self.n))
+        return correct
 
 
 def _json(plan: dict[str, Any]) -> dict[str, Any]:

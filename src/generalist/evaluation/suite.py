@@ -38,6 +38,7 @@ from generalist import backends
 from generalist.attacks import (
     AutoAttack,
     AutoAttackProgress,
+    AutoAttackResult,
     AutoAttackState,
     black_box_warning,
     check_black_box_beats_white_box,
@@ -559,25 +560,31 @@ class _Runner:
                 bar.close()
         job["warnings"] = check_black_box_beats_white_box(result)
         job["warnings"] += check_cross_entropy_against_margin(result)
-        stages = [
-            StageOutcome(
-                stage,
-                result.robust_after[stage].cpu(),
-                result.seconds.get(stage, 0.0),
-                passes_of(result.cost.get(stage)),
-            )
-            for stage in result.attacks
-        ]
-        total = total_passes([passes_of(cost) for cost in result.cost.values()])
-        return AttackOutcome(
-            name,
-            attack.describe(),
-            result.robust.cpu(),
-            sum(result.seconds.values()),
-            stages=stages,
-            rejected=sum(result.rejected.values()),
-            passes=total,
+        return _autoattack_outcome(name, attack, result)
+
+
+def _autoattack_outcome(name: str, attack: AutoAttack, result: AutoAttackResult) -> AttackOutcome:
+    """The suite's outcome of a finished AutoAttack: its robust mask, and one stage per
+    attack of its sequence with the points still robust after it."""
+    stages = [
+        StageOutcome(
+            stage,
+            result.robust_after[stage].cpu(),
+            result.seconds.get(stage, 0.0),
+            passes_of(result.cost.get(stage)),
         )
+        for stage in result.attacks
+    ]
+    total = total_passes([passes_of(cost) for cost in result.cost.values()])
+    return AttackOutcome(
+        name,
+        attack.describe(),
+        result.robust.cpu(),
+        sum(result.seconds.values()),
+        stages=stages,
+        rejected=sum(result.rejected.values()),
+        passes=total,
+    )
 
 
 def passes_of(saved: dict[str, Any] | None) -> PassCount:

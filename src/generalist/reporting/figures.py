@@ -97,7 +97,38 @@ def training_curves(run: Run, label: str) -> Figure:
     grid = figure.add_gridspec(2, panels, height_ratios=(3, 1.4))
     gamma_axes = figure.add_subplot(grid[1, :])
     accuracy_axes = [figure.add_subplot(grid[0, i], sharex=gamma_axes) for i in range(panels)]
-    for axes, metric in zip(accuracy_axes, metric_names, strict=False):
+    _draw_accuracies(accuracy_axes, run, validated, models, metric_names, colors)
+
+    _draw_gammas(gamma_axes, run, learners, colors)
+    redistributed = [r["epoch"] for r in run.metrics if r.get("redistributed")]
+    for axes in [*accuracy_axes, gamma_axes]:
+        for epoch in redistributed:
+            axes.axvspan(epoch - 1, epoch, color=REDISTRIBUTION_SHADE, zorder=0, linewidth=0)
+    gamma_axes.set_xlim(0, max(run.epochs, run.metrics[-1]["epoch"]))
+    gamma_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+    figure.legend(
+        handles=_curve_legend(run, models, learners, colors, bool(redistributed)),
+        loc="outside right upper",
+        fontsize=8,
+    )
+    method = label if label == run.preset else f"{label}: {run.preset or run.name}"
+    status = "" if run.finished else f" (unfinished: epoch {run.metrics[-1]['epoch']}/{run.epochs})"
+    _title(figure, f"{method} on {run.dataset or '?'}, validation split{status}")
+    return figure
+
+
+def _draw_accuracies(
+    panels: list[Axes],
+    run: Run,
+    validated: list[dict],
+    models: list[str],
+    metric_names: list[str],
+    colors: dict[str, tuple],
+) -> None:
+    """One panel per metric (clean, then each threat): every model's validation accuracy per
+    epoch, the global model drawn thicker and on top."""
+    for axes, metric in zip(panels, metric_names, strict=False):
         for model in models:
             points = [
                 (r["epoch"], r["val"][model][metric])
@@ -120,29 +151,9 @@ def training_curves(run: Run, label: str) -> Figure:
         axes.set_title(CLEAN if metric == CLEAN else f"{metric} robust{attack}")
         axes.set_ylim(bottom=0)  # from zero, so a one-point wiggle does not look like a trend
         axes.grid(alpha=0.3)
-    accuracy_axes[0].set_ylabel("validation accuracy (%)")
+    panels[0].set_ylabel("validation accuracy (%)")
     if not validated:
-        accuracy_axes[0].text(
-            0.5, 0.5, "no validation yet", ha="center", transform=accuracy_axes[0].transAxes
-        )
-
-    _draw_gammas(gamma_axes, run, learners, colors)
-    redistributed = [r["epoch"] for r in run.metrics if r.get("redistributed")]
-    for axes in [*accuracy_axes, gamma_axes]:
-        for epoch in redistributed:
-            axes.axvspan(epoch - 1, epoch, color=REDISTRIBUTION_SHADE, zorder=0, linewidth=0)
-    gamma_axes.set_xlim(0, max(run.epochs, run.metrics[-1]["epoch"]))
-    gamma_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-    figure.legend(
-        handles=_curve_legend(run, models, learners, colors, bool(redistributed)),
-        loc="outside right upper",
-        fontsize=8,
-    )
-    method = label if label == run.preset else f"{label}: {run.preset or run.name}"
-    status = "" if run.finished else f" (unfinished: epoch {run.metrics[-1]['epoch']}/{run.epochs})"
-    _title(figure, f"{method} on {run.dataset or '?'}, validation split{status}")
-    return figure
+        panels[0].text(0.5, 0.5, "no validation yet", ha="center", transform=panels[0].transAxes)
 
 
 def _draw_gammas(axes: Axes, run: Run, learners: list[str], colors: dict[str, tuple]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -36,16 +36,39 @@ class Report:
 
 
 def write_report(runs: Sequence[Run], out: str | Path) -> Report:
+    """``report.md`` and its figures for ``runs``, written into ``out`` (made if need be; the
+    report's own files there are overwritten)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labels = run_labels(runs)
-    written: list[Path] = []
+    saved = _SavedFigures(out)
+    sections = [
+        *_results_sections(runs, labels),
+        *_comparison_figures(runs, labels, saved),
+        *_training_curves(runs, labels, saved),
+        *_evaluation_sections(runs),
+    ]
+    path = out / REPORT_FILE
+    write_text_durably(path, "\n\n".join(s.strip() for s in sections) + "\n")
+    return Report(path, saved.written)
 
-    def figure_section(title: str, figure: Figure, name: str, caption: str) -> str:
-        written.append(figures.save(figure, out / name))
+
+@dataclass
+class _SavedFigures:
+    """Saves each figure next to ``report.md`` and remembers what it wrote."""
+
+    out: Path
+    written: list[Path] = field(default_factory=list)
+
+    def section(self, title: str, figure: Figure, name: str, caption: str) -> str:
+        """The figure saved as ``name``, and its section: the title, the link, the caption."""
+        self.written.append(figures.save(figure, self.out / name))
         return f"{title}\n\n![{title.lstrip('# ')}]({name})\n\n{caption}"
 
-    sections = [
+
+def _results_sections(runs: Sequence[Run], labels: list[str]) -> list[str]:
+    """The title, what wrote the report, and the table of final results."""
+    return [
         "# Robustness report",
         f"{len(runs)} run(s); written by generalist {__version__} on "
         f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}.",
@@ -55,10 +78,15 @@ def write_report(runs: Sequence[Run], out: str | Path) -> Report:
         "Union accuracy counts the points robust to every threat model at once, which only an "
         "evaluation's per-point results can tell.",
     ]
+
+
+def _comparison_figures(runs: Sequence[Run], labels: list[str], saved: _SavedFigures) -> list[str]:
+    """The figures across runs, each left out when no run has what it draws."""
+    sections = []
     tradeoff = figures.tradeoff(runs, labels)
     if tradeoff is not None:
         sections.append(
-            figure_section(
+            saved.section(
                 "## Natural vs robust trade-off",
                 tradeoff,
                 TRADEOFF_FILE,
@@ -71,7 +99,7 @@ def write_report(runs: Sequence[Run], out: str | Path) -> Report:
     norms = figures.norm_bars(runs, labels)
     if norms is not None:
         sections.append(
-            figure_section(
+            saved.section(
                 "## Per-norm and union accuracy",
                 norms,
                 NORMS_FILE,
@@ -82,7 +110,7 @@ def write_report(runs: Sequence[Run], out: str | Path) -> Report:
     heatmap = figures.corruption_heatmap(runs, labels)
     if heatmap is not None:
         sections.append(
-            figure_section(
+            saved.section(
                 "## Common corruptions",
                 heatmap,
                 CORRUPTIONS_FILE,
@@ -92,11 +120,16 @@ def write_report(runs: Sequence[Run], out: str | Path) -> Report:
                 "`cifar-c` panels read the published files.",
             )
         )
-    sections.append("## Training curves")
+    return sections
+
+
+def _training_curves(runs: Sequence[Run], labels: list[str], saved: _SavedFigures) -> list[str]:
+    """One figure of training curves per run, under one heading."""
+    sections = ["## Training curves"]
     names: set[str] = set()
     for run, label in zip(runs, labels, strict=True):
         sections.append(
-            figure_section(
+            saved.section(
                 f"### {label}",
                 figures.training_curves(run, label),
                 _unique_name(f"curves-{_slug(label)}", names),
@@ -105,6 +138,12 @@ def write_report(runs: Sequence[Run], out: str | Path) -> Report:
                 "γ.",
             )
         )
+    return sections
+
+
+def _evaluation_sections(runs: Sequence[Run]) -> list[str]:
+    """Every run's evaluations in full, then every warning met while reading the runs."""
+    sections = []
     evaluations = [evaluation for run in runs for evaluation in run.evaluations]
     if evaluations:
         sections.append("## Evaluations")
@@ -112,9 +151,7 @@ def write_report(runs: Sequence[Run], out: str | Path) -> Report:
     warnings = [warning for run in runs for warning in run.warnings]
     if warnings:
         sections.append("## Warnings\n\n" + "\n".join(f"- {w}" for w in warnings))
-    path = out / REPORT_FILE
-    write_text_durably(path, "\n\n".join(s.strip() for s in sections) + "\n")
-    return Report(path, written)
+    return sections
 
 
 def _slug(text: str) -> str:
