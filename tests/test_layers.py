@@ -25,7 +25,7 @@ LAYERS = [
     {"training.tasks", "training.generalist", "training.learner"}
     | {"training.cure", "training.mixup", "training.unlabeled_pool"},
     {"config", "preflight"},
-    {"checkpoint", "rundir", "manifest"},
+    {"checkpoint", "weights", "rundir", "manifest"},
     {"evaluation"},
     {"training"},
     {"reporting"},

@@ -533,7 +533,7 @@ def _run_eval(
     on_progress: Callable[[Progress], None] | None,
     group: ExitStack,
 ) -> tuple[Path, dict[str, Any] | None]:
-    from generalist.checkpoint import load_model, sha256_file
+    from generalist.weights import load_model, sha256_file
 
     started = time.perf_counter()
     target = Path(request.target)
@@ -768,7 +768,7 @@ def build_outputs(
 def _weights_of(target: Path, which: str | None) -> tuple[Path, str | None]:
     """The weights file ``which`` names in a run directory, and ``last``/``best`` (None for a
     weights file given directly)."""
-    from generalist.checkpoint import BEST_STEM, WEIGHTS_FILE
+    from generalist.weights import BEST_STEM, WEIGHTS_FILE
 
     if which is not None and which not in MODEL_CHOICES:
         raise ConfigError(f"which {cut(which)}: use one of {', '.join(MODEL_CHOICES)}")
@@ -864,7 +864,7 @@ def _check_resumable(folder: Path) -> None:
 
 def _dataset_name(request: EvalRequest, config: Any, weights: Path) -> str:
     """The dataset given, else the run's, else the one ``model.json`` names."""
-    from generalist.checkpoint import spec_path_of
+    from generalist.weights import spec_path_of
 
     if request.dataset:
         return request.dataset

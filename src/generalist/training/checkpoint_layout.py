@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from generalist.checkpoint import check_same_layout, describe_layout
 from generalist.errors import CheckpointError
 from generalist.training.state import TrainingState, capture
+from generalist.weights import check_same_layout, describe_layout
 
 OPTIMIZER_STATE = {
     "sgd": {"momentum_buffer"},
