@@ -23,7 +23,7 @@ LAYERS = [
     # the algorithm core: the Generalist update, the learner and the tasks take plain values,
     # never a config (training/recipe.py reads those off the config)
     {"training.tasks", "training.generalist", "training.learner"}
-    | {"training.cure", "training.mixup", "training.unlabeled_pool"},
+    | {"training.cure", "training.mixup", "training.unlabeled_pool", "training.stateful"},
     {"config", "preflight"},
     {"checkpoint", "weights", "rundir", "manifest"},
     {"evaluation"},

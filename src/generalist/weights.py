@@ -32,6 +32,7 @@ from generalist.durable import write_durably
 from generalist.errors import CheckpointError, GeneralistError, UnsafeFileError, cut
 from generalist.models import create_model
 from generalist.plugins import is_import_path
+from generalist.training.stateful import check_same_layout
 
 WEIGHTS_FORMAT = "generalist-weights/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -301,27 +302,3 @@ def _build_model(name: str, kwargs: dict[str, Any], spec_path: Path, device: str
             f"{spec_path} asks for a model that cannot be built ({cut(reason, 160)}); "
             "re-save the model with generalist"
         ) from None
-
-
-def check_same_layout(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], what: str):
-    """Same names, shapes and dtypes, or :class:`CheckpointError` naming the first difference."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    if missing or unexpected:
-        detail = f"missing {cut(missing[:3])}" if missing else f"unexpected {cut(unexpected[:3])}"
-        raise CheckpointError(f"{what}: {detail}")
-    for key, tensor in expected.items():
-        other = found[key]
-        if other.shape != tensor.shape or other.dtype != tensor.dtype:
-            raise CheckpointError(
-                f"{what}: {cut(key)} is {_describe(other)} where {_describe(tensor)} is expected"
-            )
-
-
-def _describe(tensor: torch.Tensor) -> str:
-    return describe_layout(tensor.shape, tensor.dtype)
-
-
-def describe_layout(shape: torch.Size, dtype: torch.dtype) -> str:
-    """``float32[64, 3, 3, 3]``: a tensor's dtype and shape as messages show them."""
-    return f"{str(dtype).removeprefix('torch.')}{list(shape)}"
