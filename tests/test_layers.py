@@ -18,7 +18,7 @@ LAYERS = [
     # shared building blocks: no knowledge of configs, runs or training
     {"", "errors", "durable", "schedules", "devices", "inference", "tensorboard"}
     | {"backends", "threads", "compiling"}
-    | {"runlock", "plain_yaml", "plugins", "torchrun"}
+    | {"runlock", "plain_yaml", "plugins", "torchrun", "optimizers"}
     | {"attacks", "data", "models", "presets"},
     # the algorithm core: the Generalist update, the learner and the tasks take plain values,
     # never a config (training/recipe.py reads those off the config)

@@ -29,6 +29,7 @@ import yaml
 from generalist.attacks.threat import NORMS, ThreatModel, parse_eps, parse_norm
 from generalist.devices import PRECISIONS
 from generalist.errors import ConfigError, cut
+from generalist.optimizers import OPTIMIZERS
 from generalist.plain_yaml import YamlSyntaxError, load_plain_yaml
 from generalist.plugins import check_source_record, is_import_path, source_record
 from generalist.schedules import (
@@ -46,7 +47,6 @@ from generalist.training.tasks import ATTACK_FIELDS, TaskSpec, list_tasks, task_
 
 UNLABELED_REST = "rest"
 """``data.unlabeled: rest``: the training examples ``data.train_limit`` leaves out."""
-OPTIMIZERS = ("sgd", "adam", "adamw")
 REDISTRIBUTE_POLICIES = ("per_step_in_epoch", "once_per_c_epochs", "never")
 SELECTION_CRITERIA = ("clean+robust", "robust", "clean_gated_robust", "none")
 INIT_POLICIES = ("same", "independent")
