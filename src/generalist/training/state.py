@@ -131,13 +131,17 @@ class GlobalRandomness:
         per_gpu = saved if isinstance(saved, dict) else {} if saved is None else {"": saved}
         for index, value in per_gpu.items():
             if not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8):
-                raise CheckpointError(f"holds a malformed CUDA RNG state rng/cuda/{index}")
+                name = f"rng/cuda/{index}" if index else "rng/cuda"
+                raise CheckpointError(f"holds a malformed CUDA RNG state {name[:60]}")
         if self.device.type != "cuda":
             return
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         own = per_gpu.get("" if isinstance(saved, torch.Tensor) else str(index))
-        if own is not None:
-            torch.cuda.set_rng_state(own, self.device)
+        try:
+            if own is not None:
+                torch.cuda.set_rng_state(own, self.device)
+        except RuntimeError:
+            raise CheckpointError("has a malformed CUDA RNG state rng/cuda") from None
 
 
 @dataclass
