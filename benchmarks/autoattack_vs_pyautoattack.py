@@ -43,11 +43,11 @@ from torch import nn
 from generalist.attacks import AutoAttack, AutoAttackProgress, ThreatModel
 from generalist.attacks.cost import CallTally, CountingModel, ModelCall, PassCount, RecordingModel
 from generalist.attacks.pgd import pgd
-from generalist.checkpoint import load_model, save_model
 from generalist.data import load_splits, to_float
 from generalist.models import create_model
 from generalist.training.tasks import TrainingAttack
 from generalist.training.tasks.trades import trades_loss
+from generalist.weights import load_model, save_model
 
 DATA = {"cifar10": "/work/shared/data/cifar10-subset", "mnist": "/work/shared/data/mnist"}
 TRAINING_EPS = {"cifar10": "Linf:8/255", "mnist": "Linf:0.3"}

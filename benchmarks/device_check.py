@@ -69,7 +69,6 @@ from generalist import backends, compiling
 from generalist.attacks import AutoAttack
 from generalist.attacks.registry import create_attack
 from generalist.attacks.threat import ThreatModel
-from generalist.checkpoint import load_model
 from generalist.config import build_config
 from generalist.data import BatchAugment, load_splits, to_float
 from generalist.rundir import RunDir
@@ -78,6 +77,7 @@ from generalist.training.generalist import GeneralistMerge, generalist_step
 from generalist.training.recipe import epoch_plan
 from generalist.training.signals import TrainingInterrupted
 from generalist.training.state import TrainingState
+from generalist.weights import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 H200_BF16_PEAK = 790.0

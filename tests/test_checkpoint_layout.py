@@ -1,5 +1,6 @@
-"""Checkpoints whose hashes are consistent but whose content does not fit the run: each is
-set aside like a damaged one, and the run resumes from the previous checkpoint exactly."""
+"""Checkpoints whose hashes are consistent but whose content does not fit the run: the
+training state does not take them back, so each is set aside like a damaged one, and the run
+resumes from the previous checkpoint exactly; one of another device is refused and kept."""
 
 from __future__ import annotations
 
@@ -38,8 +39,13 @@ def stopped_run(tmp_path_factory):
 
 
 def _reshape_momentum(tensors, meta):
-    key = "learners/0/optimizer/0/momentum_buffer"
+    key = "learners/0/optimizer/state/0/momentum_buffer"
     tensors[key] = torch.zeros(tensors[key].numel() + 1)
+
+
+def _half_momentum(tensors, meta):
+    key = "learners/1/optimizer/state/2/momentum_buffer"
+    tensors[key] = tensors[key].half()
 
 
 def _half_weight(tensors, meta):
@@ -67,6 +73,14 @@ def _float_cuda_rng(tensors, meta):
     tensors["rng/cuda"] = torch.zeros(16)
 
 
+def _stray_tensor(tensors, meta):
+    tensors["extra/weights"] = torch.zeros(3)
+
+
+def _lost_metrics(tensors, meta):
+    meta["metrics"] = []
+
+
 def _unrecorded_best(tensors, meta):
     meta["best"] = None
 
@@ -77,7 +91,7 @@ def _half_best(tensors, meta):
 
 
 def _foreign_optimizer_entry(tensors, meta):
-    tensors["learners/0/optimizer/999/momentum_buffer"] = torch.zeros(1)
+    tensors["learners/0/optimizer/state/999/momentum_buffer"] = torch.zeros(1)
 
 
 def _resign_newest(run, edit):
@@ -97,21 +111,27 @@ def _resign_newest(run, edit):
     [
         (
             _reshape_momentum,
-            r"holds learners/0/optimizer/0/momentum_buffer as float32\[\d+\] where "
+            r"holds natural's optimizer momentum_buffer of parameter 0 as float32\[\d+\] where "
             r"float32\[[\d, ]+\] is expected",
         ),
-        (_half_weight, r"does not fit this run: 'learners/0/model/.+' is float16\[.*\] where "),
-        (_short_generator, r"does not fit this run: 'augment/generator' is uint8\[100\] where"),
+        (
+            _half_momentum,
+            r"holds adv_linf's optimizer momentum_buffer of parameter 2 as float16\[\d+\] where "
+            r"float32\[\d+\] is expected",
+        ),
+        (_half_weight, r"does not fit this run's natural model: '.+' is float16\[.*\] where "),
+        (_short_generator, r"holds a malformed state for the augmentation \(uint8\[100\]\)"),
         (_bad_position, r"has position epoch 2 batch 99 outside the run's 8 batches per epoch"),
-        (_no_rng, r"does not fit this run: missing \['rng/torch'\]"),
+        (_no_rng, r"lacks \['torch'\] of the RNGs"),
         (_short_numpy_rng, r"has a malformed NumPy RNG state"),
         (_float_cuda_rng, r"holds a malformed CUDA RNG state rng/cuda"),
-        (_unrecorded_best, r"holds best-model weights but no record of them"),
+        (_stray_tensor, r"holds \['extra'\] of the training state, which this run has no place"),
+        (_lost_metrics, r"does not hold one metrics record per finished epoch \(1\)"),
+        (_unrecorded_best, r"holds 'best/weights/.+', which this run has no place for"),
         (_half_best, r"has a best model that does not fit this run: '.+' is float16"),
         (
             _foreign_optimizer_entry,
-            r"holds learners/0/optimizer/999/momentum_buffer, which natural's sgd optimizer "
-            r"has no place for",
+            r"has optimizer state for parameter 999 of natural, which has \d+",
         ),
     ],
 )
@@ -148,3 +168,20 @@ def test_an_older_checkpoint_with_per_gpu_rng_entries_still_resumes_exactly(
     assert "set aside" not in capsys.readouterr().out
     assert not newest.with_name(f"{newest.name}.corrupt").exists()
     assert_same_result(run, reference)
+
+
+def test_a_checkpoint_of_another_device_is_refused_and_kept(tmp_path, stopped_run, capsys):
+    """A device is the user's choice at resume, not damage: the checkpoint stays as it is."""
+    run = shutil.copytree(stopped_run, tmp_path / stopped_run.name)
+
+    def on_cuda(tensors, meta):
+        meta["generator_device"] = "cuda"
+
+    newest = _resign_newest(run, on_cuda)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    assert (
+        f"error: {newest} was written on cuda and this run is on cpu; resume with --device cuda"
+        in capsys.readouterr().err
+    )
+    assert newest.is_file()
+    assert not list(run.glob("checkpoints/*.corrupt"))

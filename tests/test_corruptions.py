@@ -17,7 +17,6 @@ import torch
 from test_fetch import Server, _leftovers
 from training_runs import train_tiny
 
-from generalist.checkpoint import load_model
 from generalist.cli import main
 from generalist.data import load_splits, to_float
 from generalist.data.corruption_sets import read_cifar_c
@@ -33,6 +32,7 @@ from generalist.data.fetch import SOURCES, Remote, Source, fetch
 from generalist.errors import ConfigError, DataError
 from generalist.evaluation.cli_eval import add_eval_parser, eval_from_args
 from generalist.inference import predicts_correctly
+from generalist.weights import load_model
 
 N = 12
 

@@ -13,7 +13,6 @@ from torch import nn
 
 from generalist import cli
 from generalist.attacks.threat import ThreatModel
-from generalist.checkpoint import load_model, save_model
 from generalist.config import build_config
 from generalist.errors import ConfigError
 from generalist.schedules import PiecewiseLinear
@@ -23,6 +22,7 @@ from generalist.training.learner import Learner
 from generalist.training.tasks import TaskContext, TrainingAttack
 from generalist.training.tasks.cure import CureParams, CureTask
 from generalist.training.tasks.trades import trades_adversarial, trades_divergence
+from generalist.weights import load_model, save_model
 
 ATTACK = TrainingAttack(ThreatModel.of("Linf", "0.1"), steps=2, step_size=0.05)
 TINY_SPEC = {

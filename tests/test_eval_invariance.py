@@ -19,13 +19,13 @@ from forked_ranks import cli_rank, fork_two
 from test_eval_suite import digits, eval_args, results_only, run_dir  # noqa: F401 (fixtures)
 
 from generalist.attacks import AutoAttack, Square
-from generalist.checkpoint import load_model
 from generalist.cli import main
 from generalist.errors import ConfigError
 from generalist.evaluation import cli_eval
 from generalist.evaluation import suite as suite_module
 from generalist.evaluation.cli_eval import eval_from_args
 from generalist.evaluation.suite import EvaluationSuite, Progress, SuiteResult
+from generalist.weights import load_model
 
 N = 40
 ATTACKS = ["autoattack", "apgd-ce"]

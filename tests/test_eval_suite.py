@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from generalist import compiling
-from generalist.checkpoint import load_model, save_model, sha256_file
 from generalist.config import build_config
 from generalist.data import load_splits, to_float
 from generalist.errors import CheckpointError, ConfigError, GeneralistError
@@ -28,6 +27,7 @@ from generalist.evaluation.records import build_record, model_info
 from generalist.evaluation.suite import EvaluationSuite, Progress
 from generalist.evaluation.tables import render_markdown
 from generalist.models import create_model
+from generalist.weights import load_model, save_model, sha256_file
 
 N = 40
 BATCH = 16

@@ -23,7 +23,6 @@ from training_runs import (
 )
 
 from generalist.attacks.threat import ThreatModel
-from generalist.checkpoint import load_model, save_model, sha256_file
 from generalist.config import build_config
 from generalist.data import BatchAugment
 from generalist.data.unlabeled import read_unlabeled
@@ -39,6 +38,7 @@ from generalist.training.tasks import TrainingAttack, rst
 from generalist.training.tasks.iat import InterpolatedAdversarialTask
 from generalist.training.tasks.rst import RobustSelfTrainingTask
 from generalist.training.unlabeled_pool import PseudoLabeledPool
+from generalist.weights import load_model, save_model, sha256_file
 
 RST = [
     "data.unlabeled=rest",

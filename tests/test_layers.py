@@ -19,18 +19,18 @@ LAYERS = [
     # shared building blocks: no knowledge of configs, runs or training
     {"", "errors", "durable", "schedules", "devices", "inference", "tensorboard"}
     | {"backends", "threads", "compiling"}
-    | {"runlock", "plain_yaml", "plugins", "torchrun"}
+    | {"runlock", "plain_yaml", "plugins", "torchrun", "optimizers"}
     | {"attacks", "data", "models", "presets"},
     # the algorithm core: the Generalist update, the learner and the tasks take plain values,
     # never a config (training/recipe.py reads those off the config)
     {"training.tasks", "training.generalist", "training.learner"}
-    | {"training.cure", "training.mixup", "training.unlabeled_pool"},
+    | {"training.cure", "training.mixup", "training.unlabeled_pool", "training.stateful"},
     # the config's rooms, each a layer of its own: the schema imports no other room, the
     # coercer reads plain data into it, validation checks it, building layers and validates
     # ("config" is the package's __init__, its public names)
     *CONFIG_ROOMS[:-1],
     CONFIG_ROOMS[-1] | {"config", "preflight"},
-    {"checkpoint", "rundir", "manifest"},
+    {"checkpoint", "weights", "rundir", "manifest"},
     {"evaluation"},
     {"training"},
     {"reporting"},

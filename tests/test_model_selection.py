@@ -17,7 +17,6 @@ from training_runs import (
     train_tiny,
 )
 
-from generalist.checkpoint import load_model, sha256_file
 from generalist.cli import main
 from generalist.data import load_splits
 from generalist.errors import ConfigError
@@ -25,6 +24,7 @@ from generalist.evaluation.accuracy import accuracies
 from generalist.evaluation.api import EvalRequest, run_eval
 from generalist.evaluation.selection import selection_score
 from generalist.reporting.runs import load_run
+from generalist.weights import load_model, sha256_file
 
 
 @pytest.fixture(scope="module")

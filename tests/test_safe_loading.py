@@ -20,10 +20,11 @@ import pytest
 import torch
 from training_runs import train_tiny
 
-from generalist.checkpoint import CHECKPOINT_FORMAT, load_model, read_state_dict, save_model
+from generalist.checkpoint import CHECKPOINT_FORMAT
 from generalist.cli import main
 from generalist.errors import CheckpointError, UnsafeFileError
 from generalist.models import create_model
+from generalist.weights import load_model, read_state_dict, save_model
 
 
 class _Exploit:

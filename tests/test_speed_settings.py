@@ -11,10 +11,10 @@ import torch
 from training_runs import train_tiny
 
 from generalist import devices
-from generalist.checkpoint import load_model
 from generalist.config import build_config
 from generalist.errors import ConfigError
 from generalist.training import loop
+from generalist.weights import load_model
 
 CPU = torch.device("cpu")
 

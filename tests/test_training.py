@@ -8,13 +8,13 @@ import pytest
 import torch
 from training_runs import TINY_DATA
 
-from generalist.checkpoint import load_model
 from generalist.config import build_config
 from generalist.data import load_splits
 from generalist.errors import TrainingError
 from generalist.evaluation.accuracy import accuracies
 from generalist.training import loop
 from generalist.training.generalist import GeneralistMerge
+from generalist.weights import load_model
 
 FAST = [*TINY_DATA, "data.batch_size=64"]
 

@@ -26,7 +26,7 @@ _EXPORTS = {
     "build_config": "generalist.config",
     "create_model": "generalist.models",
     "register_model": "generalist.models",
-    "load_model": "generalist.checkpoint",
+    "load_model": "generalist.weights",
     "AutoAttack": "generalist.attacks",
     "GeneralistMerge": "generalist.training.generalist",
     "generalist_step": "generalist.training.generalist",
@@ -53,11 +53,11 @@ __all__ = [
 if TYPE_CHECKING:
     from generalist.api import TrainResult, train
     from generalist.attacks import AutoAttack
-    from generalist.checkpoint import load_model
     from generalist.config import build_config
     from generalist.evaluation.api import EvalTable, evaluate
     from generalist.models import create_model, register_model
     from generalist.training.generalist import GeneralistMerge, generalist_step
+    from generalist.weights import load_model
 
 
 def __getattr__(name: str) -> Any:

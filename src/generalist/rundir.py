@@ -5,7 +5,7 @@ runs/<name>-<YYYYmmdd-HHMMSS>/
   config.yaml        the fully resolved config (re-running it reproduces the run)
   metrics.jsonl      one JSON object per epoch: losses, lr, γ, validation accuracies
   manifest.json      software versions, device, seeds, data fingerprints, git commit, resumes
-  checkpoints/       the complete training state, newest few (see generalist.checkpoint)
+  checkpoints/       the complete training state, newest few (generalist.training.state)
   model.safetensors  the global learner's weights (safetensors: loading runs no code)
   model.json         how to rebuild the architecture, the dataset it was trained on, a hash
   summary.json       final test-set accuracies and timings

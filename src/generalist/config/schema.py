@@ -18,6 +18,7 @@ import yaml
 
 from generalist.attacks.threat import ThreatModel, parse_norm
 from generalist.errors import ConfigError
+from generalist.optimizers import OPTIMIZERS  # noqa: F401  (a choice list of the schema; its table lives with the optimizers)
 from generalist.schedules import REMAINDER, parse_exact, parse_step_size
 from generalist.threads import MAX_THREADS
 from generalist.training.generalist import START_RULES
@@ -28,7 +29,6 @@ UNLABELED_REST = "rest"
 """``data.unlabeled: rest``: the training examples ``data.train_limit`` leaves out."""
 STORAGES = ("auto", "memory", "stream")
 BAD_FILE_POLICIES = ("error", "skip")
-OPTIMIZERS = ("sgd", "adam", "adamw")
 REDISTRIBUTE_POLICIES = ("per_step_in_epoch", "once_per_c_epochs", "never")
 SELECTION_CRITERIA = ("clean+robust", "robust", "clean_gated_robust", "none")
 INIT_POLICIES = tuple(START_RULES)  # merge.init: the rules training/generalist.py defines

@@ -670,7 +670,7 @@ def _plan(request: EvalRequest) -> _Plan:
 def _saved_subject(request: EvalRequest, plan: _Plan, device: torch.device) -> _Subject:
     """The saved model loaded on ``device`` and the data it is evaluated on, refused when
     they do not fit each other."""
-    from generalist.checkpoint import load_model, sha256_file
+    from generalist.weights import load_model, sha256_file
 
     dataset_name = _dataset_name(request, plan.config, plan.weights)
     if request.arch is not None:
@@ -856,7 +856,7 @@ def _write_outputs(
 def _weights_of(target: Path, which: str | None) -> tuple[Path, str | None]:
     """The weights file ``which`` names in a run directory, and ``last``/``best`` (None for a
     weights file given directly)."""
-    from generalist.checkpoint import BEST_STEM, WEIGHTS_FILE
+    from generalist.weights import BEST_STEM, WEIGHTS_FILE
 
     if which is not None and which not in MODEL_CHOICES:
         raise ConfigError(f"which {cut(which)}: use one of {', '.join(MODEL_CHOICES)}")
@@ -955,7 +955,7 @@ def _check_resumable(folder: Path) -> None:
 
 def _dataset_name(request: EvalRequest, config: Any, weights: Path) -> str:
     """The dataset given, else the run's, else the one ``model.json`` names."""
-    from generalist.checkpoint import spec_path_of
+    from generalist.weights import spec_path_of
 
     if request.dataset:
         return request.dataset

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from generalist.checkpoint import SPEC_FILE, load_model, read_state_dict
 from generalist.errors import ConfigError
 from generalist.models import NormalizedModel
+from generalist.weights import SPEC_FILE, load_model, read_state_dict
 
 
 def initialize_from(model: nn.Module, source: str | None, spec: dict[str, Any]) -> None:

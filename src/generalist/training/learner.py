@@ -5,7 +5,9 @@ weight decay or Adam while the adversarial one uses SGD with a large weight deca
 owns its optimizer outright instead of sharing one over a parameter union.
 
 A learner is built from plain values (:mod:`generalist.training.recipe` reads them off the
-config); it knows no config itself.
+config); it knows no config itself. Its state (``state_dict``/``load_state_dict``) is what a
+checkpoint keeps of it: weights, its optimizer's own state dict (whatever the optimizer), its
+attack generator and its task's state when the task keeps one.
 """
 
 from __future__ import annotations
@@ -14,11 +16,20 @@ import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from generalist.errors import CheckpointError, cut
 from generalist.schedules import PiecewiseLinear
+from generalist.training.stateful import (
+    Stateful,
+    check_entries,
+    describe_layout,
+    load_generator,
+    load_module,
+)
 from generalist.training.tasks import AppliesGradients, Task
 
 
@@ -80,3 +91,81 @@ class Learner:
         else:
             self.optimizer.step()
         return loss.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the next step reads of this learner (its teacher belongs to the merge, its
+        position on the schedules to the training state); tensors are the live ones."""
+        state: dict[str, Any] = {
+            "name": self.name,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+        if isinstance(self.task, Stateful):
+            state["task"] = self.task.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output in place, as read back from a checkpoint's JSON;
+        :class:`CheckpointError` names the first thing that does not fit."""
+        if not isinstance(state, dict) or state.get("name") != self.name:
+            found = state.get("name") if isinstance(state, dict) else None
+            raise CheckpointError(f"has learner {cut(found)} where this run has {self.name}")
+        stateful = isinstance(self.task, Stateful)
+        required = {"name", "model", "optimizer", "generator"} | ({"task"} if stateful else set())
+        check_entries(state, required, f"learner {self.name}")
+        load_module(self.model, state["model"], f"{self.name} model")
+        load_optimizer(self.optimizer, state["optimizer"], self.name)
+        load_generator(self.generator, state["generator"], f"{self.name}'s generator")
+        if stateful:
+            try:
+                self.task.load_state_dict(state["task"])
+            except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+                reason = str(exc).strip().splitlines()[-1][:160] if str(exc) else type(exc).__name__
+                raise CheckpointError(
+                    f"has a state of {self.name}'s {self.task.name} task that does not fit it "
+                    f"({reason})"
+                ) from None
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: Any, owner: str) -> None:
+    """``optimizer.load_state_dict`` of its own state dict as read back from JSON (parameter
+    indices became strings, tuples such as Adam's betas lists).
+
+    Torch checks the parameter groups but neither a buffer's shape nor its dtype (it casts), so
+    every tensor of a parameter's state must have that parameter's shape and dtype or be a
+    scalar (a step count): this holds for every per-parameter optimizer in ``torch.optim``.
+    """
+    check_entries(state, {"state", "param_groups"}, f"{owner}'s optimizer")
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    per_parameter: dict[int, dict[str, Any]] = {}
+    for key, entry in state["state"].items():
+        index = str(key)  # a string once read back from JSON
+        if not (index.isdigit() and int(index) < len(parameters) and isinstance(entry, dict)):
+            raise CheckpointError(
+                f"has optimizer state for parameter {index[:40]} of {owner}, "
+                f"which has {len(parameters)}"
+            )
+        parameter = parameters[int(index)]
+        for name, value in entry.items():
+            misfit = isinstance(value, torch.Tensor) and value.dim() > 0
+            if misfit and (value.shape, value.dtype) != (parameter.shape, parameter.dtype):
+                raise CheckpointError(
+                    f"holds {owner}'s optimizer {name[:40]} of parameter {index} as "
+                    f"{describe_layout(value)} where {describe_layout(parameter)} is expected"
+                )
+        per_parameter[int(index)] = dict(entry)
+    current = optimizer.state_dict()["param_groups"]
+    saved = state["param_groups"]
+    if not isinstance(saved, list) or len(saved) != len(current):
+        raise CheckpointError(f"has other parameter groups than {owner}'s optimizer")
+    groups = [  # JSON turned tuples (Adam's betas) into lists; give them back their type
+        {k: tuple(v) if isinstance(now.get(k), tuple) else v for k, v in group.items()}
+        for group, now in zip(saved, current, strict=True)
+    ]
+    try:
+        optimizer.load_state_dict({"state": per_parameter, "param_groups": groups})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"has an optimizer state that does not fit {owner}'s ({exc})"
+        ) from None

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from generalist import backends
 from generalist.attacks.threat import ThreatModel
-from generalist.checkpoint import BEST_STEM, CheckpointStore, check_same_layout, save_model
+from generalist.checkpoint import CheckpointStore
 from generalist.compiling import compile_in_place
 from generalist.config import Config, validate
 from generalist.data import DataSplits, EpochBatches, ImageDataset, dataset_source, load_splits
@@ -86,6 +86,7 @@ from generalist.training.signals import (
 )
 from generalist.training.state import TrainingState
 from generalist.training.unlabeled_pool import PseudoLabeledPool
+from generalist.weights import BEST_STEM, check_same_layout, save_model
 
 GLOBAL = "global"
 SKIP_LIMIT = 10

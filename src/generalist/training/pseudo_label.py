@@ -26,7 +26,6 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from generalist.checkpoint import WEIGHTS_FILE, load_model, sha256_file
 from generalist.config.building import build_config
 from generalist.config.schema import Config
 from generalist.data import DataSplits, load_splits, to_float
@@ -42,6 +41,7 @@ from generalist.rundir import RunDir
 from generalist.torchrun import world_size
 from generalist.training.recipe import unlabeled_per_batch
 from generalist.training.signals import TrainingInterrupted, resume_hint
+from generalist.weights import WEIGHTS_FILE, load_model, sha256_file
 
 LABELS_FILE = "pseudo_labels.safetensors"
 LABELER_DIR = "pseudo-labeler"

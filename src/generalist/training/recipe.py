@@ -15,6 +15,7 @@ from torch import nn
 
 from generalist.config.schema import Config, OptimizerConfig, TaskConfig
 from generalist.config.validation import redistribute_rule, resolve_task
+from generalist.optimizers import OPTIMIZERS
 from generalist.schedules import PiecewiseLinear, mixing_weights, parse_exact, parse_number
 from generalist.training import generalist
 from generalist.training.generalist import EpochPlan
@@ -92,18 +93,8 @@ def epoch_plan(config: Config, gammas: list[PiecewiseLinear], epoch: int) -> Epo
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
-    """Optimizers start at lr 0: the schedule sets the real value before every step."""
-    params = model.parameters()
-    if config.type == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=0.0,
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            weight_decay=config.weight_decay,
-        )
-    kind = torch.optim.Adam if config.type == "adam" else torch.optim.AdamW
-    return kind(params, lr=0.0, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    """``config.type``'s optimizer over the model's parameters (:data:`OPTIMIZERS`)."""
+    return OPTIMIZERS[config.type](model.parameters(), config)
 
 
 def training_attack(config: Config, task: TaskConfig, key: str) -> TrainingAttack | None:

@@ -11,6 +11,7 @@ is logged twice or lost.
 from __future__ import annotations
 
 import datetime
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,6 @@ from generalist.checkpoint import Checkpoint, CheckpointStore
 from generalist.config import Config, build_config, canonical_tasks, read_config_file
 from generalist.errors import CheckpointError, ConfigError
 from generalist.rundir import RunDir
-from generalist.training.checkpoint_layout import layout_problem
 from generalist.training.signals import resume_hint
 from generalist.training.state import TrainingState, capture, restore
 
@@ -128,12 +128,22 @@ def resume_state(
     echo: Any,
 ) -> Path | None:
     """Load the newest intact checkpoint of ``run`` into ``state``; None if it has none yet."""
+    fresh: list[tuple[dict[str, Any], dict[str, Any]]] = []
 
-    def fits(checkpoint: Checkpoint) -> str:  # an edited config.yaml is refused below instead
-        saved = checkpoint.meta.get("config")
-        if isinstance(saved, dict) and config_difference(saved, config.to_dict()):
-            return ""
-        return layout_problem(state, checkpoint.tensors, checkpoint.meta)
+    def fits(checkpoint: Checkpoint) -> str:
+        """Restore ``checkpoint``; what does not fit ("" if all does) puts the fresh state back."""
+        if not isinstance(checkpoint.meta.get("config"), dict):
+            return "has no config"
+        if _refusal(checkpoint, run, config, data_fingerprint, state) is not None:
+            return ""  # refused below, and kept: it may be right for another config or device
+        if not fresh:
+            fresh.append(_snapshot(state))
+        try:
+            restore(state, checkpoint.tensors, checkpoint.meta)
+        except CheckpointError as misfit:
+            restore(state, *fresh[0])
+            return str(misfit)
+        return ""
 
     checkpoint, rejected = store.newest_readable(fits)
     for bad in rejected:
@@ -143,17 +153,50 @@ def resume_state(
         echo(f"{run.path} has no checkpoint yet: training it from the beginning")
         run.write_metrics([])
         return None
+    refusal = _refusal(checkpoint, run, config, data_fingerprint, state)
+    if refusal is not None:
+        raise refusal
+    _check_epochs(state.epoch - 1, config, run)
+    run.write_metrics(state.metrics)
+    if rejected:
+        echo(f"resuming from the previous checkpoint {checkpoint.record.name} instead")
+    return checkpoint.record
+
+
+def _snapshot(state: TrainingState) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``state`` as a checkpoint holds it (tensors copied to the CPU, the JSON through JSON),
+    to put back after a checkpoint that did not fit."""
+    tensors, meta = capture(state)
+    copies = {key: tensor.detach().to("cpu", copy=True) for key, tensor in tensors.items()}
+    return copies, json.loads(json.dumps(meta))
+
+
+def _refusal(
+    checkpoint: Checkpoint, run: RunDir, config: Config, data_fingerprint: str, state: TrainingState
+) -> CheckpointError | None:
+    """Why ``checkpoint``, intact, is not this run's to continue: another config, other data or
+    another device. Such a checkpoint is refused, not set aside."""
     meta = checkpoint.meta
     difference = config_difference(meta.get("config", {}), config.to_dict())
     if difference:
-        raise CheckpointError(_config_refusal(checkpoint.record, meta, run, difference))
-    if meta.get("data", {}).get("train") != data_fingerprint:
-        raise CheckpointError(
+        return CheckpointError(_config_refusal(checkpoint.record, meta, run, difference))
+    data = meta.get("data")
+    if not isinstance(data, dict) or data.get("train") != data_fingerprint:
+        return CheckpointError(
             f"{checkpoint.record} was trained on other data than {config.data.dataset} in "
             f"{config.data.data_dir or 'its default location'} holds now; resume with the "
             "same dataset files"
         )
-    finished = meta["position"]["epoch"] - 1
+    device = meta.get("generator_device")
+    if device in ("cpu", "cuda", "mps") and device != state.device.type:
+        return CheckpointError(
+            f"{checkpoint.record} was written on {device} and this run is on "
+            f"{state.device.type}; resume with --device {device} to continue exactly"
+        )
+    return None
+
+
+def _check_epochs(finished: int, config: Config, run: RunDir) -> None:
     if finished > config.epochs:
         raise ConfigError(
             f"epochs: {config.epochs} is fewer than the {finished} epochs {run.path} has "
@@ -164,11 +207,6 @@ def resume_state(
             f"{run.path} already finished all {finished} epochs; to train it longer: "
             f"generalist train --resume {run.path} --epochs N"
         )
-    restore(state, checkpoint.tensors, meta)
-    run.write_metrics(state.metrics)
-    if rejected:
-        echo(f"resuming from the previous checkpoint {checkpoint.record.name} instead")
-    return checkpoint.record
 
 
 def resume_config(run_dir: str | Path, given: Config | None, overrides: list[str]) -> Config:

@@ -1,46 +1,56 @@
-"""The complete training state as a flat table of tensors plus JSON, and back: exact resume.
+"""The complete training state, described once as its objects' state dicts: exact resume.
 
 "Complete" means everything the next step reads:
 
-- per learner: weights and buffers, optimizer state, the attack generator, and the task's own
-  state when the task has ``state_dict()``/``load_state_dict()`` (CURE's revision model);
-- the merge: the EMA teachers and the global learner;
-- the position: epoch, batches of it done, global step (the merge's t), the epoch's losses so
-  far, the finished epochs' metric records and the latest validation;
+- per learner (:meth:`Learner.state_dict`): weights and buffers, its optimizer's own state
+  dict, the attack generator and the task's own state when the task keeps one (CURE's
+  revision model); beside it, its EMA teacher from the merge;
+- the merge's global learner;
+- the position: epoch, batches of it done, global step (the merge's t; the lr, γ and task
+  schedules are functions of it), the epoch's losses so far, the finished epochs' metric
+  records and the latest validation;
 - the model selected on validation so far (:class:`BestModel`), weights included, so a resumed
   run compares against, and ends with, exactly the best model the uninterrupted run would;
-- randomness: the augmentation generator and the global RNGs (torch CPU, the run's own GPU
-  on a CUDA run, numpy, python), which nothing in the loop draws from today but a model or task may.
+- randomness: the augmentation generator and the global RNGs (:class:`GlobalRandomness`).
 
 The data order needs nothing: :class:`~generalist.data.EpochBatches` derives it from
-(seed, epoch), so the batch index is the position. Schedules are functions of the position.
-Tensors go to safetensors under ``learners/<i>/…``, ``global/…``, ``rng/…``; everything else is
-plain JSON. Nothing is pickled, so a checkpoint someone sends cannot run code.
+(seed, epoch), so the batch index is the position. RST's pseudo-labels are no state either:
+they are written once before training and checked by hash on resume. A checkpoint is
+:meth:`TrainingState.state_dict` flattened (:mod:`generalist.training.stateful`: tensors to
+safetensors under their path, ``learners/<i>/…``, ``global/…``, ``rng/…``, the rest JSON), and
+whether a checkpoint fits is whether :func:`restore` takes it.
 """
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from generalist.errors import CheckpointError
+from generalist.errors import CheckpointError, cut
 from generalist.training.generalist import GeneralistMerge
 from generalist.training.learner import Learner
+from generalist.training.stateful import (
+    check_entries,
+    check_same_layout,
+    flatten,
+    load_generator,
+    load_module,
+    unflatten,
+)
 
-
-@runtime_checkable
-class StatefulTask(Protocol):
-    """A task that keeps state between steps implements these two and is checkpointed."""
-
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+LAYOUT = 2
+"""The version of :meth:`TrainingState.state_dict`'s tree, kept in a checkpoint's JSON
+(``layout``). Checkpoints without it were written before the state was its objects' state
+dicts; :func:`_from_layout_1` reads them."""
+_MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError)
+"""What reading a hand-edited JSON value as the state it should be raises."""
 
 
 @dataclass
@@ -61,6 +71,77 @@ class BestModel:
 
     def describe(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "score": self.score, "val": self.val}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.describe(), "weights": self.weights}
+
+    @classmethod
+    def from_state(cls, state: Any, like: nn.Module) -> BestModel:
+        """The best model a checkpoint holds, its weights on ``like``'s device (the global
+        model's, where the live copy is kept)."""
+        check_entries(state, {"epoch", "score", "val", "weights"}, "the best model")
+        epoch, score, val = state["epoch"], state["score"], state["val"]
+        if not (_is_int(epoch) and isinstance(score, numbers.Real) and isinstance(val, dict)):
+            raise CheckpointError("has a malformed best-model record")
+        live = like.state_dict()
+        check_same_layout(live, state["weights"], "has a best model that does not fit this run")
+        weights = {key: tensor.to(live[key].device) for key, tensor in state["weights"].items()}
+        return cls(epoch, score, val, weights)
+
+
+@dataclass
+class GlobalRandomness:
+    """The process-wide generators a model or task may draw from (nothing in the loop does
+    today): torch's CPU one, the run's own GPU's on a CUDA run, NumPy's and Python's."""
+
+    device: torch.device
+
+    def state_dict(self) -> dict[str, Any]:
+        numpy_state = np.random.get_state()
+        state = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        }
+        if self.device.type == "cuda":  # never asked on a CPU run: it would initialise CUDA
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_entries(state, {"torch", "python", "numpy"}, "the RNGs", frozenset({"cuda"}))
+        self._load_cuda(state.get("cuda"))
+        try:
+            torch.set_rng_state(state["torch"])
+        except (*_MALFORMED, RuntimeError):
+            raise CheckpointError("has a malformed torch RNG state") from None
+        try:
+            version, words, gauss = state["python"]
+            random.setstate((version, tuple(words), gauss))
+        except _MALFORMED:
+            raise CheckpointError("has a malformed Python RNG state") from None
+        try:
+            name, keys, *rest = state["numpy"]
+            np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+        except _MALFORMED:
+            raise CheckpointError("has a malformed NumPy RNG state") from None
+
+    def _load_cuda(self, saved: Any) -> None:
+        """The run's own GPU's state. Older checkpoints kept one per visible GPU
+        (``rng/cuda/<index>``), CPU runs too: the run's GPU's is read, the others dropped."""
+        per_gpu = saved if isinstance(saved, dict) else {} if saved is None else {"": saved}
+        for index, value in per_gpu.items():
+            if not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8):
+                name = f"rng/cuda/{index}" if index else "rng/cuda"
+                raise CheckpointError(f"holds a malformed CUDA RNG state {name[:60]}")
+        if self.device.type != "cuda":
+            return
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        own = per_gpu.get("" if isinstance(saved, torch.Tensor) else str(index))
+        try:
+            if own is not None:
+                torch.cuda.set_rng_state(own, self.device)
+        except RuntimeError:
+            raise CheckpointError("has a malformed CUDA RNG state rng/cuda") from None
 
 
 @dataclass
@@ -101,38 +182,112 @@ class TrainingState:
         self.batch = 0
         self.epoch_losses.zero_()
 
+    @property
+    def device(self) -> torch.device:
+        return self.augment_generator.device
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole state as one tree of its objects' state dicts (live tensors, JSON values):
+        the one description of what a checkpoint holds. A learner's entry carries its teacher,
+        so that one learner's part travels alone between processes."""
+        return {
+            "layout": LAYOUT,
+            "learners": [self.learner_state(i) for i in range(len(self.learners))],
+            "global": self.merge.global_model.state_dict(),
+            "best": None if self.best is None else self.best.state_dict(),
+            "augment": {"generator": self.augment_generator.get_state()},
+            "epoch": {"losses": self.epoch_losses},
+            "rng": GlobalRandomness(self.device).state_dict(),
+            "generator_device": self.device.type,
+            "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
+            "metrics": self.metrics,
+            "val": self.val,
+        }
+
+    def learner_state(self, index: int) -> dict[str, Any]:
+        teacher = self.merge.teachers[index].state_dict()
+        return {**self.learners[index].state_dict(), "teacher": teacher}
+
+    def load_learner(self, index: int, state: Any) -> None:
+        """Restore :meth:`learner_state`'s output for learner ``index`` in place."""
+        learner = self.learners[index]
+        if not isinstance(state, dict):
+            raise CheckpointError(f"has no record of learner {learner.name}")
+        learner.load_state_dict({k: v for k, v in state.items() if k != "teacher"})
+        load_module(self.merge.teachers[index], state.get("teacher"), f"{learner.name} teacher")
+
+    def load_state_dict(self, state: dict[str, Any], only: Collection[int] | None = None) -> None:
+        """Restore :meth:`state_dict`'s output in place (the merge keeps views of the models);
+        ``only`` restores just those learners (a distributed rank's own).
+
+        :class:`CheckpointError` names the first thing that does not fit; a partial load is
+        never left looking fine (:func:`~generalist.training.save_and_resume.resume_state`
+        restores the fresh state when this raises).
+        """
+        parts = set(self.state_dict()) - {"layout", "best"}
+        check_entries(state, parts, "the training state", frozenset({"best"}))
+        names = [learner.name for learner in self.learners]
+        saved = state["learners"] if isinstance(state["learners"], list) else []
+        found = [entry.get("name") if isinstance(entry, dict) else None for entry in saved]
+        if found != names:
+            raise CheckpointError(f"has learners {cut(found)} where this run has {names}")
+        if state["generator_device"] != self.device.type:
+            raise CheckpointError(
+                f"was written on {cut(state['generator_device'])} and this run is on "
+                f"{self.device.type}; resume with --device {cut(state['generator_device'])} to "
+                "continue exactly"
+            )
+        for index, entry in enumerate(saved):
+            if only is None or index in only:
+                self.load_learner(index, entry)
+        load_module(self.merge.global_model, state["global"], "global model")
+        best = state.get("best")  # absent in checkpoints written before model selection
+        self.best = None if best is None else BestModel.from_state(best, self.merge.global_model)
+        check_entries(state["augment"], {"generator"}, "the augmentation")
+        load_generator(self.augment_generator, state["augment"]["generator"], "the augmentation")
+        check_entries(state["epoch"], {"losses"}, "the epoch in progress")
+        self._load_position(state["position"], state["epoch"]["losses"])
+        GlobalRandomness(self.device).load_state_dict(state["rng"])
+        metrics = state["metrics"]
+        if not (
+            isinstance(metrics, list)
+            and len(metrics) == self.epoch - 1
+            and all(isinstance(record, dict) for record in metrics)
+        ):
+            raise CheckpointError(
+                f"does not hold one metrics record per finished epoch ({self.epoch - 1})"
+            )
+        if not isinstance(state["val"], dict):
+            raise CheckpointError("has no validation record")
+        self.metrics, self.val = list(metrics), state["val"]
+
+    def _load_position(self, position: Any, losses: Any) -> None:
+        """Epoch, batch and step, consistent with each other and with this run's epochs."""
+        batches = self.epoch_losses.shape[0]
+        check_entries(position, {"epoch", "batch", "step"}, "the position")
+        epoch, batch, step = position["epoch"], position["batch"], position["step"]
+        if not all(_is_int(value) for value in (epoch, batch, step)):
+            raise CheckpointError("has a position that is not whole numbers")
+        if not (epoch >= 1 and 0 <= batch <= batches):
+            raise CheckpointError(
+                f"has position epoch {epoch} batch {batch} outside the run's {batches} batches "
+                "per epoch"
+            )
+        if step != (epoch - 1) * batches + batch:
+            raise CheckpointError(
+                f"has step {step}, which is not epoch {epoch} batch {batch} of {batches}-batch "
+                "epochs"
+            )
+        check_same_layout(
+            {"losses": self.epoch_losses}, {"losses": losses}, "does not fit this run's epochs"
+        )
+        self.epoch_losses.copy_(losses)
+        self.epoch, self.batch, self.step = epoch, batch, step
+
 
 def capture(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(tensors, meta)``: the state as a safetensors-ready table and JSON-ready scalars."""
-    tensors: dict[str, torch.Tensor] = {}
-    learners = []
-    for i in range(len(state.learners)):
-        learner_tensors, entry = capture_learner(state, i)
-        tensors.update(learner_tensors)
-        learners.append(entry)
-    tensors.update(_prefixed("global", state.merge.global_model.state_dict()))
-    if state.best is not None:
-        tensors.update(_prefixed("best", state.best.weights))
-    tensors["augment/generator"] = state.augment_generator.get_state()
-    tensors["epoch/losses"] = state.epoch_losses
-    tensors["rng/torch"] = torch.get_rng_state()
-    device = state.augment_generator.device
-    if device.type == "cuda":  # never asked in a CPU run: it would initialise CUDA (no forks after)
-        tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
-    numpy_state = np.random.get_state()
-    meta = {
-        "position": {"epoch": state.epoch, "batch": state.batch, "step": state.step},
-        "learners": learners,
-        "generator_device": state.augment_generator.device.type,
-        "metrics": state.metrics,
-        "val": state.val,
-        "best": None if state.best is None else state.best.describe(),
-        "rng": {
-            "python": random.getstate(),
-            "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-        },
-    }
-    return tensors, meta
+    """``(tensors, meta)``: the state as a safetensors-ready table and JSON-ready values."""
+    return flatten(state.state_dict())
 
 
 def restore(
@@ -141,179 +296,61 @@ def restore(
     meta: dict[str, Any],
     only: Collection[int] | None = None,
 ) -> None:
-    """Load a captured state into the live objects in place (the merge keeps views of them).
-
-    A checkpoint that does not fit (other learners, another architecture, another device
-    type) raises :class:`CheckpointError`; nothing here can make a partial load look fine.
-    ``only`` restores just those learners (a distributed rank's own, whose tensors are all
-    ``tensors`` holds of the learners).
-    """
-    names = [learner.name for learner in state.learners]
-    saved = [entry["name"] for entry in meta["learners"]]
-    if saved != names:
-        raise CheckpointError(f"the checkpoint has learners {saved}, this run has {names}")
-    device = state.augment_generator.device.type
-    if meta["generator_device"] != device:
-        raise CheckpointError(
-            f"the checkpoint was written on {meta['generator_device']} and this run is on "
-            f"{device}; resume with --device {meta['generator_device']} to continue exactly"
-        )
-    remaining = dict(tensors)
-    for i, entry in enumerate(meta["learners"]):
-        if only is None or i in only:
-            restore_learner(state, i, remaining, entry)
-    _load_module(state.merge.global_model, _take(remaining, "global"), "global model")
-    best = meta.get("best")  # absent in checkpoints written before model selection
-    best_weights = _take(remaining, "best")
-    state.best = (
-        None
-        if best is None
-        else BestModel(best["epoch"], best["score"], best["val"], _like(best_weights, state))
-    )
-    state.augment_generator.set_state(_pop(remaining, "augment/generator"))
-    losses = _pop(remaining, "epoch/losses")
-    if losses.shape != state.epoch_losses.shape:
-        raise CheckpointError(
-            f"the checkpoint has {losses.shape[0]} batches per epoch, this run "
-            f"{state.epoch_losses.shape[0]}; resume with the batch size and data it was run with"
-        )
-    state.epoch_losses.copy_(losses)
-    torch.set_rng_state(_pop(remaining, "rng/torch"))
-    _restore_cuda_rng(state.augment_generator.device, remaining)
-    if remaining:
-        raise CheckpointError(
-            f"the checkpoint holds state this run has no place for: {sorted(remaining)[:3]}"
-        )
-    python_state = meta["rng"]["python"]
-    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-    name, keys, *rest = meta["rng"]["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    position = meta["position"]
-    state.epoch, state.batch, state.step = position["epoch"], position["batch"], position["step"]
-    state.metrics = list(meta["metrics"])
-    state.val = meta["val"]
-
-
-def _restore_cuda_rng(device: torch.device, tensors: dict[str, torch.Tensor]) -> None:
-    """Restore the run's own GPU's global RNG, removing the entries from ``tensors``.
-
-    Older checkpoints kept one state per visible GPU (``rng/cuda/<index>``), CPU runs too;
-    those entries are read for the run's GPU and otherwise dropped, so such checkpoints still
-    resume.
-    """
-    saved = tensors.pop("rng/cuda", None)
-    per_gpu = _take(tensors, "rng/cuda")
-    if device.type != "cuda":
-        return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    saved = per_gpu.get(str(index)) if saved is None else saved
-    if saved is not None:
-        torch.cuda.set_rng_state(saved, device)
+    """Load a captured state (or a checkpoint's, whatever else its JSON holds) into ``state``
+    in place. A checkpoint that does not fit raises :class:`CheckpointError` naming the first
+    misfit; ``only`` restores just those learners (a distributed rank's own, whose tensors
+    are all ``tensors`` holds of the learners)."""
+    if "layout" not in meta:
+        tensors, meta = _from_layout_1(tensors, meta)
+    parts = set(state.state_dict()) - {"layout"}
+    try:
+        tree = unflatten(tensors, {k: v for k, v in meta.items() if k in parts})
+        state.load_state_dict(tree, only)
+    except CheckpointError:
+        raise
+    except _MALFORMED as exc:
+        raise CheckpointError(f"is malformed ({type(exc).__name__}: {cut(exc)})") from None
 
 
 def capture_learner(
     state: TrainingState, index: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One learner's part of :func:`capture`: what a distributed rank sends to rank 0."""
-    learner, teacher = state.learners[index], state.merge.teachers[index]
-    prefix = f"learners/{index}"
-    tensors = {
-        **_prefixed(f"{prefix}/model", learner.model.state_dict()),
-        **_prefixed(f"{prefix}/teacher", teacher.state_dict()),
-    }
-    optimizer_tensors, optimizer_meta = _split_optimizer_state(learner.optimizer)
-    tensors.update(_prefixed(f"{prefix}/optimizer", optimizer_tensors))
-    tensors[f"{prefix}/generator"] = learner.generator.get_state()
-    if isinstance(learner.task, StatefulTask):
-        tensors.update(_prefixed(f"{prefix}/task", learner.task.state_dict()))
-    return tensors, {"name": learner.name, "task": learner.task.name, "optimizer": optimizer_meta}
+    return flatten(state.learner_state(index), f"learners/{index}")
 
 
 def restore_learner(
     state: TrainingState, index: int, tensors: dict[str, torch.Tensor], entry: dict[str, Any]
 ) -> None:
-    """Load learner ``index`` from :func:`capture_learner`'s output, removing what it used."""
-    learner, teacher = state.learners[index], state.merge.teachers[index]
-    prefix = f"learners/{index}"
-    _load_module(learner.model, _take(tensors, f"{prefix}/model"), f"{learner.name} model")
-    _load_module(teacher, _take(tensors, f"{prefix}/teacher"), f"{learner.name} teacher")
-    _load_optimizer(learner.optimizer, _take(tensors, f"{prefix}/optimizer"), entry["optimizer"])
-    learner.generator.set_state(_pop(tensors, f"{prefix}/generator"))
-    if isinstance(learner.task, StatefulTask):
-        learner.task.load_state_dict(_take(tensors, f"{prefix}/task"))
+    """Load learner ``index`` from :func:`capture_learner`'s output."""
+    prefix = f"learners/{index}/"
+    own = {key[len(prefix) :]: v for key, v in tensors.items() if key.startswith(prefix)}
+    state.load_learner(index, unflatten(own, entry))
 
 
-def _like(tensors: dict[str, torch.Tensor], state: TrainingState) -> dict[str, torch.Tensor]:
-    """``tensors`` on the global model's device, where the live best copy is kept."""
-    live = state.merge.global_model.state_dict()
-    if set(tensors) != set(live):
-        raise CheckpointError("the checkpoint's best model does not fit this run's global model")
-    return {key: tensor.to(live[key].device) for key, tensor in tensors.items()}
-
-
-def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}/{key}": value for key, value in tensors.items()}
-
-
-def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Remove and return the entries under ``prefix/``, with the prefix stripped."""
-    keys = [key for key in tensors if key.startswith(prefix + "/")]
-    return {key[len(prefix) + 1 :]: tensors.pop(key) for key in keys}
-
-
-def _pop(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    try:
-        return tensors.pop(key)
-    except KeyError:
-        raise CheckpointError(
-            f"the checkpoint lacks {key!r}; it was not written by this run"
-        ) from None
-
-
-def _load_module(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"the checkpoint does not fit this run's {what}: {first}") from None
-
-
-def _split_optimizer_state(
-    optimizer: torch.optim.Optimizer,
+def _from_layout_1(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state as ``<param index>/<key>`` tensors plus JSON hyper-parameters."""
-    state_dict = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, entry in state_dict["state"].items():
-        scalars[str(index)] = {}
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}/{key}"] = value
-            else:
-                scalars[str(index)][key] = value
-    groups = [
-        {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
-        for group in state_dict["param_groups"]
-    ]
-    return tensors, {"param_groups": groups, "state": scalars}
+    """A checkpoint written before the state was its objects' state dicts, in today's layout:
+    its optimizer buffers lacked torch's ``state/`` level (``optimizer/<index>/<key>``), the
+    best model's weights their ``weights/`` level, and each learner's entry named its task
+    where the task's own state now goes."""
+    renamed = {}
+    for key, tensor in tensors.items():
+        parts = key.split("/")
+        if parts[0] == "learners" and len(parts) > 3 and parts[2] == "optimizer":
+            parts.insert(3, "state")
+        elif parts[0] == "best":
+            parts.insert(1, "weights")
+        renamed["/".join(parts)] = tensor
+    learners = meta.get("learners")
+    if isinstance(learners, list):
+        learners = [
+            {k: v for k, v in entry.items() if k != "task"} if isinstance(entry, dict) else entry
+            for entry in learners
+        ]
+    return renamed, {**meta, "learners": learners}
 
 
-def _load_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> None:
-    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in meta["state"].items()}
-    for name, value in tensors.items():
-        index, key = name.split("/", 1)
-        state.setdefault(int(index), {})[key] = value
-    current = optimizer.state_dict()["param_groups"]
-    if len(current) != len(meta["param_groups"]):
-        raise CheckpointError("the checkpoint's optimizer has other parameter groups than this run")
-    groups = [  # JSON turned tuples (Adam's betas) into lists; give them back their type
-        {k: tuple(v) if isinstance(now.get(k), tuple) else v for k, v in saved.items()}
-        for saved, now in zip(meta["param_groups"], current, strict=True)
-    ]
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"the checkpoint's optimizer state does not fit: {exc}") from None
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
