@@ -37,6 +37,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from ladder_summary import RUN_NAME
+
 ROOT = Path(__file__).resolve().parent.parent
 LADDER = "ladder-cifar10-e120"
 # The issue's order: the four rungs on the seeds still missing, rung 0, then the ablations.
@@ -44,6 +46,14 @@ DEFAULT_PAIRS = "2:0 3:0 4:0 2:1 3:1 4:1 5:1 2:2 3:2 4:2 5:2 0:0 9:0 10:0 11:0 1
 DATA_HERE = Path("/work/shared/data/cifar10-subset")
 PART_BYTES = 15 * 2**20
 MAX_PARTS = 6  # and logs.tar: the tool brings back eight files of 16 MiB, 64 MiB in all
+
+
+def short_name(run: Path) -> str:
+    """``r5-s0`` of ``r5-s0-20261204-153205``: the (rung, seed) a run folder belongs to."""
+    match = RUN_NAME.match(run.name)
+    if match is None:
+        raise SystemExit(f"{run}: not a ladder run folder (rRUNG-sSEED-DATE-TIME)")
+    return f"r{match['rung']}-s{match['seed']}"
 
 
 def trim(run: Path) -> None:
@@ -76,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     for sent in sorted(Path(args.resume_from).glob("r*-s*-2*")) if args.resume_from else []:
         shutil.copytree(sent, runs / sent.name, dirs_exist_ok=True)
-        log = sent.parent / f"{sent.name.split('-2')[0]}.log"
+        log = sent.parent / f"{short_name(sent)}.log"
         if log.exists():  # ladder.sh appends the resumed run's output to it
             shutil.copy(log, runs)
     if not DATA_HERE.exists():
@@ -179,8 +189,7 @@ def unpack(args: argparse.Namespace) -> int:
         with tarfile.open(part) as tar:
             tar.extractall(staging, filter="data")
     for run_dir in sorted(staging.iterdir()):
-        name = run_dir.name.split("-2")[0]  # r5-s0 of r5-s0-20261204-153205
-        here = sorted(runs.glob(name + "-2*"))
+        here = sorted(runs.glob(short_name(run_dir) + "-2*"))
         if here and max(map(progress, here)) >= progress(run_dir):
             print(f"{run_dir.name}: {runs} has {here[-1].name}, as far or further: left as it is")
             continue

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -26,8 +25,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from ladder_summary import RUN_NAME
 
-RUN_NAME = re.compile(r"^r(?P<rung>\d+)-s(?P<seed>\d+)-\d{8}-\d{6}$")
 LEARNER = "adv_linf"  # the robust learner every compared rung has
 STYLES = {"global": "-", LEARNER: "--"}
 
